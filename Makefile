@@ -1,0 +1,40 @@
+# Atelier: the two commands are `make demo` and `make test`; everything else is a step of theirs.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PROTO_OUT := clients/python
+
+.PHONY: install proto proto-check lint typecheck test bench demo deploy-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: $(STAMP)
+	$(BIN)/python tools/gen_proto.py
+
+proto-check: $(STAMP)
+	$(BIN)/python tools/gen_proto.py --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check services clients tests bench tools
+	$(BIN)/buf lint protos
+	$(BIN)/mypy services clients/python/atelier
+
+test: $(STAMP) proto-check lint
+	$(BIN)/python -m pytest -q -ra
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+demo: $(STAMP)
+	$(BIN)/python -m atelier.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo-out

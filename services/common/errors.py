@@ -1,0 +1,102 @@
+"""Typed domain errors.
+
+Domain modules raise these; only `services.common.error_mapping` turns them into gRPC
+status codes with google.rpc details, so no domain module imports grpc for its errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class AtelierError(Exception):
+    """Base of every error the API reports to a caller on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidInput(AtelierError):
+    """The request is malformed: maps to INVALID_ARGUMENT with BadRequest field violations."""
+
+    def __init__(self, field_name: str, description: str, *more: FieldViolation) -> None:
+        super().__init__(f"{field_name}: {description}")
+        self.violations: list[FieldViolation] = [FieldViolation(field_name, description), *more]
+
+
+class NotFound(AtelierError):
+    """The named resource does not exist in the caller's tenant: NOT_FOUND with ResourceInfo."""
+
+    def __init__(self, resource_type: str, resource_name: str, description: str = "") -> None:
+        super().__init__(description or f"{resource_type} {resource_name!r} not found")
+        self.resource_type = resource_type
+        self.resource_name = resource_name
+
+
+class AdapterNotFound(NotFound):
+    def __init__(self, ref: str) -> None:
+        super().__init__("adapter", ref)
+
+
+class AlreadyExists(AtelierError):
+    """A create lost to an existing resource: ALREADY_EXISTS with ResourceInfo."""
+
+    def __init__(self, resource_type: str, resource_name: str, description: str = "") -> None:
+        super().__init__(description or f"{resource_type} {resource_name!r} already exists")
+        self.resource_type = resource_type
+        self.resource_name = resource_name
+
+
+class FailedPrecondition(AtelierError):
+    """The system is not in a state that allows the call (lost CAS, wrong base model)."""
+
+    def __init__(self, message: str, field_name: str = "") -> None:
+        super().__init__(message)
+        self.field_name = field_name
+
+
+class PreconditionConflict(FailedPrecondition):
+    """A compare-and-swap lost to a concurrent writer."""
+
+
+class DataLoss(AtelierError):
+    """Stored bytes do not match their digest; never return or apply them."""
+
+
+class Unavailable(AtelierError):
+    """A dependency (object store, database) cannot be reached: UNAVAILABLE with RetryInfo."""
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ResourceExhausted(AtelierError):
+    """A bounded queue or quota is full: RESOURCE_EXHAUSTED with RetryInfo."""
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class Unauthenticated(AtelierError):
+    """No or unknown API key."""
+
+
+class PermissionDenied(AtelierError):
+    """Authenticated, but not allowed."""
+
+
+class Cancelled(AtelierError):
+    """The caller cancelled or its deadline passed while the work was in progress."""
+
+
+class DeadlineExceeded(AtelierError):
+    """The request's deadline expired before the work finished."""
