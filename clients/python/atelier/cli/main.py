@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
+from atelier.cli import adapters, dataset, generate, jobs, train
 from atelier.cli.base_model import app as base_model_app
+from atelier.cli.context import root_callback
 
-app = typer.Typer(no_args_is_help=True, help="Atelier: personalise diffusion models as a service.")
+app = typer.Typer(no_args_is_help=True, help="Atelier: personalise diffusion models as a service.",
+                  pretty_exceptions_enable=False)
+app.callback()(root_callback)
 app.add_typer(base_model_app, name="base-model")
+app.add_typer(dataset.app, name="dataset")
+app.add_typer(train.app, name="train")
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(adapters.app, name="adapters")
+app.command("generate")(generate.generate)
