@@ -1,0 +1,350 @@
+"""Adapter versions and aliases: immutable manifests, conditional-create allocation, CAS aliases.
+
+Layout (under the registry prefix):
+  adapters/<tenant>/<name>/versions/<n>.json   immutable, created with If-None-Match: *
+  adapters/<tenant>/<name>/deleted/<n>.json    tombstone: a deleted number is never reused
+  adapters/<tenant>/<name>/aliases/<a>.json    mutable pointer, replaced with If-Match
+Every lookup is scoped to the caller's tenant key prefix, so another tenant's adapter is
+indistinguishable from a missing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+from services.common.errors import (
+    AdapterNotFound,
+    DataLoss,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    PreconditionConflict,
+    Unavailable,
+)
+from services.registry.blobs import Blobs
+from services.registry.documents import decode_token, encode_token, page_size, read_doc
+from services.registry.files import download_files, upload_files
+from services.registry.keys import Keys, number_from_key
+from services.registry.manifests import (
+    ADAPTER_KINDS,
+    AdapterKindName,
+    AdapterManifest,
+    AdapterSummary,
+    AliasRecord,
+    utc_now,
+)
+from services.registry.names import validate_alias, validate_name, validate_tenant, validate_version
+from services.registry.store import ObjectNotFound, ObjectStore, PreconditionFailed
+
+log = logging.getLogger(__name__)
+
+MAX_PUBLISH_ATTEMPTS = 256
+MAX_ALIAS_ATTEMPTS = 8
+
+
+def adapter_ref(name: str, version: int | None = None, alias: str | None = None) -> str:
+    """How errors name a reference: name@3, name:prod or plain name (latest)."""
+    if version is not None:
+        return f"{name}@{version}"
+    return f"{name}:{alias}" if alias else name
+
+
+class Adapters:
+    """Publish, resolve, list, alias and delete adapter versions."""
+
+    def __init__(self, store: ObjectStore, keys: Keys, blobs: Blobs) -> None:
+        self._store = store
+        self._keys = keys
+        self._blobs = blobs
+
+    # --- publish --------------------------------------------------------------------
+    def publish(
+        self,
+        tenant: str,
+        name: str,
+        *,
+        kind: AdapterKindName,
+        base_model: str,
+        base_model_digest: str,
+        files: Mapping[str, Path],
+        trigger_tokens: Sequence[str],
+        training_config: dict[str, Any],
+        metrics: dict[str, float],
+        source_job_id: str,
+        source_format: str,
+        description: str,
+    ) -> AdapterManifest:
+        validate_tenant(tenant)
+        validate_name(name, "name")
+        validate_name(base_model, "base_model")
+        if kind not in ADAPTER_KINDS:
+            raise InvalidInput("kind", f"must be one of {', '.join(ADAPTER_KINDS)}")
+        records = upload_files(self._blobs, files, "files")
+        draft = AdapterManifest(
+            tenant=tenant,
+            name=name,
+            version=1,
+            kind=kind,
+            base_model=base_model,
+            base_model_digest=base_model_digest,
+            files=records,
+            trigger_tokens=list(trigger_tokens),
+            training_config=training_config,
+            metrics={k: float(v) for k, v in metrics.items()},
+            source_job_id=source_job_id,
+            source_format=source_format,
+            description=description,
+        )
+        return self._allocate(draft)
+
+    def _allocate(self, draft: AdapterManifest) -> AdapterManifest:
+        """Create versions/<n>.json with If-None-Match; on a lost race try n+1."""
+        version = self._highest_number(draft.tenant, draft.name) + 1
+        for _ in range(MAX_PUBLISH_ATTEMPTS):
+            manifest = draft.model_copy(update={"version": version, "created_at": utc_now()})
+            data = manifest.to_json_bytes()
+            try:
+                self._store.put_bytes(self._keys.version(draft.tenant, draft.name, version), data, if_none_match=True)
+            except PreconditionFailed:
+                log.info("version %s of %s taken concurrently; trying the next", version, draft.name)
+                version += 1
+                continue
+            return manifest.model_copy(update={"manifest_digest": hashlib.sha256(data).hexdigest()})
+        raise Unavailable(f"could not allocate a version of {draft.name!r}: too many concurrent publishers")
+
+    def _highest_number(self, tenant: str, name: str) -> int:
+        """Largest version ever allocated, counting deleted ones (tombstones)."""
+        highest = 0
+        for prefix in (self._keys.versions_prefix(tenant, name), self._keys.tombstones_prefix(tenant, name)):
+            last = _last(self._store.list_keys(prefix))
+            if last:
+                highest = max(highest, number_from_key(last))
+        return highest
+
+    # --- resolve --------------------------------------------------------------------
+    def resolve(
+        self, tenant: str, name: str, *, version: int | None = None, alias: str | None = None
+    ) -> AdapterManifest:
+        validate_tenant(tenant)
+        validate_name(name, "name")
+        ref = adapter_ref(name, version, alias)
+        if version is not None and alias:
+            raise InvalidInput("alias", "give either a version or an alias, not both")
+        if alias:
+            validate_alias(alias)
+            version = self._alias_target(tenant, name, alias, ref)
+        elif version is not None:
+            validate_version(version)
+        else:
+            last = _last(self._store.list_keys(self._keys.versions_prefix(tenant, name)))
+            if last is None:
+                raise AdapterNotFound(ref)
+            version = number_from_key(last)
+        return self._read_version(tenant, name, version, ref)
+
+    def _alias_target(self, tenant: str, name: str, alias: str, ref: str) -> int:
+        try:
+            record, _, _ = read_doc(self._store, self._keys.alias(tenant, name, alias), AliasRecord)
+        except ObjectNotFound:
+            raise AdapterNotFound(ref) from None
+        return record.version
+
+    def _read_version(self, tenant: str, name: str, version: int, ref: str) -> AdapterManifest:
+        key = self._keys.version(tenant, name, version)
+        try:
+            manifest, _, digest = read_doc(self._store, key, AdapterManifest)
+        except ObjectNotFound:
+            raise AdapterNotFound(ref) from None
+        if (manifest.tenant, manifest.name, manifest.version) != (tenant, name, version):
+            raise DataLoss(f"manifest at {key!r} names a different adapter")
+        return manifest.model_copy(update={"manifest_digest": digest})
+
+    # --- listing --------------------------------------------------------------------
+    def list_adapters(
+        self,
+        tenant: str,
+        requested_size: int,
+        page_token: str,
+        *,
+        kind: AdapterKindName | None = None,
+        base_model: str | None = None,
+    ) -> tuple[list[AdapterSummary], str]:
+        validate_tenant(tenant)
+        size = page_size(requested_size)
+        scope = f"adapters:{kind or ''}:{base_model or ''}"
+        after = decode_token(page_token, scope)
+        root = self._keys.tenant_adapters(tenant)
+        start = f"{root}{after}/~" if after else ""
+        page: list[AdapterSummary] = []
+        groups = self._name_groups(root, start)
+        for name, keys in groups:
+            summary = self._summary(tenant, name, keys)
+            if summary is None or (kind and summary.kind != kind):
+                continue
+            if base_model and summary.base_model != base_model:
+                continue
+            page.append(summary)
+            if len(page) == size:
+                more = next(groups, None) is not None
+                return page, encode_token(scope, name) if more else ""
+        return page, ""
+
+    def _name_groups(self, root: str, start_after: str) -> Iterator[tuple[str, list[str]]]:
+        """(name, its keys) for each adapter name under the tenant, in key order."""
+        keys = self._store.list_keys(root, start_after=start_after)
+        for name, group in groupby(keys, key=lambda k: k[len(root) :].split("/", 1)[0]):
+            yield name, list(group)
+
+    def _summary(self, tenant: str, name: str, keys: list[str]) -> AdapterSummary | None:
+        versions = [k for k in keys if k.startswith(self._keys.versions_prefix(tenant, name))]
+        if not versions:
+            return None  # every version deleted
+        try:
+            first, _, _ = read_doc(self._store, versions[0], AdapterManifest)
+            latest = first
+            if len(versions) > 1:
+                latest, _, _ = read_doc(self._store, versions[-1], AdapterManifest)
+        except ObjectNotFound:
+            return None  # deleted while listing
+        return AdapterSummary(
+            tenant=tenant,
+            name=name,
+            kind=latest.kind,
+            base_model=latest.base_model,
+            latest_version=latest.version,
+            aliases=self._read_aliases(tenant, name, keys),
+            created_at=first.created_at,
+            updated_at=latest.created_at,
+        )
+
+    def _read_aliases(self, tenant: str, name: str, keys: list[str]) -> dict[str, int]:
+        prefix = self._keys.aliases_prefix(tenant, name)
+        out: dict[str, int] = {}
+        for key in keys:
+            if key.startswith(prefix):
+                try:
+                    record, _, _ = read_doc(self._store, key, AliasRecord)
+                except ObjectNotFound:
+                    continue
+                out[record.alias] = record.version
+        return out
+
+    def aliases(self, tenant: str, name: str) -> dict[str, int]:
+        validate_tenant(tenant)
+        validate_name(name, "name")
+        keys = list(self._store.list_keys(self._keys.aliases_prefix(tenant, name)))
+        return self._read_aliases(tenant, name, keys)
+
+    def list_versions(
+        self, tenant: str, name: str, requested_size: int, page_token: str
+    ) -> tuple[list[AdapterManifest], str]:
+        validate_tenant(tenant)
+        validate_name(name, "name")
+        size = page_size(requested_size)
+        scope = f"versions:{name}"
+        after = decode_token(page_token, scope)
+        prefix = self._keys.versions_prefix(tenant, name)
+        start = self._keys.version(tenant, name, int(after)) if after else ""
+        keys = self._store.list_keys(prefix, start_after=start)
+        page: list[AdapterManifest] = []
+        for key in keys:
+            try:
+                page.append(self._read_version(tenant, name, number_from_key(key), name))
+            except AdapterNotFound:
+                continue  # deleted while listing
+            if len(page) == size:
+                more = next(keys, None) is not None
+                return page, encode_token(scope, str(page[-1].version)) if more else ""
+        if not page and not after:
+            raise AdapterNotFound(name)
+        return page, ""
+
+    # --- aliases --------------------------------------------------------------------
+    def set_alias(self, tenant: str, name: str, alias: str, version: int, expected_version: int | None) -> int | None:
+        validate_tenant(tenant)
+        validate_name(name, "name")
+        validate_alias(alias)
+        validate_version(version)
+        if expected_version is not None and expected_version < 0:
+            raise InvalidInput("expected_version", "must be 0 (alias must not exist) or a version")
+        self._read_version(tenant, name, version, adapter_ref(name, version))
+        key = self._keys.alias(tenant, name, alias)
+        record = AliasRecord(tenant=tenant, name=name, alias=alias, version=version)
+        for _ in range(MAX_ALIAS_ATTEMPTS):
+            previous, etag = self._current_alias(key)
+            _check_expected(name, alias, previous, expected_version)
+            try:
+                data = record.model_copy(update={"updated_at": utc_now()}).to_json_bytes()
+                if etag is None:
+                    self._store.put_bytes(key, data, if_none_match=True)
+                else:
+                    self._store.put_bytes(key, data, if_match=etag)
+                return previous
+            except PreconditionFailed:
+                if expected_version is not None:
+                    raise _conflict(name, alias, "another writer changed it concurrently") from None
+        raise _conflict(name, alias, "it kept changing concurrently; retry")
+
+    def _current_alias(self, key: str) -> tuple[int | None, str | None]:
+        try:
+            record, etag, _ = read_doc(self._store, key, AliasRecord)
+        except ObjectNotFound:
+            return None, None
+        return record.version, etag
+
+    def delete_alias(self, tenant: str, name: str, alias: str) -> None:
+        validate_tenant(tenant)
+        validate_name(name, "name")
+        validate_alias(alias)
+        key = self._keys.alias(tenant, name, alias)
+        if not self._store.exists(key):
+            raise NotFound("alias", adapter_ref(name, alias=alias))
+        self._store.delete(key)
+
+    # --- delete ---------------------------------------------------------------------
+    def delete_version(self, tenant: str, name: str, version: int) -> None:
+        validate_tenant(tenant)
+        validate_name(name, "name")
+        validate_version(version)
+        manifest = self._read_version(tenant, name, version, adapter_ref(name, version))
+        pointing = sorted(a for a, v in self.aliases(tenant, name).items() if v == version)
+        if pointing:
+            raise FailedPrecondition(
+                f"version {version} of adapter {name!r} is the target of alias(es) "
+                f"{', '.join(pointing)}; move or delete them first",
+                "version",
+            )
+        tombstone = {"version": version, "deleted_at": utc_now().isoformat(), "manifest": manifest.manifest_digest}
+        self._store.put_bytes(self._keys.tombstone(tenant, name, version), json.dumps(tombstone).encode())
+        self._store.delete(self._keys.version(tenant, name, version))
+
+    # --- files ----------------------------------------------------------------------
+    def fetch_files(self, manifest: AdapterManifest, dest_dir: Path) -> dict[str, Path]:
+        return download_files(self._blobs, manifest.files, dest_dir)
+
+
+def _check_expected(name: str, alias: str, current: int | None, expected: int | None) -> None:
+    if expected is None:
+        return
+    if expected == 0 and current is not None:
+        raise _conflict(name, alias, f"expected it not to exist, but it points at version {current}")
+    if expected != 0 and current != expected:
+        now = f"points at version {current}" if current is not None else "does not exist"
+        raise _conflict(name, alias, f"expected version {expected}, but it {now}")
+
+
+def _conflict(name: str, alias: str, why: str) -> FailedPrecondition:
+    return PreconditionConflict(f"alias {alias!r} of adapter {name!r} was not changed: {why}", "expected_version")
+
+
+def _last(keys: Iterator[str]) -> str | None:
+    last = None
+    for last in keys:  # noqa: B007 - we want the final key of the sorted listing
+        pass
+    return last
