@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = Field(None, description="S3 key id; boto3's chain when unset.")
     s3_secret_access_key: str | None = Field(None, description="S3 secret key.")
     s3_multipart_threshold_bytes: int = Field(64 * MiB, description="Blobs above this use multipart.")
+    s3_multipart_part_bytes: int = Field(16 * MiB, description="Multipart part size (S3 minimum 5 MiB).")
     s3_connect_timeout_seconds: float = Field(2.0, description="S3 connect timeout.")
     s3_read_timeout_seconds: float = Field(30.0, description="S3 read timeout.")
     s3_max_attempts: int = Field(2, description="boto3 retry attempts per S3 call.")
