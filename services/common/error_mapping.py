@@ -147,6 +147,12 @@ class ErrorMappingInterceptor(GuardInterceptor):
                                           "error": exc.message})
             await abort_with(context, code, status)
         except Exception:
+            preset = context.code()
+            if isinstance(preset, grpc.StatusCode) and preset is not grpc.StatusCode.OK:
+                # A deliberate status set before raising, e.g. the generated base servicer's
+                # UNIMPLEMENTED + NotImplementedError for methods a servicer does not override.
+                message = str(context.details() or preset.name.lower())
+                await abort_with(context, preset, to_rpc_status(preset, message, []))
             request_id = current_request_id()
             log.exception("unexpected error in rpc", extra={"rpc_method": details.method})
             await abort_with(context, grpc.StatusCode.INTERNAL, internal_status(request_id))

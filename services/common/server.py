@@ -179,3 +179,9 @@ def install_signal_handlers(servers: Sequence[RunningServer], grace: float,
     for signum in signals:
         loop.add_signal_handler(signum, _on_signal, signum)
     return stopped
+
+
+async def serve_until_signalled(servers: Sequence[RunningServer], grace: float) -> None:
+    """Entry-point helper: install the signal handlers, then wait until every server stopped."""
+    install_signal_handlers(servers, grace)
+    await asyncio.gather(*(running.wait_for_termination() for running in servers))
