@@ -148,11 +148,14 @@ def test_request_id_is_propagated_echoed_and_generated(channel: grpc.Channel) ->
 
 def test_json_log_lines_carry_the_request_id(channel: grpc.Channel) -> None:
     stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
     handler = configure_logging(loopback_settings(log_json=True, log_level="INFO"), stream=stream)
     try:
         call(channel, "unary", b"log:hello", metadata=(("x-request-id", "rid-log-1"),))
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
     said = [line for line in lines if line["msg"] == "servicer says hello"]
     assert said and said[0]["request_id"] == "rid-log-1"
