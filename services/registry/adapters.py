@@ -235,6 +235,16 @@ class Adapters:
                 out[record.alias] = record.version
         return out
 
+    def summary(self, tenant: str, name: str) -> AdapterSummary:
+        """The listing entry of one adapter name; AdapterNotFound when it has no versions."""
+        validate_tenant(tenant)
+        validate_name(name, "name")
+        keys = list(self._store.list_keys(self._keys.adapter_root(tenant, name)))
+        found = self._summary(tenant, name, keys)
+        if found is None:
+            raise AdapterNotFound(name)
+        return found
+
     def aliases(self, tenant: str, name: str) -> dict[str, int]:
         validate_tenant(tenant)
         validate_name(name, "name")

@@ -128,6 +128,10 @@ class Registry:
         """One page of an adapter's versions, oldest first; AdapterNotFound for unknown names."""
         return self.adapters.list_versions(tenant, name, page_size, page_token)
 
+    def adapter_summary(self, tenant: str, name: str) -> AdapterSummary:
+        """Latest version, aliases and timestamps of one adapter name; AdapterNotFound if none."""
+        return self.adapters.summary(tenant, name)
+
     def get_aliases(self, tenant: str, name: str) -> dict[str, int]:
         """alias -> version for one adapter name."""
         return self.adapters.aliases(tenant, name)
