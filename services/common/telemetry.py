@@ -27,7 +27,12 @@ from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from services.common.config import Settings
-from services.common.interceptors import GuardInterceptor, metadata_value, status_code_of
+from services.common.interceptors import (
+    GuardInterceptor,
+    is_infrastructure_method,
+    metadata_value,
+    status_code_of,
+)
 
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID_LEN = 128
@@ -122,7 +127,9 @@ class RequestIdInterceptor(GuardInterceptor):
             raise
         finally:
             code = status_code_of(context, error)
-            log.info("rpc", extra={"rpc_method": details.method, "grpc_code": code.name,
+            # Probes and reflection would drown the access log; they stay visible at DEBUG.
+            level = logging.DEBUG if is_infrastructure_method(details.method) else logging.INFO
+            log.log(level, "rpc", extra={"rpc_method": details.method, "grpc_code": code.name,
                                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
             with suppress(ValueError):  # a stream finished in another context: nothing to restore
                 _request_id.reset(token)

@@ -8,7 +8,7 @@ import json
 import logging
 import socket
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -188,12 +188,11 @@ def test_auth_good_key_sets_tenant_for_every_shape(auth_server: ServerThread, sh
     assert set(call(channel, shape, b"whoami", metadata=bearer("key-b"))) == {b"tenant-b"}
 
 
-def test_auth_keys_file_is_read(tmp_path: Path) -> None:
+def test_auth_keys_file_is_read(tmp_path: Path, grpc_server: Callable[..., ServerThread]) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# mounted secret\nfile-key=tenant-f\n")
-    settings = loopback_settings(auth_enabled=True, api_keys_file=keys)
-    with serve_bindings(settings, plumbing_bindings) as (_, channel):
-        assert call(channel, "unary", b"whoami", metadata=bearer("file-key")) == [b"tenant-f"]
+    srv = grpc_server(loopback_settings(auth_enabled=True, api_keys_file=keys), plumbing_bindings)
+    assert call(srv.channel(), "unary", b"whoami", metadata=bearer("file-key")) == [b"tenant-f"]
 
 
 def test_health_and_reflection_open_without_key(auth_server: ServerThread) -> None:
