@@ -158,3 +158,17 @@ def test_port_in_use_fails_loudly() -> None:
 
     with ServerThread(loopback_settings(), plumbing_bindings) as srv, pytest.raises(OSError):
         asyncio.run(second(srv.port))
+
+
+def test_per_service_health_can_be_switched(grpc_server: Any) -> None:
+    srv = grpc_server(loopback_settings(), plumbing_bindings)
+    health = health_pb2_grpc.HealthStub(srv.channel())
+
+    def status(service: str) -> int:
+        return int(health.Check(health_pb2.HealthCheckRequest(service=service)).status)
+
+    srv.run(srv.running.set_serving(PLUMBING, False))
+    assert status(PLUMBING) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert status("atelier.v1.RegistryService") == health_pb2.HealthCheckResponse.SERVING
+    srv.run(srv.running.set_serving(PLUMBING, True))
+    assert status(PLUMBING) == health_pb2.HealthCheckResponse.SERVING
