@@ -97,6 +97,7 @@ class JobStore:
         spec: dict[str, Any],
         output_name: str,
         total_steps: int,
+        config: dict[str, Any] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Insert a QUEUED job, or return the job an earlier call with `request_id` created.
 
@@ -116,7 +117,7 @@ class JobStore:
                     )
                 return existing, False
             try:
-                return self._insert(tenant, request_id, method, spec, output_name, total_steps), True
+                return self._insert(tenant, request_id, method, spec, output_name, total_steps, config), True
             except IntegrityError:
                 continue  # a concurrent create with the same request_id won; read it
         raise AlreadyExists("training job request", request_id)
@@ -129,7 +130,8 @@ class JobStore:
         return JobRecord.from_row(row._mapping) if row else None
 
     def _insert(
-        self, tenant: str, request_id: str, method: str, spec: dict[str, Any], output_name: str, total: int
+        self, tenant: str, request_id: str, method: str, spec: dict[str, Any], output_name: str, total: int,
+        config: dict[str, Any] | None,
     ) -> JobRecord:
         job_id = self._new_id()
         with self.engine.begin() as conn:
@@ -137,7 +139,7 @@ class JobStore:
                 jobs.insert()
                 .values(
                     id=job_id, tenant=tenant, request_id=request_id, method=method, state="QUEUED",
-                    spec=spec, step=0, total_steps=total, attempts=0, error="", cancel_requested=False,
+                    spec=spec, config=config, step=0, total_steps=total, attempts=0, error="", cancel_requested=False,
                     output_name=output_name, resumed_from_step=0, metrics={},
                     created_at=epoch_now(), updated_at=epoch_now(),
                 )

@@ -1,0 +1,104 @@
+"""Composition of the training side for one process: API servicers plus optional workers.
+
+`atelier serve` (embedded default) uses `EmbeddedTraining` to host TrainingService and
+RegistryService on its server and run one worker in a background thread, all sharing one
+job store (SQLite file by default) and one registry (local directory by default). The
+cluster's training-API Deployment uses the same class with `workers=0`; worker pods run
+`atelier worker` (services/training/worker_main.py) instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from services.common.config import Settings
+from services.common.server import ServiceBinding
+from services.registry.registry import Registry
+from services.registry.store import open_store
+from services.training.jobstore import JobStore
+from services.training.metrics import WorkerMetrics, register_store_metrics
+from services.training.registry_servicer import registry_bindings
+from services.training.servicer import training_bindings
+from services.training.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def open_registry(settings: Settings) -> Registry:
+    """The registry named by `settings.registry_url`."""
+    return Registry(open_store(settings))
+
+
+class EmbeddedTraining:
+    """Training API + registry API bindings and `workers` in-process worker threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry | None = None,
+        store: JobStore | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+        workers: int = 1,
+        local_base_models: Collection[str] = (),
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or open_registry(settings)
+        self.store = store or JobStore.open(settings)
+        self._owns_store = store is None
+        self._local_base_models = local_base_models
+        worker_metrics = None
+        if metrics_registry is not None:
+            register_store_metrics(metrics_registry, self.store)
+            worker_metrics = WorkerMetrics(metrics_registry)
+        base_id = settings.worker_id or ""
+        self.workers = [
+            Worker(settings, self.store, self.registry, metrics=worker_metrics,
+                   worker_id=f"{base_id}-{i}" if base_id else "")
+            for i in range(workers)
+        ]
+        self._threads: list[threading.Thread] = []
+
+    def bindings(self) -> list[ServiceBinding]:
+        """TrainingService and RegistryService, for `start_server`."""
+        return [
+            *training_bindings(self.settings, self.store, self.registry),
+            *registry_bindings(
+                self.registry,
+                local_base_models=self._local_base_models,
+                work_dir=Path(self.settings.data_dir) / "tmp",
+            ),
+        ]
+
+    def start_workers(self) -> None:
+        """Start each worker's loop in a daemon thread (idempotent)."""
+        if self._threads:
+            return
+        for worker in self.workers:
+            thread = threading.Thread(target=worker.run_forever, name=f"worker-{worker.worker_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Ask workers to stop (a running job is released back to the queue) and wait."""
+        for worker in self.workers:
+            worker.shutdown.set()
+        for thread in self._threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("worker thread did not stop in time", extra={"thread": thread.name})
+        self._threads.clear()
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> EmbeddedTraining:
+        self.start_workers()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -1,0 +1,261 @@
+"""The training worker: claim a job, train it, publish exactly one adapter version.
+
+Loop: reap expired leases -> claim the oldest QUEUED job -> materialize the base model
+(cached by digest) -> fetch the dataset -> fetch the latest checkpoint (resume) -> run the
+trainer with callbacks (progress, heartbeat, cancel/lease checks, checkpoints to the
+registry) -> fence -> publish -> alias -> SUCCEEDED.
+
+Exactly-once publish. Publishing is guarded three ways:
+1. `prepare_publish` right before the upload checks the worker still owns the job (and it
+   is not cancelled) and renews the lease, so no other worker can claim it for a whole
+   lease period while the (short) publish runs;
+2. the manifest records `source_job_id`; an attempt after the first one looks for a
+   version of this job already in the registry and adopts it instead of publishing again
+   (this covers "published, then crashed before marking SUCCEEDED");
+3. `complete` is fenced by ownership, so only the owner records SUCCEEDED.
+The residual window: a worker that stalls for longer than a full lease *between* step 1
+and the end of its upload, while a second worker claims the job, retrains it and reaches
+its own step 1 before the first upload is visible, can produce a second version. See
+docs/architecture.md ("Training jobs").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from atelier.v1 import training_pb2
+from google.protobuf import json_format
+
+from services.common.config import Settings
+from services.common.errors import DataLoss, FailedPrecondition, InvalidInput, NotFound
+from services.registry.manifests import AdapterManifest, BaseModelManifest
+from services.registry.registry import Registry
+from services.training.job_run import JobCallbacks, LeaseKeeper
+from services.training.jobstore import JobStore
+from services.training.metrics import WorkerMetrics
+from services.training.records import JobRecord
+from services.training.trainers import TrainConfig, TrainImage, TrainResult, run_training, validate_config
+
+log = logging.getLogger(__name__)
+
+# Errors that another attempt cannot fix: the job FAILS at once instead of retrying.
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidInput, NotFound, FailedPrecondition, DataLoss)
+Trainer = Callable[..., TrainResult]
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def config_of(job: JobRecord) -> TrainConfig:
+    """The job's resolved config (stored at create, so every attempt uses the same seed)."""
+    if job.config:
+        return TrainConfig(**job.config)
+    return TrainConfig.from_proto(json_format.ParseDict(job.spec, training_pb2.TrainingJobSpec()))
+
+
+class Worker:
+    """Runs jobs one at a time until `shutdown` is set."""
+
+    def __init__(
+        self, settings: Settings, store: JobStore, registry: Registry, *,
+        worker_id: str = "", metrics: WorkerMetrics | None = None, trainer: Trainer = run_training,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.worker_id = worker_id or settings.worker_id or default_worker_id()
+        self.metrics = metrics
+        self._trainer = trainer
+        self.shutdown = threading.Event()
+        safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", self.worker_id)
+        self._work_root = settings.data_dir / "worker" / "jobs" / safe_id
+        self._model_cache = settings.data_dir / "worker" / "base-models"
+
+    def run_forever(self) -> None:
+        """Poll for work until `shutdown` is set; a job in progress is stopped and released."""
+        log.info("worker started", extra={"worker_id": self.worker_id})
+        while not self.shutdown.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # the loop itself must survive a database outage
+                log.exception("worker loop error")
+                ran = False
+            if not ran:
+                self.shutdown.wait(self.settings.worker_poll_seconds)
+        log.info("worker stopped", extra={"worker_id": self.worker_id})
+
+    def run_once(self) -> bool:
+        """Reap expired leases, claim one job and run it; False when the queue was empty."""
+        for job_id, state in self.store.reap_expired():
+            log.warning("reaped expired lease", extra={"job_id": job_id, "state": state})
+        job = self.store.claim(self.worker_id)
+        if job is None:
+            return False
+        log.info("claimed job", extra={"job_id": job.id, "attempt": job.attempts})
+        self.execute(job)
+        return True
+
+    def execute(self, job: JobRecord) -> None:
+        work_dir = self._work_root / job.id
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        lease = LeaseKeeper(self.store, job.id, self.worker_id, self.settings.heartbeat_seconds,
+                            self.metrics, self.shutdown)
+        with lease:
+            callbacks = JobCallbacks(job, self.worker_id, self.store, self.registry, lease, self.metrics)
+            try:
+                self._attempt(job, lease, callbacks, work_dir)
+            except PERMANENT_ERRORS as exc:
+                self._end_with_error(job, lease, str(exc), retryable=False)
+            except Exception as exc:
+                log.exception("job attempt failed", extra={"job_id": job.id})
+                self._end_with_error(job, lease, f"{type(exc).__name__}: {exc}", retryable=True)
+            finally:
+                shutil.rmtree(work_dir, ignore_errors=True)
+
+    # --- one attempt --------------------------------------------------------------------
+    def _attempt(self, job: JobRecord, lease: LeaseKeeper, callbacks: JobCallbacks, work_dir: Path) -> None:
+        if job.attempts > 1 and (adopted := self._find_published(job)) is not None:
+            self._complete(job, lease, adopted.version, dict(adopted.metrics), "adopted a version "
+                           "an earlier attempt published")
+            return
+        config = config_of(job)
+        validate_config(config, self.settings)
+        base = self.registry.get_base_model(config.base_model)
+        base_dir = self.registry.materialize_base_model(config.base_model, self._model_cache)
+        images = self._fetch_images(job.tenant, config.dataset_id, work_dir / "data")
+        class_images = (self._fetch_images(job.tenant, config.class_dataset_id, work_dir / "class-data")
+                        if config.with_prior_preservation and config.class_dataset_id else None)
+        resume_dir, resumed = self._fetch_checkpoint(job, work_dir / "resume")
+        lease.observe(self.store.start_attempt(
+            job.id, self.worker_id, resumed_from_step=resumed, total_steps=config.max_train_steps,
+            config=config.model_dump(mode="json"),
+        ))
+        if lease.should_stop:
+            self._stopped(job, lease)
+            return
+        result = self._trainer(
+            config, base_model_dir=base_dir, images=images, work_dir=work_dir / "train",
+            callbacks=callbacks, resume_dir=resume_dir, device=self.settings.training_device,
+            class_images=class_images,
+        )
+        if result.stopped or lease.should_stop:
+            self._stopped(job, lease)
+            return
+        self._publish(job, lease, config, base, result, callbacks.wall_seconds, resumed)
+
+    def _fetch_images(self, tenant: str, dataset_id: str, dest: Path) -> list[TrainImage]:
+        manifest = self.registry.get_dataset(tenant, dataset_id)
+        paths = self.registry.fetch_dataset_images(manifest, dest)
+        captions = [record.caption for record in sorted(manifest.images, key=lambda r: r.index)]
+        return [TrainImage(path, caption) for path, caption in zip(paths, captions, strict=True)]
+
+    def _fetch_checkpoint(self, job: JobRecord, dest: Path) -> tuple[Path | None, int]:
+        checkpoint = self.registry.latest_checkpoint(job.tenant, job.id)
+        if checkpoint is None:
+            return None, 0
+        self.registry.fetch_checkpoint(checkpoint, dest)
+        log.info("resuming from checkpoint", extra={"job_id": job.id, "step": checkpoint.step})
+        return dest, checkpoint.step
+
+    def _find_published(self, job: JobRecord) -> AdapterManifest | None:
+        """A version of this job's output that names this job as its source, if any."""
+        token = ""
+        while True:
+            try:
+                versions, token = self.registry.list_versions(job.tenant, job.output_name, 100, token)
+            except NotFound:
+                return None
+            for manifest in versions:
+                if manifest.source_job_id == job.id:
+                    return manifest
+            if not token:
+                return None
+
+    def _publish(
+        self, job: JobRecord, lease: LeaseKeeper, config: TrainConfig, base: BaseModelManifest,
+        result: TrainResult, wall_seconds: float, resumed: int,
+    ) -> None:
+        status = self.store.prepare_publish(job.id, self.worker_id)
+        lease.observe(status)
+        if not status.owned or status.cancel_requested:
+            self._stopped(job, lease)
+            return
+        if job.attempts > 1 and (existing := self._find_published(job)) is not None:
+            self._complete(job, lease, existing.version, dict(existing.metrics), "adopted an earlier publish")
+            return
+        metrics = {**result.metrics, "steps": float(result.steps), "wall_time_seconds": wall_seconds,
+                   "resumed_from_step": float(resumed)}
+        training_config: dict[str, Any] = {**config.model_dump(mode="json"), **result.config}
+        manifest = self.registry.publish_adapter(
+            job.tenant, config.output_name, kind=config.method, base_model=config.base_model,
+            base_model_digest=base.digest, files=result.files, trigger_tokens=result.trigger_tokens,
+            training_config=training_config, metrics=metrics, source_job_id=job.id,
+            description=config.description,
+        )
+        message = f"published {manifest.name} version {manifest.version}"
+        if config.output_alias:
+            try:
+                self.registry.set_alias(job.tenant, manifest.name, config.output_alias, manifest.version)
+                message += f" (alias {config.output_alias})"
+            except Exception as exc:  # the version is published; a failed alias must not undo that
+                log.warning("setting alias failed", exc_info=True, extra={"job_id": job.id})
+                message += f"; setting alias {config.output_alias!r} failed: {exc}"
+        self._complete(job, lease, manifest.version, metrics, message)
+
+    def _complete(self, job: JobRecord, lease: LeaseKeeper, version: int, metrics: dict[str, float],
+                  message: str) -> None:
+        if self.store.complete(job.id, self.worker_id, output_version=version, metrics=metrics, message=message):
+            self._count("succeeded")
+            self._drop_checkpoints(job)
+            log.info(message, extra={"job_id": job.id})
+        else:
+            # Lost the lease after publishing: the next owner adopts this version (source_job_id).
+            lease.lost.set()
+            log.warning("published but lost the lease before recording it", extra={"job_id": job.id})
+
+    # --- endings ------------------------------------------------------------------------
+    def _stopped(self, job: JobRecord, lease: LeaseKeeper) -> None:
+        if lease.lost.is_set():
+            self._count("lost")
+            log.warning("lost the lease; stopping without publishing", extra={"job_id": job.id})
+        elif lease.cancelled.is_set():
+            if self.store.finish_cancelled(job.id, self.worker_id):
+                self._drop_checkpoints(job)
+            self._count("cancelled")
+        elif lease.shutdown.is_set():
+            self.store.release(job.id, self.worker_id, "worker shutting down")
+            self._count("released")
+
+    def _end_with_error(self, job: JobRecord, lease: LeaseKeeper, error: str, *, retryable: bool) -> None:
+        if lease.lost.is_set() or lease.cancelled.is_set() or (retryable and lease.shutdown.is_set()):
+            self._stopped(job, lease)
+            return
+        try:
+            state = self.store.fail(job.id, self.worker_id, error, retryable=retryable)
+        except Exception:
+            log.exception("could not record the failure; the lease will expire", extra={"job_id": job.id})
+            return
+        self._count("failed" if state == "FAILED" else "retry")
+        if state in ("FAILED", "CANCELLED"):
+            self._drop_checkpoints(job)
+
+    def _drop_checkpoints(self, job: JobRecord) -> None:
+        try:
+            self.registry.delete_checkpoints(job.tenant, job.id)
+        except Exception:  # garbage only; never fail a finished job over it
+            log.warning("deleting checkpoints failed", exc_info=True, extra={"job_id": job.id})
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.jobs_finished.labels(outcome).inc()

@@ -1,0 +1,63 @@
+"""The training worker as a process: `atelier worker` or `python -m services.training.worker_main`.
+
+SIGTERM/SIGINT ask the worker to stop: the running trainer stops before its next step, the
+job is released back to the queue without using up an attempt, and the next worker resumes
+from the last checkpoint the trainer wrote (every `checkpointing_steps`). A second signal
+exits at once; the lease then expires and the job is reaped like a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+
+from services.common.config import Settings
+from services.common.telemetry import configure_logging, start_metrics_http
+from services.training.embedded import open_registry
+from services.training.jobstore import JobStore
+from services.training.metrics import WorkerMetrics, register_store_metrics
+from services.training.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(settings: Settings, *, worker_id: str = "") -> int:
+    """Run one worker until signalled; returns the process exit code."""
+    configure_logging(settings)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    store = JobStore.open(settings)  # runs `alembic upgrade head` first
+    metrics_registry = CollectorRegistry()
+    register_store_metrics(metrics_registry, store)
+    metrics_http = start_metrics_http(metrics_registry, settings.metrics_port)
+    worker = Worker(settings, store, open_registry(settings), worker_id=worker_id,
+                    metrics=WorkerMetrics(metrics_registry))
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if worker.shutdown.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(128 + signum)
+        log.info("signal received: stopping after the current step", extra={"signal": signum})
+        worker.shutdown.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.run_forever()
+    finally:
+        if metrics_http is not None:
+            metrics_http.close()
+        store.close()
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_worker(Settings.model_validate({})))
+
+
+if __name__ == "__main__":
+    main()
