@@ -1,0 +1,323 @@
+"""The shared training loop behind every method.
+
+Order of work: load the frozen base components, seed, make prior-preservation images if
+needed (with the untouched base model), set up the method, pre-encode every image view (and
+every prompt when the text encoder is frozen), build AdamW + the lr schedule, restore a
+checkpoint if given, then step. Each step's randomness (samples, views, latent noise,
+diffusion noise, timesteps) comes from generators keyed by (seed, step, micro-batch), and the
+global RNGs (LoRA dropout) are checkpointed, so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+
+from services.training.trainers import checkpoint as ckpt
+from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult
+from services.training.trainers.batches import Batcher, PromptEncoder
+from services.training.trainers.cache import LatentCache
+from services.training.trainers.config import TrainConfig
+from services.training.trainers.data import build_views
+from services.training.trainers.dreambooth import DreamBoothTrainer
+from services.training.trainers.evaluate import fixed_denoising_loss
+from services.training.trainers.lora import LoraTrainer
+from services.training.trainers.loss import diffusion_loss
+from services.training.trainers.method import MethodTrainer
+from services.training.trainers.models import Components, load_components
+from services.training.trainers.textual_inversion import TextualInversionTrainer
+from services.training.trainers.validation import generate_class_images, validation_images
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, type[MethodTrainer]] = {
+    "LORA": LoraTrainer,
+    "DREAMBOOTH": DreamBoothTrainer,
+    "TEXTUAL_INVERSION": TextualInversionTrainer,
+}
+CLASS_IMAGES_DIR = "class_images"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Optimisation:
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    params: list[torch.nn.Parameter]
+
+
+def build_optimisation(config: TrainConfig, method: MethodTrainer, comps: Components) -> Optimisation:
+    optimizer = torch.optim.AdamW(
+        method.param_groups(),
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.adam_weight_decay,
+    )
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
+    scaler = torch.amp.GradScaler(comps.device.type) if comps.precision == "fp16" else None
+    return Optimisation(optimizer, scheduler, scaler, method.trainable_parameters())
+
+
+def class_image_paths(
+    config: TrainConfig,
+    comps: Components,
+    given: list[TrainImage],
+    resume_dir: Path | None,
+    work_dir: Path,
+    resolution: int,
+) -> list[TrainImage]:
+    """Supplied class images, topped up to `num_class_images` with base-model samples.
+
+    Generated images are kept in every checkpoint, so a resumed run reuses them rather than
+    paying for generation again.
+    """
+    if not config.with_prior_preservation:
+        return []
+    images = list(given[: config.num_class_images])
+    missing = config.num_class_images - len(images)
+    if missing <= 0:
+        return images
+    saved = resume_dir / CLASS_IMAGES_DIR if resume_dir else None
+    if saved is not None and saved.is_dir() and len(list(saved.glob("*.png"))) >= missing:
+        paths = sorted(saved.glob("*.png"))[:missing]
+    else:
+        paths = generate_class_images(
+            comps, config.class_prompt, missing, resolution, config.seed, work_dir / CLASS_IMAGES_DIR
+        )
+    return images + [TrainImage(p, config.class_prompt) for p in paths]
+
+
+class TrainingRun:
+    """One call of `run_training`: owns the components, caches, optimizer and loop."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        base_model_dir: Path,
+        images: list[TrainImage],
+        work_dir: Path,
+        callbacks: TrainerCallbacks,
+        resume_dir: Path | None,
+        device: str,
+        class_images: list[TrainImage],
+    ) -> None:
+        if not images:
+            raise ValueError("run_training needs at least one image")
+        self.started = time.monotonic()
+        self.config, self.callbacks, self.work_dir = config, callbacks, work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.comps = load_components(base_model_dir, device, config.mixed_precision)
+        self.resolution = config.resolution or self.comps.native_resolution
+        seed_everything(config.seed)
+        self.class_images = class_image_paths(config, self.comps, class_images, resume_dir, work_dir, self.resolution)
+        self.method = METHODS[config.method](config, self.comps)
+        if config.gradient_checkpointing:
+            self.method.enable_gradient_checkpointing()
+        self.batcher = self._build_batcher(images)
+        self.opt = build_optimisation(config, self.method, self.comps)
+        self.start_step = 0
+        self.extra: dict[str, float] = {}
+        if resume_dir is not None:
+            self._restore(resume_dir)
+        else:
+            self.extra["eval_loss_initial"] = self._eval_loss()
+
+    def _build_batcher(self, images: list[TrainImage]) -> Batcher:
+        c = self.config
+        instance = build_views([i.path for i in images], self.resolution, c.center_crop, c.random_flip)
+        prompts = [self.method.prompt(i.caption or c.instance_prompt) for i in images]
+        klass = None
+        class_prompts: list[str] = []
+        if self.class_images:
+            klass = build_views([i.path for i in self.class_images], self.resolution, c.center_crop, c.random_flip)
+            class_prompts = [i.caption or c.class_prompt for i in self.class_images]
+        with torch.no_grad():
+            inst_cache = LatentCache.encode(self.comps, instance.pixels)
+            class_cache = LatentCache.encode(self.comps, klass.pixels) if klass is not None else None
+        encoder = PromptEncoder(self.comps, cached=not self.method.text_encoder_in_graph)
+        encoder.warm(prompts + class_prompts)
+        return Batcher(
+            config=c,
+            instance=instance,
+            instance_cache=inst_cache,
+            instance_prompts=prompts,
+            klass=klass,
+            class_cache=class_cache,
+            class_prompts=class_prompts,
+            encoder=encoder,
+        )
+
+    def _restore(self, resume_dir: Path) -> None:
+        state = ckpt.load_state(resume_dir)
+        self.method.load_trainable(state.trainable)
+        self.opt.optimizer.load_state_dict(state.optimizer)
+        self.opt.lr_scheduler.load_state_dict(state.lr_scheduler)
+        if self.opt.scaler is not None and state.scaler:
+            self.opt.scaler.load_state_dict(state.scaler)
+        ckpt.rng_restore(state.rng_tensors, state.rng_meta)
+        self.start_step = state.step
+        self.extra.update({k: float(v) for k, v in state.extra.get("metrics", {}).items()})
+        log.info("resumed %s at step %d", self.config.method, state.step)
+
+    def _eval_loss(self) -> float:
+        b = self.batcher
+        return fixed_denoising_loss(self.comps, b.instance_cache, b.eval_views(), b.eval_embeddings())
+
+    def step(self, step: int) -> float:
+        """One optimizer step (gradient_accumulation_steps micro-batches); returns the mean loss."""
+        c, o, comps = self.config, self.opt, self.comps
+        total = torch.zeros((), device=comps.device)
+        for micro in range(c.gradient_accumulation_steps):
+            b = self.batcher.batch(step, micro)
+            with comps.autocast():
+                pred = comps.unet(b.noisy, b.timesteps, b.embeddings).sample
+            loss, _ = diffusion_loss(
+                pred,
+                b.target,
+                b.timesteps,
+                comps.schedule,
+                snr_gamma=c.snr_gamma,
+                num_prior=b.num_prior,
+                prior_weight=c.prior_loss_weight,
+            )
+            scaled = loss / c.gradient_accumulation_steps
+            (o.scaler.scale(scaled) if o.scaler is not None else scaled).backward()
+            total += scaled.detach()
+        if o.scaler is not None:
+            o.scaler.unscale_(o.optimizer)
+        if c.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(o.params, c.max_grad_norm)
+        if o.scaler is not None:
+            o.scaler.step(o.optimizer)
+            o.scaler.update()
+        else:
+            o.optimizer.step()
+        o.lr_scheduler.step()
+        o.optimizer.zero_grad(set_to_none=True)
+        return float(total.item())
+
+    def run(self) -> TrainResult:
+        c = self.config
+        self.method.train_mode()
+        losses: list[float] = []
+        stopped = False
+        step = self.start_step
+        while step < c.max_train_steps:
+            if self.callbacks.should_stop():
+                stopped = True
+                break
+            loss = self.step(step)
+            step += 1
+            losses.append(loss)
+            self.callbacks.on_step(step, c.max_train_steps, loss, float(self.opt.lr_scheduler.get_last_lr()[0]))
+            self._maybe_validate(step)
+            if step % c.checkpointing_steps == 0 and step < c.max_train_steps:
+                self._checkpoint(step)
+        stopped = stopped or self.callbacks.should_stop()
+        return self._result(step, losses, stopped)
+
+    def _maybe_validate(self, step: int) -> None:
+        c = self.config
+        if c.validation_prompts and (step % c.validation_steps == 0 or step == c.max_train_steps):
+            images = validation_images(self.comps, c.validation_prompts, self.resolution, c.seed)
+            self.method.train_mode()
+            self.callbacks.on_validation(step, images)
+
+    def _checkpoint(self, step: int) -> None:
+        root = self.work_dir / "checkpoints"
+        state_dir = root / f"step-{step:07d}"
+        ckpt.save_state(
+            state_dir,
+            step=step,
+            trainable=dict(self.method.named_trainable()),
+            optimizer=self.opt.optimizer,
+            lr_scheduler=self.opt.lr_scheduler,
+            scaler=self.opt.scaler,
+            extra={"config": self.config.model_dump(mode="json"), "resolution": self.resolution, "metrics": self.extra},
+        )
+        generated = [i.path for i in self.class_images if i.path.parent == self.work_dir / CLASS_IMAGES_DIR]
+        if generated:
+            (state_dir / CLASS_IMAGES_DIR).mkdir()
+            for path in generated:
+                shutil.copy2(path, state_dir / CLASS_IMAGES_DIR / path.name)
+        self.callbacks.save_checkpoint(step, state_dir)
+        for old in root.iterdir():  # the callback persisted it; keep only the newest locally
+            if old != state_dir:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _result(self, step: int, losses: list[float], stopped: bool) -> TrainResult:
+        c = self.config
+        wall = time.monotonic() - self.started
+        ran = step - self.start_step
+        metrics = {
+            "steps": float(step),
+            "wall_seconds": wall,
+            "steps_per_second": ran / wall if wall > 0 else 0.0,
+            "resumed_from_step": float(self.start_step),
+            "num_images": float(len(self.batcher.instance_prompts)),
+            "resolution": float(self.resolution),
+            **self.extra,
+        }
+        if losses:
+            metrics["final_loss"] = losses[-1]
+            metrics["mean_loss_last_10"] = float(np.mean(losses[-10:]))
+        files: dict[str, Path] = {}
+        if not stopped:
+            self.comps.unet.eval()
+            metrics["eval_loss_final"] = self._eval_loss()
+            files = self.method.save_artifact(self.work_dir / "artifact")
+        resolved = c.model_dump(mode="json") | {"resolution": self.resolution, "mixed_precision": self.comps.precision}
+        return TrainResult(
+            kind=c.method,
+            files=files,
+            trigger_tokens=self.method.trigger_tokens,
+            metrics=metrics,
+            steps=step,
+            stopped=stopped,
+            resumed_from_step=self.start_step,
+            config=resolved,
+        )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    base_model_dir: Path,
+    images: list[TrainImage],
+    work_dir: Path,
+    callbacks: TrainerCallbacks,
+    resume_dir: Path | None,
+    device: str,
+    class_images: list[TrainImage],
+) -> TrainResult:
+    run = TrainingRun(
+        config,
+        base_model_dir=base_model_dir,
+        images=images,
+        work_dir=work_dir,
+        callbacks=callbacks,
+        resume_dir=resume_dir,
+        device=device,
+        class_images=class_images,
+    )
+    return run.run()
