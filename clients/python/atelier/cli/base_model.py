@@ -1,7 +1,88 @@
-"""`atelier base-model ...`: build, pretrain and install the tiny Stable Diffusion base model."""
+"""`atelier base-model ...`: build, pretrain and install the tiny Stable Diffusion base model.
+
+These commands work on local folders (and the registry named by ATELIER_* settings), not over
+gRPC: they are how a fresh checkout gets a base model without downloading anything.
+"""
 
 from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(no_args_is_help=True, help="Base models: create the tiny SD pipeline, pretrain it.")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command("create-tiny")
+def create_tiny(
+    random: bool = typer.Option(False, "--random", help="Random-initialised weights instead of the pretrained asset."),
+    out: Path = typer.Option(None, help="Pipeline folder [default: <data_dir>/base-models/<name>]."),
+    seed: int = typer.Option(0, help="Seed of the random weights (--random only)."),
+    import_: bool = typer.Option(False, "--import", help="Also import it into the configured registry."),
+    name: str = typer.Option(None, help="Registry name [default: tiny-sd, or tiny-sd-random]."),
+) -> None:
+    """Write the tiny SD pipeline (pretrained on synthetic shapes, or --random) to a folder."""
+    from services.common.config import Settings
+    from services.common.errors import AlreadyExists, AtelierError
+    from services.registry.registry import Registry
+    from services.registry.store import open_store
+    from services.tinymodel.install import import_into_registry, install_pretrained
+    from services.tinymodel.pipeline import build_random_pipeline
+
+    settings = Settings(**{})  # every field from ATELIER_* variables
+    name = name or ("tiny-sd-random" if random else "tiny-sd")
+    folder = out or settings.data_dir / "base-models" / name
+    try:
+        if random:
+            build_random_pipeline(folder, seed)
+        else:
+            install_pretrained(folder)
+        typer.echo(f"wrote {folder}")
+        if import_:
+            registry = Registry(open_store(settings))
+            try:
+                manifest = import_into_registry(registry, folder, name)
+                typer.echo(f"imported base model {name!r} (digest {manifest.digest}) into {settings.registry_url}")
+            except AlreadyExists:
+                existing = registry.get_base_model(name)
+                typer.echo(f"base model {name!r} already in {settings.registry_url} (digest {existing.digest})")
+    except AtelierError as error:
+        raise _fail(error.message) from None
+
+
+@app.command("pretrain-tiny")
+def pretrain_tiny(
+    out: Path = typer.Option(None, help="Output pipeline folder [default: the packaged tiny-sd asset]."),
+    seed: int = typer.Option(0, help="Seed of the initial weights and of the data stream."),
+    vae_steps: int = typer.Option(400, help="VAE reconstruction steps."),
+    unet_steps: int = typer.Option(2000, help="UNet + text encoder denoising steps."),
+    resolution: int = typer.Option(32, help="Image side in pixels (latents are half of it)."),
+    batch_size: int = typer.Option(32, help="Images per step."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+) -> None:
+    """Train the tiny pipeline from scratch on procedural captioned shapes (CPU, ~20-30 min)."""
+    from services.tinymodel.assets import PRETRAINED_DIR
+    from services.tinymodel.pretrain import PretrainConfig, pretrain, write_report
+
+    if resolution % 8 or resolution < 16:
+        raise _fail("--resolution must be a multiple of 8, at least 16")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    cfg = PretrainConfig(out_dir=out or PRETRAINED_DIR, seed=seed, resolution=resolution,
+                         batch_size=batch_size, vae_steps=vae_steps, unet_steps=unet_steps, threads=threads)
+    result = pretrain(cfg)
+    report = write_report(cfg, result, " ".join(["atelier base-model pretrain-tiny", *map(shlex.quote, _args())]))
+    typer.echo(f"wrote {cfg.out_dir} ({report.name}): {result.metrics}")
+
+
+def _args() -> list[str]:
+    """The command-line arguments after `pretrain-tiny`, for the reproduction record."""
+    argv = sys.argv[1:]
+    return argv[argv.index("pretrain-tiny") + 1:] if "pretrain-tiny" in argv else argv

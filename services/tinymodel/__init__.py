@@ -1,0 +1,1 @@
+"""The tiny Stable Diffusion base model: tokenizer, architecture, procedural data, pretraining."""
