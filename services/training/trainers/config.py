@@ -259,11 +259,11 @@ def validate_config(config: TrainConfig, settings: Settings) -> None:
     _check(bool(config.dataset_id), "spec.dataset_id", "must not be empty")
     _check(bool(config.output_name), "spec.output_name", "must not be empty")
     _validate_hyper(config, settings)
-    _validate_prompts(config)
     if config.method == "LORA":
         _validate_lora(config)
     if config.method == "TEXTUAL_INVERSION":
         _validate_ti(config)
+    _validate_prompts(config)
     if config.with_prior_preservation:
         _validate_prior(config)
 
@@ -330,7 +330,7 @@ def _validate_ti(c: TrainConfig) -> None:
     _check(len(tok) <= 64 and not any(ch.isspace() for ch in tok), f + "placeholder_token", "one word, <= 64 chars")
     _check(bool(c.initializer_token), f + "initializer_token", "must not be empty")
     _check(1 <= c.num_vectors <= 64, f + "num_vectors", "must be between 1 and 64")
-    _check(tok in c.instance_prompt.split(), "spec.instance_prompt", f"must contain the placeholder {tok!r}")
+    _check(tok in c.instance_prompt, "spec.instance_prompt", f"must contain the placeholder {tok!r}")
 
 
 def _validate_prior(c: TrainConfig) -> None:
