@@ -1,6 +1,6 @@
 """Check everything under deploy/ without a cluster or a Docker engine.
 
-1. Generated files are current (tools/deploy_gen.py --check).
+1. Generated files are current (tools/deploy_gen.py, tools/deploy_schemas.py).
 2. Every kustomize target renders with `kubectl kustomize` (the PyPI kubectl in .venv).
 3. Every rendered object validates: built-in kinds with `kubernetes-validate` in strict mode
    against the pinned Kubernetes version below; custom resources (KEDA, Prometheus Operator,
@@ -115,9 +115,12 @@ def check_all(k8s_version: str) -> list[str]:
     # Imported here so `--help` works even before the project is installed.
     sys.path.insert(0, str(ROOT / "tools"))
     import deploy_gen
+    import deploy_schemas
 
     problems = [f"stale generated file: {path.relative_to(ROOT)} (run: python tools/deploy_gen.py)"
                 for path in deploy_gen.stale_files()]
+    problems += [f"stale schema: {path.relative_to(ROOT)} (run: python tools/deploy_schemas.py)"
+                 for path in deploy_schemas.stale_schemas()]
     for target in RENDER_TARGETS:
         try:
             objs = render(target)
