@@ -1,0 +1,177 @@
+"""The interop entry points the registry calls: import a foreign file, export a stored adapter.
+
+Pure file-to-file functions over a `BaseModelShapes`: no registry, store or gRPC here, so
+the registry's import/export modules stay thin and these are testable on their own.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from services.common.errors import FailedPrecondition, InvalidInput
+from services.registry.interop.detect import (
+    FMT_A1111,
+    FMT_DIFFUSERS,
+    FMT_KOHYA,
+    KIND_LORA,
+    KIND_TI,
+    detect,
+    read_header,
+)
+from services.registry.interop.diffusers_lora import normalise
+from services.registry.interop.dreambooth import assemble_pipeline, write_single_file, zip_folder
+from services.registry.interop.kohya import export_kohya, import_kohya
+from services.registry.interop.lora_layout import ModuleLora, load_stored, save_stored
+from services.registry.interop.shapes import BaseModelShapes
+from services.registry.interop.textual_inversion import choose_token, export_a1111, import_embedding
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+TI_FILE = "learned_embeds.safetensors"
+ORIGINAL_DIR = "original"
+FMT_CHECKPOINT = "checkpoint"
+KIND_DREAMBOOTH = "DREAMBOOTH"
+EXPORT_FORMATS = (FMT_DIFFUSERS, FMT_KOHYA, FMT_A1111, FMT_CHECKPOINT)
+
+
+@dataclass(frozen=True)
+class Imported:
+    """A converted upload: files by manifest path (stored layout + `original/<name>`)."""
+
+    kind: str
+    source_format: str
+    variant: str
+    files: dict[str, Path]
+    trigger_tokens: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def original_path(filename: str) -> str:
+    """`original/<file name>` with a conservative character set (manifest paths are validated)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename or "adapter.safetensors").name).strip("._")
+    if not name.lower().endswith(".safetensors"):
+        name = f"{name or 'adapter'}.safetensors"
+    return f"{ORIGINAL_DIR}/{name[-120:]}"
+
+
+def _check_hints(kind: str, fmt: str, kind_hint: str, format_hint: str) -> None:
+    if kind_hint == KIND_DREAMBOOTH:
+        raise InvalidInput("kind", "DreamBooth weights are imported as a base model (ImportBaseModel), not an adapter")
+    if kind_hint and kind_hint != kind:
+        raise InvalidInput("kind", f"the file is a {kind} adapter, not {kind_hint}")
+    if format_hint == FMT_CHECKPOINT:
+        raise InvalidInput("format", "single-file checkpoints are imported as base models, not adapters")
+    if format_hint and format_hint != fmt:
+        raise InvalidInput("format", f"the file is in {fmt} format, not {format_hint}")
+
+
+def import_file(
+    path: Path,
+    filename: str,
+    shapes: BaseModelShapes,
+    workdir: Path,
+    *,
+    kind_hint: str = "",
+    format_hint: str = "",
+    trigger_token: str = "",
+) -> Imported:
+    """Detect, validate against the base model and convert one uploaded file.
+
+    InvalidInput: pickles, unsupported/unknown layouts, hint mismatches; FailedPrecondition:
+    tensors that do not fit the base model (first offending key named).
+    """
+    header = read_header(path, filename)
+    det = detect(header)
+    _check_hints(det.kind, det.source_format, kind_hint, format_hint)
+    tensors = load_file(str(path))
+    files = {original_path(filename or path.name): path}
+    if det.kind == KIND_LORA:
+        mods = import_kohya(tensors, shapes) if det.source_format == FMT_KOHYA else normalise(
+            tensors, header.metadata, shapes
+        )
+        save_stored(mods, workdir / LORA_FILE)
+        files[LORA_FILE] = workdir / LORA_FILE
+        return Imported(KIND_LORA, det.source_format, det.variant, files, [], lora_details(mods))
+    token = choose_token(trigger_token, tensors, header.metadata, filename or path.name)
+    stored, vectors = import_embedding(tensors, shapes, token)
+    save_file(stored, str(workdir / TI_FILE))
+    files[TI_FILE] = workdir / TI_FILE
+    details = {"vectors": vectors, "text_encoders": 2 if len(stored) == 2 else 1}
+    return Imported(KIND_TI, det.source_format, det.variant, files, [token], details)
+
+
+def lora_details(mods: list[ModuleLora]) -> dict[str, Any]:
+    """Rank/alpha summary recorded in the manifest's training_config."""
+    ranks = collections.Counter(m.rank for m in mods)
+    alphas = collections.Counter(m.alpha for m in mods)
+    return {
+        "rank": ranks.most_common(1)[0][0],
+        "alpha": alphas.most_common(1)[0][0],
+        "modules": len(mods),
+        "components": sorted({m.component for m in mods}),
+    }
+
+
+def _unsupported(kind: str, fmt: str) -> FailedPrecondition:
+    hints = {
+        "LORA": "diffusers or kohya (A1111/ComfyUI read kohya)",
+        "TEXTUAL_INVERSION": "diffusers or a1111",
+        "DREAMBOOTH": "diffusers (zipped folder) or checkpoint (single file)",
+    }
+    return FailedPrecondition(f"a {kind} adapter cannot be exported as {fmt!r}; use {hints.get(kind, '')}", "format")
+
+
+def export_lora(stored: Path, shapes: BaseModelShapes, fmt: str, dest: Path, title: str,
+                description: str = "", trigger: str = "") -> Path:
+    """Stored LoRA -> `dest` in diffusers (copy) or kohya (also for fmt "a1111") format."""
+    if fmt in ("", FMT_DIFFUSERS):
+        shutil.copyfile(stored, dest)
+        return dest
+    if fmt not in (FMT_KOHYA, FMT_A1111):
+        raise _unsupported(KIND_LORA, fmt)
+    tensors, meta = export_kohya(load_stored(stored), shapes, title, description, trigger)
+    save_file(tensors, str(dest), metadata=meta)
+    return dest
+
+
+def export_embedding(stored: Path, shapes: BaseModelShapes, fmt: str, dest: Path, title: str,
+                     trigger: str = "") -> Path:
+    """Stored embedding -> `dest` in diffusers (copy) or A1111 (also for fmt "kohya") format."""
+    if fmt in ("", FMT_DIFFUSERS):
+        shutil.copyfile(stored, dest)
+        return dest
+    if fmt not in (FMT_A1111, FMT_KOHYA):
+        raise _unsupported(KIND_TI, fmt)
+    tensors, meta = export_a1111(load_file(str(stored)), shapes, title, trigger)
+    save_file(tensors, str(dest), metadata=meta)
+    return dest
+
+
+def export_dreambooth(base_dir: Path, trained_dir: Path, shapes: BaseModelShapes, fmt: str,
+                      dest: Path, title: str) -> Path:
+    """DreamBooth -> zipped diffusers folder (fmt diffusers) or single-file checkpoint."""
+    if fmt not in ("", FMT_DIFFUSERS, FMT_CHECKPOINT):
+        raise _unsupported(KIND_DREAMBOOTH, fmt)
+    pipeline = dest.parent / f"{dest.stem}-pipeline"
+    try:
+        assemble_pipeline(base_dir, trained_dir, pipeline)
+        if fmt == FMT_CHECKPOINT:
+            write_single_file(pipeline, shapes, dest, title)
+        else:
+            zip_folder(pipeline, dest)
+    finally:
+        shutil.rmtree(pipeline, ignore_errors=True)
+    return dest
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
