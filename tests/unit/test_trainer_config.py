@@ -183,7 +183,7 @@ def test_tokenizer_checks_reject_existing_placeholders_and_multi_token_initializ
     tok = CLIPTokenizer.from_pretrained(tiny_random_pipeline_dir / "tokenizer")
     good = TrainConfig.from_proto(spec("TEXTUAL_INVERSION"))
     validate_against_tokenizer(good, tok)
-    existing = good.model_copy(update={"placeholder_token": "toy</w>", "instance_prompt": "a toy</w>"})
+    existing = good.model_copy(update={"placeholder_token": "dog", "instance_prompt": "a dog"})
     with pytest.raises(InvalidInput) as err:
         validate_against_tokenizer(existing, tok)
     assert err.value.violations[0].field == "spec.textual_inversion.placeholder_token"

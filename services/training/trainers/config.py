@@ -341,6 +341,14 @@ def _validate_prior(c: TrainConfig) -> None:
     _check(1 <= c.num_class_images <= 1000, f + "num_class_images", "must be between 1 and 1000")
 
 
+def is_existing_token(tokenizer: Any, text: str) -> bool:
+    """True if `text` is a vocabulary entry or a word the tokenizer already maps to one token."""
+    if text in tokenizer.get_vocab():
+        return True
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
 def validate_against_tokenizer(config: TrainConfig, tokenizer: Any) -> None:
     """TI checks that need the base model's tokenizer (a transformers tokenizer).
 
@@ -350,8 +358,7 @@ def validate_against_tokenizer(config: TrainConfig, tokenizer: Any) -> None:
     if config.method != "TEXTUAL_INVERSION":
         return
     f = "spec.textual_inversion."
-    vocab = tokenizer.get_vocab()
     for tok in config.trigger_tokens:
-        _check(tok not in vocab, f + "placeholder_token", f"{tok!r} is already a token of the base model")
+        _check(not is_existing_token(tokenizer, tok), f + "placeholder_token", f"{tok!r} is already a token")
     ids = tokenizer.encode(config.initializer_token, add_special_tokens=False)
     _check(len(ids) == 1, f + "initializer_token", f"must be a single token; it encodes to {len(ids)} tokens")

@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from services.common.errors import InvalidInput
@@ -52,10 +52,19 @@ class LoraTrainer(MethodTrainer):
 
     @staticmethod
     def _attach(model: Any, config: LoraConfig, field: str) -> None:
+        """Inject LoRA layers through peft directly.
+
+        diffusers' `add_adapter` would do for the UNet, but transformers 5's `add_adapter` wants
+        peft >= 0.22 and the project pins 0.21; `inject_adapter_in_model` + the `peft_config`
+        attribute is exactly what both wrappers do, and `get_peft_model_state_dict` reads it.
+        """
         try:
-            model.add_adapter(config)
+            inject_adapter_in_model(config, model, adapter_name="default")
         except ValueError as exc:  # peft: no module matched the targets
             raise InvalidInput(field, f"no layer of the base model matches: {exc}") from exc
+        model.peft_config = {"default": config}
+        if hasattr(model, "_hf_peft_config_loaded"):
+            model._hf_peft_config_loaded = True
 
     def named_trainable(self) -> dict[str, torch.nn.Parameter]:
         out = {f"unet.{n}": p for n, p in self.comps.unet.named_parameters() if p.requires_grad}

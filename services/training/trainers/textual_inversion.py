@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from services.common.errors import InvalidInput
-from services.training.trainers.config import TrainConfig
+from services.training.trainers.config import TrainConfig, is_existing_token
 from services.training.trainers.method import MethodTrainer
 from services.training.trainers.models import Components
 
@@ -37,7 +37,7 @@ class TextualInversionTrainer(MethodTrainer):
         init_ids = tok.encode(config.initializer_token, add_special_tokens=False)
         if len(init_ids) != 1:
             raise InvalidInput(_F + "initializer_token", f"must be a single token; it encodes to {len(init_ids)}")
-        if tok.add_tokens(tokens) != len(tokens):
+        if any(is_existing_token(tok, t) for t in tokens) or tok.add_tokens(tokens) != len(tokens):
             raise InvalidInput(_F + "placeholder_token", "already a token of the base model")
         ids: list[int] = list(tok.convert_tokens_to_ids(tokens))
         comps.text_encoder.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -46,8 +46,8 @@ class TextualInversionTrainer(MethodTrainer):
             init = embedding.weight[init_ids[0]].detach().clone()
             embedding.weight[ids] = init.to(embedding.weight.dtype)
         self.first_id = ids[0]
-        if list(ids) != list(range(self.first_id, self.first_id + len(ids))):
-            raise RuntimeError("tokenizer assigned non-consecutive ids to the placeholder tokens")
+        if ids != list(range(self.first_id, self.first_id + len(ids))):
+            raise InvalidInput(_F + "placeholder_token", "the tokenizer could not add it as new tokens")
         self.vectors = torch.nn.Parameter(init.float().repeat(len(tokens), 1).to(comps.device))
         self._hook = embedding.register_forward_hook(self._splice)
 
