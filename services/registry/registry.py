@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from services.common.config import Settings
 from services.registry.adapters import Adapters
 from services.registry.base_models import BaseModels
 from services.registry.blobs import Blobs
@@ -30,7 +31,7 @@ from services.registry.manifests import (
     DatasetManifest,
     FileRecord,
 )
-from services.registry.store import ObjectStore
+from services.registry.store import ObjectStore, open_store
 
 
 class Registry:
@@ -44,6 +45,11 @@ class Registry:
         self.adapters = Adapters(store, self.keys, self.blobs)
         self.datasets = Datasets(store, self.keys, self.blobs)
         self.checkpoints = Checkpoints(store, self.keys, self.blobs)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, prefix: str = "") -> Registry:
+        """The registry named by settings.registry_url (file://DIR or s3://BUCKET[/PREFIX])."""
+        return cls(open_store(settings), prefix)
 
     # --- blobs ----------------------------------------------------------------------
     def put_blob_file(self, path: Path) -> FileRecord:
