@@ -27,7 +27,10 @@ lint: $(STAMP)
 	$(BIN)/buf lint protos
 	$(BIN)/mypy services clients/python/atelier
 
-test: $(STAMP) proto-check lint
+deploy-check: $(STAMP)
+	$(BIN)/python tools/deploy_check.py
+
+test: $(STAMP) proto-check lint deploy-check
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)
