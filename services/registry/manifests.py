@@ -26,7 +26,8 @@ def utc_now() -> datetime:
 
 
 class _Doc(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # NaN/inf metrics (a diverged run) must round-trip rather than make the manifest unreadable.
+    model_config = ConfigDict(extra="ignore", frozen=True, ser_json_inf_nan="constants")
 
     def to_json_bytes(self) -> bytes:
         """Canonical-enough serialisation: stable field order, UTF-8, no whitespace."""

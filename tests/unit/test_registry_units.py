@@ -112,3 +112,11 @@ def test_proto_conversion() -> None:
     with pytest.raises(InvalidInput) as err:
         pc.ref_from_proto(common_pb2.AdapterRef(name="cat", version=0))
     assert err.value.violations[0].field == "ref.version"
+
+
+def test_non_finite_metrics_round_trip() -> None:
+    """A diverged run's NaN loss must not make its manifest unreadable."""
+    m = AdapterManifest(tenant="t", name="n", version=1, kind="LORA", base_model="b", files=[],
+                        metrics={"loss": float("nan"), "grad": float("inf")})
+    back = AdapterManifest.model_validate_json(m.to_json_bytes())
+    assert back.metrics["grad"] == float("inf") and back.metrics["loss"] != back.metrics["loss"]
