@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from atelier.cli import adapters, dataset, generate, jobs, train
+from atelier.cli import serve as serve_cli
 from atelier.cli import worker as worker_cli
 from atelier.cli.base_model import app as base_model_app
 from atelier.cli.context import root_callback
@@ -19,3 +20,4 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(adapters.app, name="adapters")
 app.command("generate")(generate.generate)
 app.command("worker")(worker_cli.worker)
+app.command("serve")(serve_cli.serve)

@@ -1,0 +1,100 @@
+"""Process composition for `atelier serve`: which servers a process runs and how it stops.
+
+Roles: `all` (the embedded default: training API + registry API + one in-process worker on
+`training_port`, inference on `inference_port`), `training-api` (cluster: no worker) and
+`inference` (cluster: inference only). Every server shares one metrics registry, one
+authenticator and one /metrics endpoint; SIGTERM drains them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from services.common.auth import Authenticator
+from services.common.config import Settings
+from services.common.server import RunningServer, serve_until_signalled, start_server
+from services.common.telemetry import RpcMetrics, configure_logging, start_metrics_http
+from services.inference.pipelines import parse_model_paths
+from services.registry.registry import Registry
+from services.training.embedded import EmbeddedTraining
+
+log = logging.getLogger(__name__)
+
+ROLES = ("all", "training-api", "inference")
+
+
+@dataclass
+class Runtime:
+    """The servers and background parts of one process, for `serve` and for tests."""
+
+    settings: Settings
+    servers: dict[str, RunningServer] = field(default_factory=dict)
+    training: EmbeddedTraining | None = None
+    closers: list[Callable[[], object]] = field(default_factory=list)
+
+    async def close(self, grace: float | None = None) -> None:
+        for running in self.servers.values():
+            await running.stop(grace)
+        await self.shutdown_parts()
+
+    async def shutdown_parts(self) -> None:
+        """Stop workers and engines after the servers have drained."""
+        if self.training is not None:
+            await asyncio.to_thread(self.training.stop)
+        for closer in reversed(self.closers):
+            result = closer()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+async def start_runtime(settings: Settings, role: str = "all",
+                        metrics_registry: CollectorRegistry | None = None) -> Runtime:
+    """Start the servers `role` needs on the configured ports; returns once all are SERVING."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    metrics_registry = metrics_registry or CollectorRegistry()
+    rpc_metrics = RpcMetrics(metrics_registry)
+    authenticator = Authenticator.from_settings(settings)
+    runtime = Runtime(settings)
+    registry = Registry.from_settings(settings)
+    if role in ("all", "training-api"):
+        runtime.training = EmbeddedTraining(
+            settings, registry=registry, metrics_registry=metrics_registry, workers=1 if role == "all" else 0,
+            local_base_models=tuple(parse_model_paths(settings.base_model_paths)),
+        )
+        runtime.servers["training"] = await start_server(
+            settings, runtime.training.bindings(), settings.training_port, authenticator, rpc_metrics)
+    if role in ("all", "inference"):
+        from services.inference.engine import InferenceEngine
+        from services.inference.servicer import inference_bindings
+
+        engine = InferenceEngine(settings, registry, metrics_registry)
+        runtime.closers.append(engine.close)
+        runtime.servers["inference"] = await start_server(
+            settings, inference_bindings(engine), settings.inference_port, authenticator, rpc_metrics)
+    if runtime.training is not None:
+        runtime.training.start_workers()
+    metrics_http = start_metrics_http(metrics_registry, settings.metrics_port, settings.host)
+    if metrics_http is not None:
+        runtime.closers.append(metrics_http.close)
+    return runtime
+
+
+async def serve(settings: Settings, role: str, announce: Callable[[str], None] = print) -> None:
+    """Run until SIGTERM/SIGINT: drain in-flight RPCs for the grace period, then stop workers."""
+    configure_logging(settings)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    runtime = await start_runtime(settings, role)
+    for name, running in runtime.servers.items():
+        announce(f"{name} API listening on {settings.host}:{running.port} ({', '.join(running.service_names)})")
+    if settings.metrics_port:
+        announce(f"metrics on http://{settings.host}:{settings.metrics_port}/metrics")
+    try:
+        await serve_until_signalled(list(runtime.servers.values()), settings.shutdown_grace_seconds)
+    finally:
+        await runtime.shutdown_parts()
