@@ -91,9 +91,11 @@ class JobCallbacks:
 
     def __init__(
         self, job: JobRecord, worker_id: str, store: JobStore, registry: Registry,
-        lease: LeaseKeeper, metrics: WorkerMetrics | None,
+        lease: LeaseKeeper, metrics: WorkerMetrics | None, shutdown_grace: float = 30.0,
     ) -> None:
         self._job = job
+        self._shutdown_grace = shutdown_grace
+        self._shutdown_seen: tuple[float, int] | None = None
         self._worker_id = worker_id
         self._store = store
         self._registry = registry
@@ -131,7 +133,19 @@ class JobCallbacks:
         self._lease.observe(status)
 
     def should_stop(self) -> bool:
-        return self._lease.should_stop
+        """Cancel or lost lease: stop now. Shutdown: stop once the next checkpoint is saved
+        (so the next worker loses no work), or when the shutdown grace period runs out."""
+        if self._lease.lost.is_set() or self._lease.cancelled.is_set():
+            return True
+        if not self._lease.shutdown.is_set():
+            return False
+        now = time.monotonic()
+        if self._shutdown_seen is None:
+            self._shutdown_seen = (now, len(self.checkpoint_steps))
+            log.info("shutdown requested: training on until the next checkpoint",
+                     extra={"job_id": self._job.id})
+        since, saved_before = self._shutdown_seen
+        return len(self.checkpoint_steps) > saved_before or now - since > self._shutdown_grace
 
     def save_checkpoint(self, step: int, state_dir: Path) -> None:
         if self._lease.lost.is_set():

@@ -43,7 +43,14 @@ from services.training.job_run import JobCallbacks, LeaseKeeper
 from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics
 from services.training.records import JobRecord
-from services.training.trainers import TrainConfig, TrainImage, TrainResult, run_training, validate_config
+from services.training.trainers import (
+    TrainConfig,
+    TrainImage,
+    TrainResult,
+    run_training,
+    validate_against_tokenizer,
+    validate_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,15 @@ def config_of(job: JobRecord) -> TrainConfig:
     if job.config:
         return TrainConfig(**job.config)
     return TrainConfig.from_proto(json_format.ParseDict(job.spec, training_pb2.TrainingJobSpec()))
+
+
+def check_tokenizer(config: TrainConfig, base_dir: Path) -> None:
+    """TI checks that need the base model's tokenizer (new placeholder, one-token initializer)."""
+    if config.method != "TEXTUAL_INVERSION":
+        return
+    from transformers import CLIPTokenizer
+
+    validate_against_tokenizer(config, CLIPTokenizer.from_pretrained(base_dir / "tokenizer"))
 
 
 class Worker:
@@ -112,7 +128,8 @@ class Worker:
         lease = LeaseKeeper(self.store, job.id, self.worker_id, self.settings.heartbeat_seconds,
                             self.metrics, self.shutdown)
         with lease:
-            callbacks = JobCallbacks(job, self.worker_id, self.store, self.registry, lease, self.metrics)
+            callbacks = JobCallbacks(job, self.worker_id, self.store, self.registry, lease, self.metrics,
+                                     shutdown_grace=self.settings.shutdown_grace_seconds)
             try:
                 self._attempt(job, lease, callbacks, work_dir)
             except PERMANENT_ERRORS as exc:
@@ -133,10 +150,13 @@ class Worker:
         validate_config(config, self.settings)
         base = self.registry.get_base_model(config.base_model)
         base_dir = self.registry.materialize_base_model(config.base_model, self._model_cache)
+        check_tokenizer(config, base_dir)
         images = self._fetch_images(job.tenant, config.dataset_id, work_dir / "data")
         class_images = (self._fetch_images(job.tenant, config.class_dataset_id, work_dir / "class-data")
                         if config.with_prior_preservation and config.class_dataset_id else None)
         resume_dir, resumed = self._fetch_checkpoint(job, work_dir / "resume")
+        log.info("inputs ready; training",
+                 extra={"job_id": job.id, "prepare_seconds": round(callbacks.wall_seconds, 3)})
         lease.observe(self.store.start_attempt(
             job.id, self.worker_id, resumed_from_step=resumed, total_steps=config.max_train_steps,
             config=config.model_dump(mode="json"),
@@ -149,7 +169,7 @@ class Worker:
             callbacks=callbacks, resume_dir=resume_dir, device=self.settings.training_device,
             class_images=class_images,
         )
-        if result.stopped or lease.should_stop:
+        if result.stopped or lease.lost.is_set() or lease.cancelled.is_set():
             self._stopped(job, lease)
             return
         self._publish(job, lease, config, base, result, callbacks.wall_seconds, resumed)
