@@ -143,6 +143,32 @@ class ByteLRU(Generic[K, V]):
         self._after_evictions(evicted)
         return stored
 
+    def make_room(self, nbytes: int, protect: Collection[K] = ()) -> None:
+        """Evict ahead of a load, so the memory is free before the new value is built.
+
+        The device tier calls this before attaching an adapter: peak memory then stays
+        within the bound instead of exceeding it by one adapter until the insert evicts.
+        """
+        with self._lock:
+            if not self._feasible(nbytes, protect):
+                if self._strict:
+                    raise CapacityError(
+                        f"{self.name} cache: no room for {nbytes} bytes "
+                        f"({len(protect)} entries protected)"
+                    )
+                return
+            evicted: list[tuple[K, _Entry[V]]] = []
+            for victim in list(self._entries):
+                if self._fits(nbytes):
+                    break
+                if victim not in protect:
+                    entry = self._entries.pop(victim)
+                    self._used -= entry.nbytes
+                    evicted.append((victim, entry))
+            self._evictions += len(evicted)
+            self._publish_size()
+        self._after_evictions(evicted)
+
     def evict(self, key: K) -> bool:
         """Remove one entry (running on_evict); False when it was not resident."""
         with self._lock:

@@ -1,0 +1,160 @@
+"""Admission and batching in front of the device.
+
+* Admission: at most `capacity` requests may be waiting (resolving adapters or queued for the
+  device). The next one is refused at once with RESOURCE_EXHAUSTED (+ RetryInfo): a full
+  queue never makes a caller wait. A request leaves the count when it enters a batch.
+* Batching: the worker takes the oldest waiting request and, once it has waited
+  `batch_wait` seconds (or enough companions are there), every other waiting request with the
+  same `BatchKey` (base model, adapters with weights, size, steps, scheduler, guidance) up to
+  `max_batch` requests, in arrival order. The oldest request always goes first, so no key
+  starves. Requests whose caller went away or whose deadline passed are dropped here.
+* The device runs one batch at a time: the worker awaits `execute(batch)` before the next.
+All methods run on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.errors import AtelierError, Cancelled, DeadlineExceeded, ResourceExhausted
+from services.inference.metrics import InferenceMetrics
+from services.inference.types import Progress
+
+BatchKey = tuple[Hashable, ...]
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One admitted request on its way to the device."""
+
+    key: BatchKey
+    payload: Any  # what the executor needs (request, base model, adapters)
+    future: asyncio.Future[Any]
+    deadline: float | None = None  # time.monotonic() value
+    progress: Callable[[Progress], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def dead(self) -> bool:
+        """Nobody wants the result any more (thread-safe: the device thread asks too)."""
+        return self.cancelled.is_set() or self.expired() or self.future.done()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def why_dead(self) -> AtelierError:
+        if self.expired():
+            return DeadlineExceeded("the request's deadline passed before it finished")
+        return Cancelled("the request was cancelled")
+
+
+class Batcher:
+    """See the module docstring."""
+
+    def __init__(self, capacity: int, max_batch: int, batch_wait_s: float,
+                 execute: Callable[[list[WorkItem]], Awaitable[None]], metrics: InferenceMetrics) -> None:
+        self.capacity = capacity
+        self._max_batch = max(1, max_batch)
+        self._wait = max(0.0, batch_wait_s)
+        self._execute = execute
+        self._metrics = metrics
+        self._pending = 0
+        self._queue: list[WorkItem] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        return self._pending
+
+    # --- admission --------------------------------------------------------------------
+    def admit(self) -> None:
+        """Take a slot or raise ResourceExhausted immediately."""
+        if self._pending >= self.capacity:
+            self._metrics.rejected.inc()
+            raise ResourceExhausted(f"the inference queue is full ({self.capacity} requests waiting)",
+                                    retry_after_seconds=1.0)
+        self._pending += 1
+        self._metrics.queue_depth.set(self._pending)
+
+    def release(self) -> None:
+        """Give back a slot of a request that leaves before entering a batch."""
+        self._pending = max(0, self._pending - 1)
+        self._metrics.queue_depth.set(self._pending)
+
+    def submit(self, item: WorkItem) -> None:
+        """Queue an admitted request (its slot is released when it enters a batch)."""
+        self._ensure_worker()
+        self._queue.append(item)
+        self._wakeup.set()
+
+    def withdraw(self, item: WorkItem) -> bool:
+        """Remove a queued request (its caller left); False when it already entered a batch."""
+        if item in self._queue:
+            self._queue.remove(item)
+            self.release()
+            return True
+        return False
+
+    # --- the worker -------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="atelier-batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for item in self._queue:
+            item.fail(Cancelled("the server is shutting down"))
+        self._queue.clear()
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch:
+                self._metrics.batch_size.observe(len(batch))
+                await self._execute(batch)
+
+    async def _next_batch(self) -> list[WorkItem]:
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        self._drop_dead()
+        if not self._queue:
+            return []
+        first = self._queue[0]
+        remaining = first.enqueued_at + self._wait - time.monotonic()
+        if remaining > 0 and len(self._companions(first)) < self._max_batch:
+            await asyncio.sleep(remaining)
+            self._drop_dead()
+            if first not in self._queue:
+                return []
+        batch = self._companions(first)
+        now = time.monotonic()
+        for item in batch:
+            self._queue.remove(item)
+            self.release()
+            item.started_at = now
+        return batch
+
+    def _companions(self, first: WorkItem) -> list[WorkItem]:
+        return [item for item in self._queue if item.key == first.key][: self._max_batch]
+
+    def _drop_dead(self) -> None:
+        for item in [i for i in self._queue if i.dead()]:
+            self._queue.remove(item)
+            self.release()
+            item.fail(item.why_dead())

@@ -1,0 +1,199 @@
+"""The device side: which adapters are attached where, and getting a batch's mix into the weights.
+
+Two tiers live here, both touched only by the device thread:
+
+* device tier: attached adapters, key (target, adapter version), bounded by
+  `device_cache_bytes` and `device_cache_max_adapters`. A LoRA is a peft adapter on the target
+  pipeline (UNet / text encoders); a TI is a set of reserved embedding slots. Eviction detaches
+  (`delete_adapters`, slot release) and, once a component has no adapter left, removes its peft
+  wrappers, so the UNet returns to its exact baseline modules, parameters and bytes.
+* DreamBooth tier: pipeline variants with swapped components (`dreambooth_cache_bytes`).
+  Evicting a variant first evicts every adapter attached to it.
+
+A *target* is the pipeline a batch runs on: the base's or a DreamBooth variant's. TI slots
+belong to a text encoder, so TI entries are keyed by the target owning the text encoder (the
+base, unless the DreamBooth adapter retrained it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from services.common.config import Settings
+from services.common.errors import FailedPrecondition, ResourceExhausted
+from services.inference.adapters import AdapterKey
+from services.inference.cache import ByteLRU, CapacityError
+from services.inference.dreambooth import Variant, build_variant
+from services.inference.lora import LoraMergers, attach_lora, detach_lora, lora_nbytes
+from services.inference.metrics import InferenceMetrics
+from services.inference.payloads import DreamBoothPayload, LoraPayload, Payload, TiPayload
+from services.inference.pipelines import BaseModel, Pipeline
+from services.inference.textual_inversion import SlotsExhausted, TiBinding, TiSlots
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """One adapter of a request, resolved and parsed (host tier)."""
+
+    key: AdapterKey
+    kind: str
+    weight: float
+    payload: Payload
+
+
+@dataclass
+class Target:
+    id: str
+    pipe: Pipeline
+    slots: TiSlots | None
+    text_owner: str
+
+
+@dataclass
+class Attachment:
+    kind: str
+    pipe: Pipeline
+    nbytes: int
+    peft_name: str = ""
+    slots: TiSlots | None = None
+    binding: TiBinding | None = None
+
+
+@dataclass
+class Prepared:
+    """What the runner needs: the pipeline to call and the request's TI bindings."""
+
+    base: BaseModel
+    pipe: Pipeline
+    ti: list[TiBinding]
+    attach_ms: float
+
+
+DeviceKey = tuple[str, AdapterKey]
+
+
+class DeviceState:
+    """The device and DreamBooth tiers plus the LoRA merge state (device thread only)."""
+
+    def __init__(self, settings: Settings, metrics: InferenceMetrics,
+                 dreambooth_files: Callable[[DreamBoothPayload], dict]) -> None:
+        self._dreambooth_files = dreambooth_files
+        self.mergers = LoraMergers()
+        self._names = (f"atl{i}" for i in itertools.count())
+        self.adapters: ByteLRU[DeviceKey, Attachment] = ByteLRU(
+            "device", settings.device_cache_bytes, lambda a: a.nbytes,
+            max_entries=settings.device_cache_max_adapters, on_evict=self._detach, strict=True,
+            metrics=metrics.tier("device"),
+        )
+        self.variants: ByteLRU[tuple[str, AdapterKey], Variant] = ByteLRU(
+            "dreambooth", settings.dreambooth_cache_bytes, lambda v: v.nbytes,
+            on_evict=self._drop_variant, strict=True, metrics=metrics.tier("dreambooth"),
+        )
+
+    # --- preparing a batch ------------------------------------------------------------
+    def prepare(self, base: BaseModel, uses: Sequence[AdapterUse]) -> Prepared:
+        """Attach what is missing, then merge the batch's LoRA mix into the target's weights."""
+        started = time.perf_counter()
+        target = self._target(base, uses)
+        loras = [u for u in uses if u.kind == "LORA"]
+        tis = [u for u in uses if u.kind == "TEXTUAL_INVERSION"]
+        keys = {(target.id, u.key) for u in loras} | {(target.text_owner, u.key) for u in tis}
+        try:
+            mix = tuple((self._lora(target, u, keys).peft_name, u.weight) for u in loras)
+            bindings = [self._ti(target, u, keys) for u in tis]
+        except (CapacityError, SlotsExhausted) as exc:
+            raise ResourceExhausted(f"the adapters of this request do not fit on the device: {exc}") from None
+        for merger in self.mergers.for_pipeline(target.pipe):
+            merger.apply(mix)
+        return Prepared(base, target.pipe, bindings, (time.perf_counter() - started) * 1000)
+
+    def _target(self, base: BaseModel, uses: Sequence[AdapterUse]) -> Target:
+        base_id = f"base:{base.name}"
+        dreambooth = [u for u in uses if u.kind == "DREAMBOOTH"]
+        if not dreambooth:
+            return Target(base_id, base.pipe, base.slots, base_id)
+        use = dreambooth[0]
+        assert isinstance(use.payload, DreamBoothPayload)
+        payload = use.payload
+        variant_id = f"db:{base.name}:{use.key}"
+        try:
+            variant = self.variants.get_or_load(
+                (base.name, use.key),
+                lambda: build_variant(variant_id, base, self._dreambooth_files(payload)),
+            )
+        except CapacityError as exc:
+            raise FailedPrecondition(f"DreamBooth adapter {use.key} exceeds the DreamBooth cache: {exc}") from None
+        owner = variant.id if "text_encoder" in variant.owned else base_id
+        return Target(variant.id, variant.pipe, variant.slots, owner)
+
+    def _lora(self, target: Target, use: AdapterUse, protect: set[DeviceKey]) -> Attachment:
+        payload = use.payload
+        assert isinstance(payload, LoraPayload)
+        nbytes = lora_nbytes(payload.state_dict, target.pipe.unet.dtype)
+
+        def attach() -> Attachment:
+            self.adapters.make_room(nbytes, protect)
+            name = next(self._names)
+            attach_lora(target.pipe, self.mergers.for_pipeline(target.pipe), name, payload.state_dict)
+            return Attachment("LORA", target.pipe, nbytes, peft_name=name)
+
+        return self.adapters.get_or_load((target.id, use.key), attach, protect)
+
+    def _ti(self, target: Target, use: AdapterUse, protect: set[DeviceKey]) -> TiBinding:
+        payload = use.payload
+        assert isinstance(payload, TiPayload)
+        slots = target.slots
+        if slots is None:
+            raise FailedPrecondition("textual inversion is supported on SD 1.x/2.x base models only",
+                                     field_name="spec.adapters")
+        for trigger, vectors in payload.vectors:
+            if vectors.shape[-1] != slots.dim:
+                raise FailedPrecondition(
+                    f"adapter {use.key}: embedding {trigger!r} has dim {vectors.shape[-1]}, "
+                    f"the text encoder {slots.dim}", field_name="spec.adapters")
+        nbytes = payload.nbytes
+
+        def attach() -> Attachment:
+            self.adapters.make_room(nbytes, protect)
+            while slots.free < sum(int(v.shape[0]) for _t, v in payload.vectors):
+                if not self._evict_one_ti(slots, protect):
+                    break
+            binding = slots.bind(payload.vectors)
+            return Attachment("TEXTUAL_INVERSION", target.pipe, nbytes, slots=slots, binding=binding)
+
+        attachment = self.adapters.get_or_load((target.text_owner, use.key), attach, protect)
+        assert attachment.binding is not None
+        return attachment.binding
+
+    def _evict_one_ti(self, slots: TiSlots, protect: set[DeviceKey]) -> bool:
+        for key in list(self.adapters.keys()):
+            entry = self.adapters.peek(key)
+            if key not in protect and entry is not None and entry.slots is slots:
+                return self.adapters.evict(key)
+        return False
+
+    # --- eviction callbacks -----------------------------------------------------------
+    def _detach(self, _key: DeviceKey, attachment: Attachment) -> None:
+        if attachment.kind == "LORA":
+            detach_lora(attachment.pipe, self.mergers.for_pipeline(attachment.pipe), attachment.peft_name)
+        elif attachment.slots is not None and attachment.binding is not None:
+            attachment.slots.release(attachment.binding)
+
+    def _drop_variant(self, _key: tuple[str, AdapterKey], variant: Variant) -> None:
+        owner_ids = {variant.id}
+        self.adapters.evict_where(lambda key: key[0] in owner_ids)
+        self.mergers.forget(variant.owned.values())
+        variant.owned.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- ops --------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Detach everything (adapters first, then variants)."""
+        self.adapters.clear()
+        self.variants.clear()

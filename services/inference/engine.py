@@ -1,0 +1,241 @@
+"""The inference engine: requests in, PNGs out; owns the tiers, the batcher and the device thread.
+
+Flow of `generate`: admit (or RESOURCE_EXHAUSTED at once) -> base model (loaded once) ->
+resolve each adapter reference and check it belongs to this base model -> parsed payloads
+through the disk and host tiers (off the event loop, single flight) -> batcher -> device thread
+(attach missing adapters, merge the mix, one pipeline call) -> PNG encoding off the device
+thread. Every pipeline mutation and call happens on one dedicated thread, so the device runs
+one thing at a time and needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image as PILImage
+from prometheus_client import CollectorRegistry
+
+from services.common.config import Settings
+from services.common.errors import FailedPrecondition, InvalidInput
+from services.inference.adapters import AdapterKey, DiskTier, HostTier, RefKey, Resolver, open_adapter_tiers
+from services.inference.batcher import Batcher, WorkItem
+from services.inference.cache import TierStatus
+from services.inference.device import AdapterUse, DeviceState
+from services.inference.metrics import InferenceMetrics
+from services.inference.pipelines import BaseModel, PipelinePool
+from services.inference.runner import BatchAborted, BatchOutput, Job, Runner, image_seeds
+from services.inference.types import (
+    AdapterSpec,
+    GenerationRequest,
+    GenerationResult,
+    Image,
+    Progress,
+    ResolvedAdapterInfo,
+    Timings,
+)
+from services.registry.manifests import AdapterManifest
+from services.registry.registry import Registry
+
+T = TypeVar("T")
+DEFAULT_REF_TTL_SECONDS = 10.0
+TIERS = ("disk", "host", "device")
+
+
+@dataclass(frozen=True)
+class ItemOutput:
+    """One request's share of a batch's output."""
+
+    pixels: list[np.ndarray]
+    attach_ms: float
+    denoise_ms: float
+    batch_size: int
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class InferenceEngine:
+    """See the module docstring. Create it inside the event loop that will call it."""
+
+    def __init__(self, settings: Settings, registry: Registry, metrics_registry: CollectorRegistry | None = None,
+                 *, exact_batching: bool = True, ref_ttl_seconds: float = DEFAULT_REF_TTL_SECONDS,
+                 io_threads: int = 8) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = InferenceMetrics(metrics_registry or CollectorRegistry())
+        self.pipelines = PipelinePool(settings, registry)
+        self.resolver = Resolver(registry, ref_ttl_seconds)
+        self.disk: DiskTier
+        self.host: HostTier
+        self.disk, self.host = open_adapter_tiers(settings, registry, self.metrics)
+        self.device_state = DeviceState(settings, self.metrics, self.host.dreambooth_files)
+        self.runner = Runner(self.device_state, self.metrics, exact=exact_batching)
+        self._device = ThreadPoolExecutor(1, thread_name_prefix="atelier-device")
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="atelier-inference-io")
+        self.batcher = Batcher(settings.queue_size, settings.max_batch_size, settings.batch_wait_ms / 1000,
+                               self._execute, self.metrics)
+
+    # --- threads ----------------------------------------------------------------------
+    async def on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._device, fn, *args)
+
+    async def on_io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._device.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    # --- generation -------------------------------------------------------------------
+    async def generate(self, tenant: str, request: GenerationRequest, deadline: float | None = None,
+                       progress: Callable[[Progress], None] | None = None) -> GenerationResult:
+        """Run one request; `deadline` is a time.monotonic() value, `progress` is thread-safe."""
+        started = time.perf_counter()
+        self.batcher.admit()
+        submitted = False
+        try:
+            if progress:
+                progress(Progress("loading_adapters"))
+            base = await self.base_model(request.base_model)
+            manifests = await self._resolve(tenant, request.adapters, base)
+            uses = await self._load(manifests, request.adapters)
+            width, height = request.width or base.default_size, request.height or base.default_size
+            job = Job(request, base, uses, width, height)
+            loop = asyncio.get_running_loop()
+            item = WorkItem(self._batch_key(job), job, loop.create_future(), deadline, progress)
+            load_ms = (time.perf_counter() - started) * 1000
+            if progress:
+                progress(Progress("queued", 0, request.steps, load_ms))
+            self.batcher.submit(item)
+            submitted = True
+            try:
+                output: ItemOutput = await item.future
+            except asyncio.CancelledError:
+                item.cancelled.set()
+                self.batcher.withdraw(item)
+                raise
+        finally:
+            if not submitted:
+                self.batcher.release()
+        return await self._finish(item, output, manifests, request, base, started, load_ms)
+
+    async def _finish(self, item: WorkItem, output: ItemOutput, manifests: Sequence[AdapterManifest],
+                      request: GenerationRequest, base: BaseModel, started: float,
+                      load_ms: float) -> GenerationResult:
+        pixels = output.pixels
+        if item.progress:
+            item.progress(Progress("encoding", request.steps, request.steps, (time.perf_counter() - started) * 1000))
+        t0 = time.perf_counter()
+        pngs = await self.on_io(lambda: [encode_png(p) for p in pixels])
+        encode_ms = (time.perf_counter() - t0) * 1000
+        job: Job = item.payload
+        images = [Image(png, seed, job.width, job.height) for png, seed in zip(pngs, image_seeds(request),
+                                                                                  strict=True)]
+        self.metrics.images.inc(len(images))
+        timings = Timings(
+            queue_ms=max(0.0, (item.started_at - item.enqueued_at) * 1000),
+            adapter_load_ms=load_ms + output.attach_ms,
+            denoise_ms=output.denoise_ms,
+            encode_ms=encode_ms,
+            total_ms=(time.perf_counter() - started) * 1000,
+        )
+        adapters = [ResolvedAdapterInfo(m.name, m.version, m.kind, m.manifest_digest, spec.weight)
+                    for m, spec in zip(manifests, request.adapters, strict=True)]
+        return GenerationResult(images, adapters, base.digest, output.batch_size, timings)
+
+    async def _execute(self, batch: list[WorkItem]) -> None:
+        """The batcher's executor: one pipeline call on the device thread, results to futures."""
+        try:
+            output: BatchOutput = await self.on_device(self.runner.run, batch)
+        except BatchAborted:
+            for item in batch:
+                item.fail(item.why_dead())
+            return
+        except Exception as exc:
+            for item in batch:
+                item.fail(exc)
+            return
+        for pixels, item in zip(output.images, batch, strict=True):
+            if not item.future.done():
+                item.future.set_result(ItemOutput(pixels, output.attach_ms, output.denoise_ms, len(batch)))
+
+    @staticmethod
+    def _batch_key(job: Job) -> tuple[Any, ...]:
+        req = job.request
+        adapters = tuple((u.key, u.kind, u.weight if u.kind == "LORA" else 1.0) for u in job.uses)
+        return (job.base.name, adapters, job.width, job.height, req.steps, req.scheduler, req.guidance_scale)
+
+    # --- adapters ---------------------------------------------------------------------
+    async def base_model(self, name: str) -> BaseModel:
+        loaded = self.pipelines.peek(name)
+        if loaded is not None:
+            return loaded
+        return await self.on_device(self.pipelines.get, name)
+
+    async def _resolve(self, tenant: str, specs: Sequence[AdapterSpec], base: BaseModel) -> list[AdapterManifest]:
+        async def one(spec: AdapterSpec) -> AdapterManifest:
+            ref = RefKey(tenant, spec.name, spec.version, spec.alias)
+            manifest = await self.on_io(self.resolver.resolve, ref)
+            self._check_base(manifest, base, spec)
+            return manifest
+
+        manifests = list(await asyncio.gather(*(one(s) for s in specs)))
+        dreambooth = [i for i, m in enumerate(manifests) if m.kind == "DREAMBOOTH"]
+        if len(dreambooth) > 1:
+            raise InvalidInput(specs[dreambooth[1]].field, "at most one DREAMBOOTH adapter per request")
+        attached = sum(1 for m in manifests if m.kind != "DREAMBOOTH")
+        if attached > self.settings.device_cache_max_adapters:
+            raise FailedPrecondition(
+                f"{attached} LoRA/TI adapters requested; this server attaches at most "
+                f"{self.settings.device_cache_max_adapters} at once", field_name="spec.adapters")
+        return manifests
+
+    @staticmethod
+    def _check_base(manifest: AdapterManifest, base: BaseModel, spec: AdapterSpec) -> None:
+        if manifest.base_model != base.name or (manifest.base_model_digest and
+                                                manifest.base_model_digest != base.digest):
+            raise FailedPrecondition(
+                f"adapter {manifest.ref} was trained for base model {manifest.base_model!r} "
+                f"({manifest.base_model_digest[:12] or 'no digest'}), not {base.name!r} ({base.digest[:12]})",
+                field_name=f"{spec.field}.ref",
+            )
+
+    async def _load(self, manifests: Sequence[AdapterManifest],
+                    specs: Sequence[AdapterSpec]) -> tuple[AdapterUse, ...]:
+        async def one(manifest: AdapterManifest, spec: AdapterSpec) -> AdapterUse:
+            payload = self.host.cached(manifest)
+            if payload is None:
+                payload = await self.on_io(self.host.load, manifest)
+            return AdapterUse(AdapterKey.of(manifest), manifest.kind, spec.weight, payload)
+
+        return tuple(await asyncio.gather(*(one(m, s) for m, s in zip(manifests, specs, strict=True))))
+
+    # --- ops --------------------------------------------------------------------------
+    async def preload(self, tenant: str, base_model: str, specs: Sequence[AdapterSpec],
+                      tier: str = "device") -> list[ResolvedAdapterInfo]:
+        """Bring adapters into `tier` (and every tier below it)."""
+        base = await self.base_model(base_model)
+        manifests = await self._resolve(tenant, specs, base)
+        if tier == "disk":
+            for manifest in manifests:
+                await self.on_io(lambda m=manifest: [self.disk.fetch(f) for f in m.files])
+        else:
+            uses = await self._load(manifests, specs)
+            if tier == "device":
+                await self.on_device(self.device_state.prepare, base, uses)
+        return [ResolvedAdapterInfo(m.name, m.version, m.kind, m.manifest_digest, s.weight)
+                for m, s in zip(manifests, specs, strict=True)]
+
+    def tier_status(self) -> list[TierStatus]:
+        return [self.disk.cache.status(), self.host.cache.status(), self.device_state.adapters.status()]

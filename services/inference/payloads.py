@@ -1,0 +1,110 @@
+"""What the host-RAM tier holds per adapter version, parsed from its verified files.
+
+Only safetensors are read (the registry refuses pickle formats on publish, and so do we here).
+LoRA: the diffusers-layout state dict of `pytorch_lora_weights.safetensors`, kept as CPU tensors
+that `load_lora_weights` can attach. Textual Inversion: `learned_embeds.safetensors`, one tensor
+[num_vectors, dim] per trigger token. DreamBooth: nothing heavy here, the component files stay
+on the disk tier and are loaded straight onto the device (see dreambooth.py), so a multi-GB
+UNet is never held twice in RAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from services.common.errors import DataLoss, FailedPrecondition
+from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE, AdapterManifest, FileRecord
+
+# Keys some exporters put next to the embedding; never trigger tokens.
+_TI_METADATA_KEYS = frozenset({"string_to_token", "name", "step", "sd_checkpoint", "sd_checkpoint_name"})
+
+
+@dataclass(frozen=True)
+class LoraPayload:
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict.values())
+
+
+@dataclass(frozen=True)
+class TiPayload:
+    vectors: tuple[tuple[str, torch.Tensor], ...]  # (trigger token, [num_vectors, dim])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _n, t in self.vectors)
+
+
+@dataclass(frozen=True)
+class DreamBoothPayload:
+    files: tuple[FileRecord, ...]
+    components: tuple[str, ...] = field(default=())
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+Payload = LoraPayload | TiPayload | DreamBoothPayload
+
+
+def _read_safetensors(record: FileRecord, path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not record.path.endswith(".safetensors"):
+        raise FailedPrecondition(f"{what}: only .safetensors files are loaded, got {record.path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as exc:
+        raise DataLoss(f"{what}: unreadable safetensors file ({exc})") from None
+
+
+def _pick(manifest: AdapterManifest, preferred: str) -> FileRecord:
+    record = manifest.file(preferred)
+    if record is not None:
+        return record
+    candidates = [f for f in manifest.files if f.path.endswith(".safetensors")]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise FailedPrecondition(f"adapter {manifest.ref}: no {preferred} among its files")
+
+
+def lora_payload(manifest: AdapterManifest, local: dict[str, Path]) -> LoraPayload:
+    record = _pick(manifest, LORA_WEIGHTS_FILE)
+    return LoraPayload(_read_safetensors(record, local[record.path], f"adapter {manifest.ref}"))
+
+
+def ti_payload(manifest: AdapterManifest, local: dict[str, Path]) -> TiPayload:
+    record = _pick(manifest, TI_EMBEDS_FILE)
+    tensors = _read_safetensors(record, local[record.path], f"adapter {manifest.ref}")
+    return TiPayload(tuple(_triggers(manifest, tensors)))
+
+
+def _triggers(manifest: AdapterManifest, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Map file entries to trigger tokens: by name, or the single entry to the single trigger."""
+    entries = {k: v for k, v in tensors.items() if k not in _TI_METADATA_KEYS and v.dim() in (1, 2)}
+    if not entries:
+        raise FailedPrecondition(f"adapter {manifest.ref}: no embedding tensor in its file")
+    as_2d = {k: (v if v.dim() == 2 else v.unsqueeze(0)).float() for k, v in entries.items()}
+    triggers: Sequence[str] = manifest.trigger_tokens
+    if len(as_2d) == 1 and len(triggers) <= 1:
+        name, tensor = next(iter(as_2d.items()))
+        return [(triggers[0] if triggers else name, tensor)]
+    if triggers and not set(triggers) <= set(as_2d):
+        missing = sorted(set(triggers) - set(as_2d))
+        raise FailedPrecondition(f"adapter {manifest.ref}: trigger tokens {missing} have no embedding")
+    names = list(triggers) if triggers else sorted(as_2d)
+    return [(name, as_2d[name]) for name in names]
+
+
+def dreambooth_payload(manifest: AdapterManifest) -> DreamBoothPayload:
+    components = sorted({f.path.split("/", 1)[0] for f in manifest.files if "/" in f.path})
+    if "unet" not in components and "text_encoder" not in components:
+        raise FailedPrecondition(f"adapter {manifest.ref}: no unet/ or text_encoder/ component files")
+    return DreamBoothPayload(tuple(manifest.files), tuple(components))

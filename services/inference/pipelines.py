@@ -1,0 +1,188 @@
+"""The pipeline pool: base models loaded once per replica, plus what differs per architecture.
+
+A base model comes from `settings.base_model_paths` (name=DIR) or from the registry
+(materialised once under `<cache_dir>/base-models/<digest>/`). Its digest is the registry's
+(sha256 over the sorted (path, sha256) file list), computed the same way for a local folder, so
+an adapter manifest's `base_model_digest` can be checked whichever way the base arrived.
+Base models are never evicted: which ones a replica serves is configuration.
+
+`Family` hides the two architectures' differences in prompt encoding (SD: one text encoder;
+SDXL: two, plus pooled embeddings) behind `encode` -> pipeline keyword arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.utils import is_scipy_available
+
+from services.common.config import Settings
+from services.common.errors import FailedPrecondition, InvalidInput, NotFound
+from services.inference.cache import ByteLRU
+from services.inference.textual_inversion import DEFAULT_SLOTS, TiSlots
+from services.registry.base_models import collect_files
+from services.registry.blobs import sha256_file
+from services.registry.manifests import FileRecord, files_digest
+from services.registry.registry import Registry
+
+Pipeline = Any
+"""A diffusers pipeline (their attributes are registered dynamically, so typed loosely)."""
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+SCHEDULERS: dict[str, Callable[[Any], Any]] = {
+    "ddim": DDIMScheduler.from_config,
+    "euler": EulerDiscreteScheduler.from_config,
+    "euler_ancestral": EulerAncestralDiscreteScheduler.from_config,
+    "dpm_solver_multistep": DPMSolverMultistepScheduler.from_config,
+    "pndm": PNDMScheduler.from_config,
+}
+if is_scipy_available():  # LMS needs scipy, which the base image does not ship
+    from diffusers import LMSDiscreteScheduler
+
+    SCHEDULERS["lms"] = LMSDiscreteScheduler.from_config
+
+
+def parse_model_paths(spec: str) -> dict[str, Path]:
+    """'a=/models/a,b=/models/b' -> {'a': Path('/models/a'), ...}."""
+    paths: dict[str, Path] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"base_model_paths entry {item!r}: expected name=DIR")
+        paths[name.strip()] = Path(path.strip())
+    return paths
+
+
+def folder_digest(folder: Path) -> str:
+    """The registry's base-model digest of a local diffusers folder."""
+    records = []
+    for rel, path in collect_files(folder).items():
+        sha, size = sha256_file(path)
+        records.append(FileRecord(path=rel, sha256=sha, size=size))
+    return files_digest(records)
+
+
+@dataclass
+class BaseModel:
+    """One loaded base pipeline and what the engine needs to know about it."""
+
+    name: str
+    digest: str
+    pipe: Pipeline
+    family: str  # "sd" | "sdxl"
+    device: torch.device
+    dtype: torch.dtype
+    slots: TiSlots | None
+    _schedulers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    def scheduler(self, kind: str) -> Any:
+        """A scheduler instance of `kind` ("default": the model's own) built from its config."""
+        if kind == "default":
+            return self._schedulers.setdefault("default", self.pipe.scheduler)
+        if kind not in SCHEDULERS:
+            raise InvalidInput("spec.scheduler", f"scheduler {kind!r} is not available on this server")
+        if kind not in self._schedulers:
+            self._schedulers[kind] = SCHEDULERS[kind](self.pipe.scheduler.config)
+        return self._schedulers[kind]
+
+
+def family_of(pipe: Pipeline) -> str:
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return "sdxl"
+    if isinstance(pipe, StableDiffusionPipeline):
+        return "sd"
+    raise FailedPrecondition(f"{type(pipe).__name__} is not a supported text-to-image pipeline")
+
+
+def encode(base: BaseModel, pipe: Pipeline, prompt: str, negative: str, num_images: int,
+           guidance: bool) -> dict[str, torch.Tensor]:
+    """Per-request prompt embeddings as the pipeline's keyword arguments (uncond only with CFG)."""
+    if base.family == "sdxl":
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=prompt, device=base.device, num_images_per_prompt=num_images,
+            do_classifier_free_guidance=guidance, negative_prompt=negative or None,
+        )
+        out = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+        if guidance:
+            out |= {"negative_prompt_embeds": npe, "negative_pooled_prompt_embeds": nppe}
+        return out
+    pe, npe = pipe.encode_prompt(prompt, base.device, num_images, guidance, negative or None)
+    return {"prompt_embeds": pe, **({"negative_prompt_embeds": npe} if guidance else {})}
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    module.eval()
+    module.requires_grad_(False)
+
+
+class PipelinePool:
+    """Base models by name, each loaded at most once (single flight) and kept."""
+
+    def __init__(self, settings: Settings, registry: Registry | None, ti_slots: int = DEFAULT_SLOTS) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._paths = parse_model_paths(settings.base_model_paths)
+        self._ti_slots = ti_slots
+        self.device = torch.device(settings.inference_device)
+        if settings.inference_dtype not in DTYPES:
+            raise ValueError(f"inference_dtype {settings.inference_dtype!r}: expected one of {sorted(DTYPES)}")
+        self.dtype = DTYPES[settings.inference_dtype]
+        self._models: ByteLRU[str, BaseModel] = ByteLRU("base-models", 1, lambda _m: 0)
+
+    def get(self, name: str) -> BaseModel:
+        """The loaded base model; NotFound for a name neither configured nor in the registry."""
+        return self._models.get_or_load(name, lambda: self._load(name))
+
+    def loaded(self) -> list[str]:
+        return sorted(self._models.keys())
+
+    def peek(self, name: str) -> BaseModel | None:
+        return self._models.peek(name)
+
+    def _locate(self, name: str) -> tuple[Path, str]:
+        if name in self._paths:
+            folder = self._paths[name]
+            if not (folder / "model_index.json").is_file():
+                raise FailedPrecondition(f"base model {name!r}: {folder} is not a diffusers folder")
+            return folder, folder_digest(folder)
+        if self._registry is None:
+            raise NotFound("base model", name)
+        manifest = self._registry.get_base_model(name)
+        folder = self._registry.materialize_base_model(name, Path(self._settings.cache_dir) / "base-models")
+        return folder, manifest.digest
+
+    def _load(self, name: str) -> BaseModel:
+        folder, digest = self._locate(name)
+        index = json.loads((folder / "model_index.json").read_text())
+        # Safety checkers are a product decision of the caller, not part of serving adapters.
+        extra: dict[str, Any] = {"safety_checker": None} if "safety_checker" in index else {}
+        pipe: Pipeline = DiffusionPipeline.from_pretrained(
+            folder, torch_dtype=self.dtype, use_safetensors=True, **extra)
+        family = family_of(pipe)
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                _freeze(component)
+        slots = TiSlots(pipe.tokenizer, pipe.text_encoder, self._ti_slots) if family == "sd" else None
+        return BaseModel(name, digest, pipe, family, self.device, self.dtype, slots)

@@ -1,0 +1,76 @@
+"""Plain data passed between the servicer, the engine and the device: no proto, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One `{adapter ref, weight}` of a request, validated."""
+
+    name: str
+    version: int | None
+    alias: str | None
+    weight: float
+    field: str  # "spec.adapters[i]", for errors about this entry
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated GenerationSpec. width/height 0 mean "the base model's native size"."""
+
+    base_model: str
+    prompt: str
+    negative_prompt: str = ""
+    adapters: tuple[AdapterSpec, ...] = ()
+    num_images: int = 1
+    steps: int = 30
+    guidance_scale: float = 7.5
+    width: int = 0
+    height: int = 0
+    seed: int = 0
+    scheduler: str = "default"
+
+
+@dataclass(frozen=True)
+class ResolvedAdapterInfo:
+    name: str
+    version: int
+    kind: str
+    manifest_digest: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str  # "queued", "loading_adapters", "denoising", "encoding"
+    step: int = 0
+    total_steps: int = 0
+    elapsed_ms: float = 0.0
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    adapter_load_ms: float = 0.0
+    denoise_ms: float = 0.0
+    encode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Image:
+    png: bytes
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image]
+    adapters: list[ResolvedAdapterInfo]
+    base_model_digest: str
+    batch_size: int
+    timings: Timings = field(default_factory=Timings)
