@@ -18,6 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ def module_nbytes(module: torch.nn.Module) -> int:
 
 def _check_compatible(name: str, original: torch.nn.Module, config_path: Path) -> None:
     config = json.loads(config_path.read_text())
-    raw = getattr(original, "config", None)
+    raw: Any = getattr(original, "config", None)
     base_config = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw or {})
     for key in _MUST_MATCH:
         if key in config and key in base_config and config[key] != base_config[key]:
