@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ def test_kohya_import_matches_diffusers_bit_exact(arch: str, request: pytest.Fix
     assert (result.kind, result.source_format) == ("LORA", "kohya")
     assert result.variant == ("sgm" if arch == "sdxl" else "diffusers-names")
     assert set(result.files) == {LORA_FILE, "original/civitai_lora.safetensors"}
-    assert result.details["rank"] == 4 and result.details["alpha"] == 1.0
+    assert result.details["rank"] == 4 and result.details["source_alpha"] == 1.0
 
     plain = generate(load_pipe(base))
     reference = _image_with(base, kohya)  # diffusers' own kohya conversion
@@ -58,7 +57,10 @@ def test_kohya_import_matches_diffusers_bit_exact(arch: str, request: pytest.Fix
     assert np.abs(reference - plain).max() > 1e-3, "the LoRA must visibly change the image"
     assert np.array_equal(ours, reference)
     stored = load_file(str(result.files[LORA_FILE]))
-    assert all(t.dtype == torch.float16 for t in stored.values()), "dtypes are never re-cast"
+    downs = [t for k, t in stored.items() if k.endswith("lora_A.weight")]
+    assert all(t.dtype == torch.float16 for t in downs), "lora_A is never re-cast"
+    # lora_B carries the folded 1/4 scale: float16 where that is lossless, else float32.
+    assert {t.dtype for k, t in stored.items() if k.endswith("lora_B.weight")} <= {torch.float16, torch.float32}
 
 
 def test_mixed_alphas_and_ranks_follow_kohya_semantics(
@@ -67,8 +69,8 @@ def test_mixed_alphas_and_ranks_follow_kohya_semantics(
     """Per-module alpha/rank: scale = alpha/rank, alpha 0 or missing = rank (kohya, A1111, ComfyUI).
 
     diffusers 0.42's kohya loader only honours the most common alpha for attention modules
-    (its alpha_pattern keys do not match module names), so this checks the loaded PEFT
-    scaling of every module against the file instead of against diffusers' image.
+    (its alpha_pattern keys do not match module names), so this checks every loaded module's
+    effective up-weight (lora_B * scaling) against the file instead of diffusers' image.
     """
     special = {
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": 8.0,
@@ -83,26 +85,42 @@ def test_mixed_alphas_and_ranks_follow_kohya_semantics(
 
     pipe = load_pipe(tiny_random_pipeline_dir)
     pipe.load_lora_weights(str(_import(kohya, sd1_shapes, tmp_path)))
-    loaded = {**_scales(pipe.unet, "lora_unet_"), **_scales(pipe.text_encoder, "lora_te_text_model_")}
+    loaded = {**_effective_up(pipe.unet, "lora_unet_"), **_effective_up(pipe.text_encoder, "lora_te_text_model_")}
     assert len(loaded) == len({k.split(".")[0] for k in sd})
-    for name, scale in loaded.items():
+    scales = {}
+    for name, up in loaded.items():
         rank = sd[f"{name}.lora_down.weight"].shape[0]
         alpha = float(sd[f"{name}.alpha"].item()) if f"{name}.alpha" in sd else 0.0
-        assert math.isclose(scale, (alpha or rank) / rank, rel_tol=0, abs_tol=0), name
-    assert loaded["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"] == 2.0
-    assert loaded["lora_unet_mid_block_attentions_0_proj_in"] == 1.0
-    assert loaded["lora_unet_up_blocks_0_attentions_0_proj_out"] == 1.0
-    assert loaded["lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_ff_net_2"] == 1.0
+        scales[name] = (alpha or rank) / rank
+        assert torch.equal(up, sd[f"{name}.lora_up.weight"].float() * scales[name]), name
+    assert scales["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"] == 2.0
+    assert scales["lora_unet_mid_block_attentions_0_proj_in"] == 1.0
+    assert scales["lora_unet_up_blocks_0_attentions_0_proj_out"] == 1.0
+    assert scales["lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_ff_net_2"] == 1.0
+    assert scales["lora_te_text_model_encoder_layers_1_mlp_fc2"] == 0.125
 
 
-def _scales(model: torch.nn.Module, prefix: str) -> dict[str, float]:
+def _effective_up(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            out[prefix + name.removeprefix("text_model.").replace(".", "_")] = next(iter(module.scaling.values()))
+            adapter = next(iter(module.scaling))
+            up = module.lora_B[adapter].weight.detach() * module.scaling[adapter]
+            out[prefix + name.removeprefix("text_model.").replace(".", "_")] = up
     return out
+
+
+def test_non_power_of_two_scale_matches_to_float_rounding(
+    tiny_random_pipeline_dir: Path, sd1_shapes: BaseModelShapes, tmp_path: Path
+) -> None:
+    """alpha 3 / rank 4: folding 0.75 into lora_B rounds differently from PEFT's (B(Ax))*0.75."""
+    kohya = tmp_path / "odd.safetensors"
+    write_kohya(load_pipe(tiny_random_pipeline_dir), kohya, sdxl=False, rank=4, alpha=3.0, dtype=torch.float32)
+    reference = _image_with(tiny_random_pipeline_dir, kohya)
+    ours = _image_with(tiny_random_pipeline_dir, _import(kohya, sd1_shapes, tmp_path))
+    assert np.abs(ours - reference).max() < 1e-5
 
 
 def _peft_lora_file(base: Path, dest: Path, *, alpha: int = 2, rank: int = 4) -> Path:
@@ -138,7 +156,7 @@ def test_diffusers_peft_import_matches_original(
     work.mkdir()
     result = import_file(src, src.name, sd1_shapes, work)
     assert (result.source_format, result.variant) == ("diffusers", "peft")
-    assert result.details["alpha"] == 2.0
+    assert result.details["source_alpha"] == 2.0
     reference = _image_with(tiny_random_pipeline_dir, src)
     assert np.array_equal(_image_with(tiny_random_pipeline_dir, result.files[LORA_FILE]), reference)
 
@@ -197,7 +215,7 @@ def test_round_trip_kohya_export_import_identical_image(
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["modelspec.title"] == "my-style" and meta["modelspec.trigger_phrase"] == "sks"
     if arch == "sd1":
-        assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2"
+        assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4"  # scale folded into up
         assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
         assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in keys
         assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys

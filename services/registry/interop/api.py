@@ -108,12 +108,12 @@ def import_file(
 
 
 def lora_details(mods: list[ModuleLora]) -> dict[str, Any]:
-    """Rank/alpha summary recorded in the manifest's training_config."""
+    """Summary for the manifest: the file's own rank/alpha (scales are folded when stored)."""
     ranks = collections.Counter(m.rank for m in mods)
     alphas = collections.Counter(m.alpha for m in mods)
     return {
         "rank": ranks.most_common(1)[0][0],
-        "alpha": alphas.most_common(1)[0][0],
+        "source_alpha": alphas.most_common(1)[0][0],
         "modules": len(mods),
         "components": sorted({m.component for m in mods}),
     }

@@ -1,25 +1,26 @@
-"""Our one stored LoRA layout, and reading foreign diffusers/PEFT LoRA files into it.
+"""Our one stored LoRA layout, and reading PEFT-keyed LoRA files into modules.
 
-Stored layout (`pytorch_lora_weights.safetensors`, what diffusers' `save_lora_weights`
-writes when given adapter metadata):
+Stored layout (`pytorch_lora_weights.safetensors`, the keys diffusers' `save_lora_weights`
+writes): tensors `<component>.<module path>.lora_A.weight` / `.lora_B.weight`, component one
+of unet, text_encoder, text_encoder_2, module paths as in the installed diffusers and
+transformers. Every module's scale is 1 (alpha == rank): a foreign alpha/rank scale s is
+folded into lora_B (B' = s * B, computed in float32, kept in the file's dtype when that is
+lossless, else stored as float32). No `lora_adapter_metadata` is needed, so the file means
+the same to every loader, including `load_lora_weights(state_dict)` from memory, which the
+inference cache uses and which ignores file metadata.
 
-- tensors `<component>.<module path>.lora_A.weight` / `.lora_B.weight`, component one of
-  unet, text_encoder, text_encoder_2; module paths as in the installed diffusers/transformers;
-  dtypes exactly as imported (never re-cast);
-- header metadata `lora_adapter_metadata`: JSON of the PEFT `LoraConfig` arguments per
-  component, flattened as "<component>.<arg>" (r, lora_alpha, rank_pattern, alpha_pattern,
-  target_modules, use_rslora). diffusers' `load_lora_weights(path)` builds its LoraConfig
-  from exactly this, so per-module alpha/rank scaling survives without being folded into the
-  weights: folding (B * alpha/r) would change the float rounding of every LoRA forward and
-  break bit-exact equivalence with loading the original file.
+Exactness: PEFT computes (B(Ax))*s; with s a power of two (kohya's usual alpha=1 or
+alpha=rank/2 with power-of-two ranks, PEFT's alpha=2*rank, ...) scaling by s commutes with
+every float rounding, so (s*B)(Ax) is bit-identical on CPU, fused or not. Other scales
+differ by float rounding only (about 1e-7 relative).
 
-A module's scale is alpha/r (alpha/sqrt(r) with use_rslora). A file without metadata means
-alpha == r for every module (diffusers' convention).
+Reading: a module's scale is alpha/r (alpha/sqrt(r) with use_rslora); alphas come from
+`lora_adapter_metadata` (PEFT LoraConfig arguments, diffusers' convention) when present,
+else alpha == r.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import re
@@ -31,12 +32,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.common.errors import InvalidInput
-from services.registry.interop.shapes import TEXT_ENCODERS, UNET, BaseModelShapes
+from services.registry.interop.shapes import BaseModelShapes
 from services.registry.interop.validate import check_lora_shapes, require_module
 
 FIELD = "file"
 METADATA_KEY = "lora_adapter_metadata"
-COMPONENTS = (UNET, *TEXT_ENCODERS)
+LAYOUT = "peft keys; alpha/rank scale folded into lora_B (every module alpha == rank)"
 
 
 @dataclass(frozen=True)
@@ -67,44 +68,22 @@ def _pattern_value(patterns: dict[str, Any], path: str) -> Any:
     return None
 
 
-def _most_common(values: list[Any]) -> Any:
-    return collections.Counter(values).most_common(1)[0][0]
-
-
-def _plain_number(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def component_config(mods: list[ModuleLora]) -> dict[str, Any]:
-    """The LoraConfig kwargs that reproduce each module's rank and alpha exactly."""
-    r = _most_common([m.rank for m in mods])
-    alpha = _most_common([m.alpha for m in mods])
-    return {
-        "r": r,
-        "lora_alpha": _plain_number(alpha),
-        "rank_pattern": {f"^{re.escape(m.path)}": m.rank for m in mods if m.rank != r},
-        "alpha_pattern": {f"^{re.escape(m.path)}": _plain_number(m.alpha) for m in mods if m.alpha != alpha},
-        "target_modules": sorted(m.path for m in mods),
-        "use_rslora": any(m.rslora for m in mods),
-        "use_dora": False,
-        "lora_bias": False,
-    }
+def folded_up(m: ModuleLora) -> torch.Tensor:
+    """lora_B with the module's scale folded in (unchanged when the scale is 1)."""
+    if m.scale == 1.0:
+        return m.up.contiguous()
+    folded = m.up.to(torch.float32) * m.scale
+    narrowed = folded.to(m.up.dtype)
+    return narrowed if torch.equal(narrowed.to(torch.float32), folded) else folded
 
 
 def save_stored(mods: list[ModuleLora], path: Path) -> None:
-    """Write the stored layout (tensors + lora_adapter_metadata) to `path`."""
+    """Write the stored layout: PEFT keys, scales folded into lora_B."""
     tensors: dict[str, torch.Tensor] = {}
-    flat: dict[str, Any] = {}
-    for comp in COMPONENTS:
-        group = [m for m in mods if m.component == comp]
-        if not group:
-            continue
-        for m in group:
-            tensors[f"{comp}.{m.path}.lora_A.weight"] = m.down.contiguous()
-            tensors[f"{comp}.{m.path}.lora_B.weight"] = m.up.contiguous()
-        flat.update({f"{comp}.{k}": v for k, v in component_config(group).items()})
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True)}
-    save_file(tensors, str(path), metadata=metadata)
+    for m in mods:
+        tensors[f"{m.component}.{m.path}.lora_A.weight"] = m.down.contiguous()
+        tensors[f"{m.component}.{m.path}.lora_B.weight"] = folded_up(m)
+    save_file(tensors, str(path), metadata={"format": "pt", "atelier.lora_layout": LAYOUT})
 
 
 def configs_from_metadata(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
