@@ -1,9 +1,10 @@
 """The training worker as a process: `atelier worker` or `python -m services.training.worker_main`.
 
-SIGTERM/SIGINT ask the worker to stop: the running trainer stops before its next step, the
-job is released back to the queue without using up an attempt, and the next worker resumes
-from the last checkpoint the trainer wrote (every `checkpointing_steps`). A second signal
-exits at once; the lease then expires and the job is reaped like a crash.
+SIGTERM/SIGINT ask the worker to stop: the running job trains on until its next checkpoint
+is in the registry (or `shutdown_grace_seconds` pass), then the trainer stops, the job is
+released back to the queue without using up an attempt, and the next worker resumes from
+that checkpoint. A second signal exits at once; the lease then expires and the job is
+reaped like a crash. Set the pod's terminationGracePeriodSeconds above the grace period.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def run_worker(settings: Settings, *, worker_id: str = "") -> int:
         if worker.shutdown.is_set():
             log.warning("second signal: exiting now")
             os._exit(128 + signum)
-        log.info("signal received: stopping after the current step", extra={"signal": signum})
+        log.info("signal received: stopping after the next checkpoint", extra={"signal": signum})
         worker.shutdown.set()
 
     signal.signal(signal.SIGTERM, on_signal)
