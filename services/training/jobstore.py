@@ -3,11 +3,9 @@
 States: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED, and RUNNING -> QUEUED when a
 lease expires (or a worker shuts down gracefully or fails with a retryable error).
 
-Every worker-side write is *fenced* by ownership: it only touches the row while
-`state = 'RUNNING' AND worker_id = <me>`. A worker whose lease was reaped and whose job
-was claimed by another worker therefore finds its writes hitting zero rows, learns it lost
-the job (`LeaseStatus.owned == False`) and stops without publishing. Times come from the
-database clock (`epoch_now`), so all lease arithmetic uses one clock.
+This module holds the API side (create, read, list, cancel, events, queue metrics); the
+worker side (claim, heartbeat, progress, complete/fail/release, reaping), every write of
+which is fenced by lease ownership, lives in `services/training/leases.py` and is mixed in.
 
 Each transition also appends to the job's event log, which WatchTrainingJob replays.
 """
@@ -20,21 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from services.common.config import Settings
 from services.common.errors import AlreadyExists, NotFound
 from services.training.db import create_db_engine, migrate
-from services.training.records import (
-    JobEvent,
-    JobRecord,
-    LeaseStatus,
-    ValidationPreview,
-    decode_page_token,
-    encode_page_token,
-    previews_payload,
-)
+from services.training.leases import LeaseOps, append_event
+from services.training.records import JobEvent, JobRecord, decode_page_token, encode_page_token
 from services.training.schema import epoch_now, events, jobs
 from services.training.sql import QUEUED_JOBS_COUNT_SQL
 
@@ -48,7 +39,7 @@ def _new_job_id() -> str:
     return f"job-{time.time_ns():016x}{uuid.uuid4().hex[:12]}"
 
 
-class JobStore:
+class JobStore(LeaseOps):
     """All job-table reads and writes; synchronous, thread-safe (one engine, pooled)."""
 
     def __init__(
@@ -73,19 +64,6 @@ class JobStore:
 
     def close(self) -> None:
         self.engine.dispose()
-
-    # --- helpers ----------------------------------------------------------------------
-    @staticmethod
-    def _event(conn: Connection, job_id: str, kind: str, state: str, message: str = "", **values: Any) -> None:
-        conn.execute(
-            events.insert().values(
-                job_id=job_id, created_at=epoch_now(), kind=kind, state=state, message=message, **values
-            )
-        )
-
-    @staticmethod
-    def _owned(job_id: str, worker_id: str) -> sa.ColumnElement[bool]:
-        return sa.and_(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.state == "RUNNING")
 
     # --- API side -----------------------------------------------------------------------
     def create_job(
@@ -145,7 +123,7 @@ class JobStore:
                 )
                 .returning(*jobs.c)
             ).one()
-            self._event(conn, job_id, "state", "QUEUED", "job created")
+            append_event(conn, job_id, "state", "QUEUED", "job created")
         return JobRecord.from_row(row._mapping)
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
@@ -208,12 +186,12 @@ class JobStore:
                     .values(state="CANCELLED", cancel_requested=True, finished_at=epoch_now(),
                             updated_at=epoch_now())
                 )
-                self._event(conn, job_id, "state", "CANCELLED", "cancelled while queued")
+                append_event(conn, job_id, "state", "CANCELLED", "cancelled while queued")
             elif row.state == "RUNNING":
                 conn.execute(
                     jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=epoch_now())
                 )
-                self._event(conn, job_id, "state", "RUNNING", "cancel requested")
+                append_event(conn, job_id, "state", "RUNNING", "cancel requested")
         return self.get_job(job_id, tenant)
 
     def events_after(self, job_id: str, after_id: int, limit: int = 200) -> list[JobEvent]:
@@ -242,207 +220,3 @@ class JobStore:
             rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state))
             return {str(state): int(count) for state, count in rows}
 
-    # --- worker side --------------------------------------------------------------------
-    def claim(self, worker_id: str) -> JobRecord | None:
-        """Take the oldest QUEUED job and lease it to `worker_id` (FOR UPDATE SKIP LOCKED)."""
-        with self.engine.begin() as conn:
-            picked = conn.execute(
-                sa.select(jobs.c.id)
-                .where(jobs.c.state == "QUEUED")
-                .order_by(jobs.c.created_at, jobs.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            ).first()
-            if picked is None:
-                return None
-            row = conn.execute(
-                jobs.update()
-                .where(jobs.c.id == picked.id, jobs.c.state == "QUEUED")
-                .values(
-                    state="RUNNING", worker_id=worker_id, attempts=jobs.c.attempts + 1,
-                    lease_expires_at=epoch_now() + self.lease_seconds,
-                    started_at=sa.func.coalesce(jobs.c.started_at, epoch_now()),
-                    updated_at=epoch_now(), eta_seconds=None,
-                )
-                .returning(*jobs.c)
-            ).one()
-            record = JobRecord.from_row(row._mapping)
-            self._event(conn, record.id, "state", "RUNNING",
-                        f"claimed by {worker_id} (attempt {record.attempts})", step=record.step)
-        return record
-
-    def heartbeat(self, job_id: str, worker_id: str) -> LeaseStatus:
-        """Renew the lease if `worker_id` still owns the job."""
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                jobs.update()
-                .where(self._owned(job_id, worker_id))
-                .values(lease_expires_at=epoch_now() + self.lease_seconds, updated_at=epoch_now())
-                .returning(jobs.c.cancel_requested)
-            ).first()
-        return LeaseStatus(False) if row is None else LeaseStatus(True, bool(row.cancel_requested))
-
-    def start_attempt(
-        self, job_id: str, worker_id: str, *, resumed_from_step: int, total_steps: int, config: dict[str, Any]
-    ) -> LeaseStatus:
-        """Record the resolved config and where this attempt starts (0 or a checkpoint step)."""
-        message = f"resumed from checkpoint step {resumed_from_step}" if resumed_from_step else "training"
-        return self._owned_update(
-            job_id, worker_id,
-            {"resumed_from_step": resumed_from_step, "step": resumed_from_step,
-             "total_steps": total_steps, "config": config},
-            event=("state", message, {"step": resumed_from_step}),
-        )
-
-    def record_progress(
-        self, job_id: str, worker_id: str, *, step: int, loss: float | None,
-        learning_rate: float | None, eta_seconds: float | None, emit_event: bool,
-    ) -> LeaseStatus:
-        """Store the latest step/loss/lr/ETA (renewing the lease); optionally log an event."""
-        values = {"step": step, "loss": loss, "learning_rate": learning_rate, "eta_seconds": eta_seconds,
-                  "lease_expires_at": epoch_now() + self.lease_seconds}
-        event = ("progress", "", {"step": step, "loss": loss, "learning_rate": learning_rate,
-                                  "eta_seconds": eta_seconds}) if emit_event else None
-        return self._owned_update(job_id, worker_id, values, event=event)
-
-    def record_validation(self, job_id: str, worker_id: str, previews: list[ValidationPreview]) -> LeaseStatus:
-        step = max((p.step for p in previews), default=0)
-        return self._owned_update(
-            job_id, worker_id, {},
-            event=("validation", "validation images", {"step": step, "payload": previews_payload(previews)}),
-        )
-
-    def _owned_update(
-        self, job_id: str, worker_id: str, values: dict[str, Any],
-        event: tuple[str, str, dict[str, Any]] | None = None,
-    ) -> LeaseStatus:
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                jobs.update()
-                .where(self._owned(job_id, worker_id))
-                .values(updated_at=epoch_now(), **values)
-                .returning(jobs.c.cancel_requested)
-            ).first()
-            if row is None:
-                return LeaseStatus(False)
-            if event is not None:
-                kind, message, extra = event
-                self._event(conn, job_id, kind, "RUNNING", message, **extra)
-        return LeaseStatus(True, bool(row.cancel_requested))
-
-    def prepare_publish(self, job_id: str, worker_id: str) -> LeaseStatus:
-        """The fence right before publishing: still mine? renew the lease for the upload."""
-        return self.heartbeat(job_id, worker_id)
-
-    def complete(
-        self, job_id: str, worker_id: str, *, output_version: int, metrics: dict[str, float], message: str
-    ) -> bool:
-        """RUNNING -> SUCCEEDED with the published version, if `worker_id` still owns the job."""
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                jobs.update()
-                .where(self._owned(job_id, worker_id))
-                .values(state="SUCCEEDED", output_version=output_version, metrics=metrics,
-                        lease_expires_at=None, eta_seconds=0.0, finished_at=epoch_now(),
-                        updated_at=epoch_now(), error="")
-                .returning(jobs.c.output_name, jobs.c.step)
-            ).first()
-            if row is None:
-                return False
-            self._event(conn, job_id, "published", "SUCCEEDED", message, step=row.step,
-                        payload={"name": row.output_name, "version": output_version})
-        return True
-
-    def finish_cancelled(self, job_id: str, worker_id: str) -> bool:
-        """RUNNING -> CANCELLED after the worker stopped on a cancel request."""
-        return self._finish(job_id, worker_id, "CANCELLED", "cancelled; nothing published", "")
-
-    def _finish(self, job_id: str, worker_id: str, state: str, message: str, error: str) -> bool:
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                jobs.update()
-                .where(self._owned(job_id, worker_id))
-                .values(state=state, lease_expires_at=None, finished_at=epoch_now(), updated_at=epoch_now(),
-                        error=error or jobs.c.error, eta_seconds=None)
-                .returning(jobs.c.step)
-            ).first()
-            if row is None:
-                return False
-            self._event(conn, job_id, "state", state, message, step=row.step)
-        return True
-
-    def fail(self, job_id: str, worker_id: str, error: str, *, retryable: bool) -> str | None:
-        """End this attempt with `error`: back to QUEUED if retryable and attempts remain,
-        else FAILED (CANCELLED if a cancel was requested). None if the job was not ours."""
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                sa.select(jobs.c.attempts, jobs.c.cancel_requested)
-                .where(self._owned(job_id, worker_id))
-                .with_for_update()
-            ).first()
-            if row is None:
-                return None
-            state = self._next_state(row.attempts, bool(row.cancel_requested), retryable)
-            self._apply_end_of_attempt(conn, job_id, state, error, f"attempt {row.attempts} failed: {error}")
-        return state
-
-    def release(self, job_id: str, worker_id: str, reason: str) -> bool:
-        """Give the job back (graceful shutdown): QUEUED, and the attempt does not count."""
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                sa.select(jobs.c.cancel_requested).where(self._owned(job_id, worker_id)).with_for_update()
-            ).first()
-            if row is None:
-                return False
-            if row.cancel_requested:
-                self._apply_end_of_attempt(conn, job_id, "CANCELLED", "", "cancelled during shutdown")
-                return True
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id)
-                .values(state="QUEUED", worker_id=None, lease_expires_at=None, eta_seconds=None,
-                        attempts=sa.case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
-                        updated_at=epoch_now())
-            )
-            self._event(conn, job_id, "state", "QUEUED", f"released by {worker_id}: {reason}")
-        return True
-
-    def reap_expired(self) -> list[tuple[str, str]]:
-        """Jobs whose lease expired: back to QUEUED, or FAILED after max attempts.
-
-        Returns (job id, new state) for each. Safe to run from every worker at once: rows
-        are locked with SKIP LOCKED, and each update re-checks the lease it judged.
-        """
-        reaped: list[tuple[str, str]] = []
-        with self.engine.begin() as conn:
-            rows = conn.execute(
-                sa.select(jobs.c.id, jobs.c.attempts, jobs.c.cancel_requested, jobs.c.worker_id, jobs.c.error)
-                .where(jobs.c.state == "RUNNING", jobs.c.lease_expires_at < epoch_now())
-                .with_for_update(skip_locked=True)
-            ).all()
-            for row in rows:
-                state = self._next_state(row.attempts, bool(row.cancel_requested), retryable=True)
-                error = f"lease of worker {row.worker_id} expired (attempt {row.attempts})"
-                if state == "FAILED" and row.error:
-                    error = f"{error}; last error: {row.error}"
-                self._apply_end_of_attempt(conn, row.id, state, error, error)
-                reaped.append((row.id, state))
-        return reaped
-
-    def _next_state(self, attempts: int, cancel_requested: bool, retryable: bool) -> str:
-        if cancel_requested:
-            return "CANCELLED"
-        return "QUEUED" if retryable and attempts < self.max_attempts else "FAILED"
-
-    @staticmethod
-    def _apply_end_of_attempt(conn: Connection, job_id: str, state: str, error: str, message: str) -> None:
-        values: dict[str, Any] = {"state": state, "lease_expires_at": None, "eta_seconds": None,
-                                  "updated_at": epoch_now()}
-        if error:
-            values["error"] = error
-        if state == "QUEUED":
-            values["worker_id"] = None
-        else:
-            values["finished_at"] = epoch_now()
-        conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
-        JobStore._event(conn, job_id, "state", state, message)
