@@ -19,7 +19,6 @@ from prometheus_client import CollectorRegistry
 from services.common.config import Settings
 from services.common.server import ServiceBinding
 from services.registry.registry import Registry
-from services.registry.store import open_store
 from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics, register_store_metrics
 from services.training.registry_servicer import registry_bindings
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def open_registry(settings: Settings) -> Registry:
     """The registry named by `settings.registry_url`."""
-    return Registry(open_store(settings))
+    return Registry.from_settings(settings)
 
 
 class EmbeddedTraining:

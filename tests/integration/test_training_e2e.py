@@ -16,6 +16,7 @@ import pytest
 import torch
 from atelier.v1 import common_pb2, registry_pb2, training_pb2
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
 from services.common.errors import AdapterNotFound
@@ -133,7 +134,8 @@ def test_method_end_to_end(method_stack: tuple[int, TrainingStack], tiny_random_
 @pytest.fixture
 def sqlite_stack(tmp_path: Path, local_settings: Settings, sqlite_url: str,
                  tiny_random_pipeline_dir: Path) -> Iterator[TrainingStack]:
-    with TrainingStack(stack_settings(tmp_path, local_settings, sqlite_url), workers=1) as stack:
+    settings = stack_settings(tmp_path, local_settings, sqlite_url, heartbeat_seconds=0.2)
+    with TrainingStack(settings, workers=1, metrics=CollectorRegistry()) as stack:
         stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
         yield stack
 
@@ -158,6 +160,16 @@ def test_cancel_mid_run_stops_within_a_step_and_publishes_nothing(sqlite_stack: 
     assert stack.wait(nxt.id, lambda j: j.state in (training_pb2.JOB_STATE_SUCCEEDED,
                                                     training_pb2.JOB_STATE_FAILED)).state == \
         training_pb2.JOB_STATE_SUCCEEDED
+    # Worker metrics: one step-time sample per step, heartbeats, outcomes, gauges from the DB.
+    metrics = stack.metrics
+    assert metrics is not None
+    steps = metrics.get_sample_value("atelier_training_step_seconds_count", {"method": "LORA"})
+    assert steps is not None and steps >= cancelled.step + 2
+    assert (metrics.get_sample_value("atelier_training_worker_heartbeats_total", {"result": "ok"}) or 0) > 0
+    assert metrics.get_sample_value("atelier_training_worker_jobs_finished_total", {"outcome": "cancelled"}) == 1
+    assert metrics.get_sample_value("atelier_training_worker_jobs_finished_total", {"outcome": "succeeded"}) == 1
+    assert metrics.get_sample_value("atelier_training_jobs", {"state": "CANCELLED"}) == 1
+    assert metrics.get_sample_value("atelier_training_queue_depth") == 0
 
 
 def test_failed_job_reports_its_error_and_the_worker_carries_on(sqlite_stack: TrainingStack) -> None:

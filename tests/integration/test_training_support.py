@@ -23,6 +23,7 @@ from atelier.v1 import common_pb2, registry_pb2_grpc, training_pb2, training_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
 from services.registry.registry import Registry
@@ -62,11 +63,13 @@ def stack_settings(tmp_path: Path, registry_settings: Settings, database_url: st
 class TrainingStack:
     """A running training server with stubs, its store and registry."""
 
-    def __init__(self, settings: Settings, workers: int) -> None:
+    def __init__(self, settings: Settings, workers: int, metrics: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.registry: Registry = open_registry(settings)
         self.store = JobStore.open(settings)
-        self.embedded = EmbeddedTraining(settings, registry=self.registry, store=self.store, workers=workers)
+        self.metrics = metrics
+        self.embedded = EmbeddedTraining(settings, registry=self.registry, store=self.store, workers=workers,
+                                         metrics_registry=metrics)
         self.server = ServerThread(settings, self.embedded.bindings)
 
     def __enter__(self) -> TrainingStack:
