@@ -197,11 +197,13 @@ class ByteLRU(Generic[K, V]):
         """Evict everything (on_evict runs for each entry)."""
         return self.evict_where(lambda _key: True)
 
-    def status(self) -> TierStatus:
+    def status(self, include: Callable[[K], bool] | None = None,
+               label: Callable[[K], str] = str) -> TierStatus:
+        """Totals of the whole tier; entries (most recent first) only where `include` says so."""
         now = self._clock()
         with self._lock:
-            entries = [EntryStatus(str(k), e.nbytes, max(0.0, now - e.last_used))
-                       for k, e in reversed(self._entries.items())]
+            entries = [EntryStatus(label(k), e.nbytes, max(0.0, now - e.last_used))
+                       for k, e in reversed(self._entries.items()) if include is None or include(k)]
             return TierStatus(self.name, self.capacity_bytes, self._used, self.max_entries, entries,
                               self._hits, self._misses, self._evictions, self._loads)
 

@@ -237,5 +237,12 @@ class InferenceEngine:
         return [ResolvedAdapterInfo(m.name, m.version, m.kind, m.manifest_digest, s.weight)
                 for m, s in zip(manifests, specs, strict=True)]
 
-    def tier_status(self) -> list[TierStatus]:
-        return [self.disk.cache.status(), self.host.cache.status(), self.device_state.adapters.status()]
+    def tier_status(self, tenant: str | None = None) -> list[TierStatus]:
+        """disk, host, device. Totals are global; entries naming adapters are the tenant's only
+        (blob digests on disk name nobody)."""
+        return [
+            self.disk.cache.status(),
+            self.host.cache.status(lambda k: tenant is None or k.tenant == tenant),
+            self.device_state.adapters.status(lambda k: tenant is None or k[1].tenant == tenant,
+                                              lambda k: f"{k[1]} on {k[0]}"),
+        ]

@@ -21,6 +21,7 @@ Everything here runs on the device thread, between pipeline calls.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -157,12 +158,15 @@ def lora_nbytes(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers 5 prints a "LOAD REPORT" listing the *other* adapters' weights as missing
-    whenever a second LoRA is loaded into a text encoder; the weights are intact (checked in
-    tests), so the report is noise in a server's logs."""
+    whenever a second LoRA is loaded into a text encoder, and peft warns about several adapters
+    in one model; both are expected here (weights intact, checked in tests), so they are noise
+    in a server's logs. Only the device thread attaches, so the filter swap is not contended."""
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
+            yield
     finally:
         hf_logging.set_verbosity(previous)
 
@@ -184,7 +188,8 @@ def detach_lora(pipe: Pipeline, mergers: Sequence[LoraMerger], name: str) -> Non
     """Delete one adapter; a component left without adapters loses its wrappers entirely."""
     for merger in mergers:
         merger.restore()
-    pipe.delete_adapters([name])
+    with _quiet_transformers():
+        pipe.delete_adapters([name])
     for merger in mergers:
         if not merger.has_adapters():
             merger.remove_wrappers()

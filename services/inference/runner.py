@@ -165,16 +165,18 @@ class Runner:
     def _callback(self, items: list[WorkItem], steps: int, started: float) -> Any:
         last = [started]
 
-        def on_step_end(_pipe: Any, step: int, _timestep: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
+        def on_step_end(pipe: Any, step: int, _timestep: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
             now = time.perf_counter()
             self._metrics.step_seconds.observe(now - last[0])
             last[0] = now
             alive = [item for item in items if not item.dead()]
             if not alive:
                 raise BatchAborted()
+            # Some schedulers run more model evaluations than requested steps (PNDM: steps + 1).
+            total = int(getattr(pipe, "num_timesteps", 0) or steps)
             for item in alive:
                 if item.progress is not None:
-                    item.progress(Progress("denoising", step + 1, steps, (now - started) * 1000))
+                    item.progress(Progress("denoising", step + 1, total, (now - started) * 1000))
             return {}
 
         return on_step_end

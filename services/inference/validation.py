@@ -1,0 +1,146 @@
+"""GenerationSpec (proto) -> GenerationRequest, refusing bad input with the offending field named.
+
+All violations of one request are reported together (one INVALID_ARGUMENT with a BadRequest
+listing each field), so a client fixes its request in one round trip. Limits come from the
+settings; unset fields get defaults (1 image, 30 steps, guidance 7.5, the base model's native
+size, a random seed that the response returns).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+from atelier.v1 import common_pb2, inference_pb2
+
+from services.common.config import Settings
+from services.common.errors import FieldViolation, InvalidInput
+from services.inference.textual_inversion import RESERVED_MARK
+from services.inference.types import AdapterSpec, GenerationRequest
+from services.registry.names import ALIAS_RULE, NAME_PATTERN, NAME_RULE, RESERVED_ALIASES
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+MAX_GUIDANCE = 50.0
+MAX_PROMPT_CHARS = 4096
+WEIGHT_LIMIT = 2.0
+SEED_LIMIT = 2**64
+
+SCHEDULER_NAMES = {
+    inference_pb2.SCHEDULER_KIND_UNSPECIFIED: "default",
+    inference_pb2.SCHEDULER_KIND_DDIM: "ddim",
+    inference_pb2.SCHEDULER_KIND_EULER: "euler",
+    inference_pb2.SCHEDULER_KIND_EULER_ANCESTRAL: "euler_ancestral",
+    inference_pb2.SCHEDULER_KIND_DPM_SOLVER_MULTISTEP: "dpm_solver_multistep",
+    inference_pb2.SCHEDULER_KIND_PNDM: "pndm",
+    inference_pb2.SCHEDULER_KIND_LMS: "lms",
+}
+
+
+class Violations:
+    """Collects field violations; `raise_if_any` raises one InvalidInput listing all of them."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            first, *more = self.items
+            raise InvalidInput(first.field, first.description, *more)
+
+
+def _name_ok(value: str) -> bool:
+    return bool(value) and ".." not in value and NAME_PATTERN.fullmatch(value) is not None
+
+
+def check_ref(ref: common_pb2.AdapterRef, field: str, errors: Violations) -> tuple[str, int | None, str | None]:
+    """Validate one AdapterRef; returns (name, version, alias)."""
+    if not _name_ok(ref.name):
+        errors.add(f"{field}.name", "must not be empty" if not ref.name else NAME_RULE)
+    selector = ref.WhichOneof("selector")
+    version = ref.version if selector == "version" else None
+    alias = ref.alias if selector == "alias" else None
+    if version is not None and version < 1:
+        errors.add(f"{field}.version", "must be a version number >= 1")
+    if alias is not None and (not _name_ok(alias) or alias in RESERVED_ALIASES):
+        errors.add(f"{field}.alias", ALIAS_RULE)
+    return ref.name, version, alias
+
+
+def check_refs(refs: Sequence[common_pb2.AdapterRef], weights: Sequence[float], prefix: str, ref_suffix: str,
+               limit: int, errors: Violations) -> tuple[AdapterSpec, ...]:
+    """Validate a list of references (and weights); at most `limit`, each name once."""
+    if len(refs) > limit:
+        errors.add(prefix, f"{len(refs)} adapters given; at most {limit} per request")
+    seen: dict[str, int] = {}
+    specs = []
+    for i, (ref, weight) in enumerate(zip(refs, weights, strict=True)):
+        field = f"{prefix}[{i}]"
+        name, version, alias = check_ref(ref, field + ref_suffix, errors)
+        if name in seen:
+            errors.add(field + ref_suffix + ".name", f"adapter {name!r} is already listed at index {seen[name]}")
+        seen.setdefault(name, i)
+        if not math.isfinite(weight) or abs(weight) > WEIGHT_LIMIT:
+            errors.add(f"{field}.weight", f"must be within [-{WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}], got {weight}")
+        specs.append(AdapterSpec(name, version, alias, float(weight), field))
+    return tuple(specs)
+
+
+def _check_prompt(value: str, field: str, required: bool, errors: Violations) -> None:
+    if required and not value.strip():
+        errors.add(field, "must not be empty")
+    if len(value) > MAX_PROMPT_CHARS:
+        errors.add(field, f"{len(value)} characters; at most {MAX_PROMPT_CHARS}")
+    if RESERVED_MARK in value.lower():
+        errors.add(field, f"contains the reserved token prefix '<{RESERVED_MARK}'")
+
+
+def _check_side(value: int, field: str, settings: Settings, errors: Violations) -> None:
+    if value == 0:
+        return
+    if value % 8:
+        errors.add(field, f"must be a multiple of 8, got {value}")
+    elif value > settings.max_image_side:
+        errors.add(field, f"at most {settings.max_image_side} pixels, got {value}")
+
+
+def parse_spec(spec: inference_pb2.GenerationSpec, settings: Settings) -> GenerationRequest:
+    """Validate and normalise a GenerationSpec; InvalidInput lists every bad field."""
+    errors = Violations()
+    if not _name_ok(spec.base_model):
+        errors.add("spec.base_model", "must not be empty" if not spec.base_model else NAME_RULE)
+    _check_prompt(spec.prompt, "spec.prompt", True, errors)
+    _check_prompt(spec.negative_prompt, "spec.negative_prompt", False, errors)
+    adapters = check_refs([a.ref for a in spec.adapters], [a.weight for a in spec.adapters], "spec.adapters",
+                          ".ref", settings.max_adapters_per_request, errors)
+    if spec.num_images > settings.max_images_per_request:
+        errors.add("spec.num_images", f"at most {settings.max_images_per_request}, got {spec.num_images}")
+    if spec.steps > settings.max_inference_steps:
+        errors.add("spec.steps", f"at most {settings.max_inference_steps}, got {spec.steps}")
+    guidance = spec.guidance_scale or DEFAULT_GUIDANCE
+    if not math.isfinite(guidance) or not 0.0 < guidance <= MAX_GUIDANCE:
+        errors.add("spec.guidance_scale", f"must be within (0, {MAX_GUIDANCE:g}], got {spec.guidance_scale}")
+    _check_side(spec.width, "spec.width", settings, errors)
+    _check_side(spec.height, "spec.height", settings, errors)
+    scheduler = SCHEDULER_NAMES.get(spec.scheduler)
+    if scheduler is None:
+        errors.add("spec.scheduler", f"unknown scheduler {spec.scheduler}")
+    errors.raise_if_any()
+    seed = spec.seed if spec.HasField("seed") else random.SystemRandom().randrange(SEED_LIMIT)
+    return GenerationRequest(
+        base_model=spec.base_model,
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        adapters=adapters,
+        num_images=spec.num_images or 1,
+        steps=spec.steps or DEFAULT_STEPS,
+        guidance_scale=float(guidance),
+        width=spec.width,
+        height=spec.height,
+        seed=seed,
+        scheduler=scheduler or "default",
+    )
