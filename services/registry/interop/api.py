@@ -61,7 +61,7 @@ def original_path(filename: str) -> str:
     return f"{ORIGINAL_DIR}/{name[-120:]}"
 
 
-def _check_hints(kind: str, fmt: str, kind_hint: str, format_hint: str) -> None:
+def check_hints(kind: str, fmt: str, kind_hint: str, format_hint: str) -> None:
     if kind_hint == KIND_DREAMBOOTH:
         raise InvalidInput("kind", "DreamBooth weights are imported as a base model (ImportBaseModel), not an adapter")
     if kind_hint and kind_hint != kind:
@@ -89,7 +89,7 @@ def import_file(
     """
     header = read_header(path, filename)
     det = detect(header)
-    _check_hints(det.kind, det.source_format, kind_hint, format_hint)
+    check_hints(det.kind, det.source_format, kind_hint, format_hint)
     tensors = load_file(str(path))
     files = {original_path(filename or path.name): path}
     if det.kind == KIND_LORA:

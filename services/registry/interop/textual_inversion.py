@@ -27,6 +27,7 @@ FIELD = "file"
 SDXL_KEYS = {"clip_l": TEXT_ENCODER, "clip_g": TEXT_ENCODER_2}
 A1111_KEY = "emb_params"
 _TOKEN_RE = re.compile(r"^\S{1,64}$")
+MAX_VECTORS = 64  # more than any published embedding; bounds prompt-token expansion
 MODELSPEC_ARCH = {ARCH_SDXL: "stable-diffusion-xl-v1-base", ARCH_SD2: "stable-diffusion-v2-512"}
 
 
@@ -65,12 +66,20 @@ def import_embedding(
             "'clip_g' vectors; this file has a single text-encoder embedding (SD1.x/2.x)",
             FIELD,
         )
-    n = check_embedding(shapes, key, tuple(value.shape), TEXT_ENCODER)
+    n = _bounded(check_embedding(shapes, key, tuple(value.shape), TEXT_ENCODER), key)
     return {token: value.contiguous()}, n
 
 
+def _bounded(n: int, key: str) -> int:
+    if n > MAX_VECTORS:
+        raise InvalidInput(FIELD, f"{key}: {n} vectors; at most {MAX_VECTORS} are allowed")
+    return n
+
+
 def _import_sdxl(tensors: dict[str, torch.Tensor], shapes: BaseModelShapes) -> tuple[dict[str, torch.Tensor], int]:
-    counts = {k: check_embedding(shapes, k, tuple(tensors[k].shape), comp) for k, comp in SDXL_KEYS.items()}
+    counts = {
+        k: _bounded(check_embedding(shapes, k, tuple(tensors[k].shape), comp), k) for k, comp in SDXL_KEYS.items()
+    }
     if counts["clip_l"] != counts["clip_g"]:
         raise InvalidInput(FIELD, f"clip_l has {counts['clip_l']} vectors but clip_g has {counts['clip_g']}")
     return {k: tensors[k].contiguous() for k in SDXL_KEYS}, counts["clip_l"]
