@@ -175,7 +175,9 @@ class JobStore(LeaseOps):
         """
         with self.engine.begin() as conn:
             row = conn.execute(
-                sa.select(jobs.c.state).where(jobs.c.id == job_id, jobs.c.tenant == tenant).with_for_update()
+                sa.select(jobs.c.state, jobs.c.step)
+                .where(jobs.c.id == job_id, jobs.c.tenant == tenant)
+                .with_for_update()
             ).first()
             if row is None:
                 raise NotFound("training job", job_id)
@@ -191,7 +193,7 @@ class JobStore(LeaseOps):
                 conn.execute(
                     jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=epoch_now())
                 )
-                append_event(conn, job_id, "state", "RUNNING", "cancel requested")
+                append_event(conn, job_id, "state", "RUNNING", "cancel requested", step=row.step)
         return self.get_job(job_id, tenant)
 
     def events_after(self, job_id: str, after_id: int, limit: int = 200) -> list[JobEvent]:

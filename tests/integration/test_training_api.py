@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
 from services.training.metrics import register_store_metrics
+from tests.fixtures.grpc_servers import bearer
 from tests.fixtures.s3 import write_fake_pipeline
 from tests.integration.test_training_support import (
     TI,
@@ -26,6 +27,7 @@ from tests.integration.test_training_support import (
     noise_image_bytes,
     rpc_error,
     stack_settings,
+    upload_messages,
     violation_fields,
 )
 from tests.unit.test_dataset_validation import png_header_only
@@ -185,3 +187,36 @@ def test_queue_metrics_are_read_from_the_database(stack: TrainingStack) -> None:
     assert registry.get_sample_value("atelier_training_queue_depth") == 3
     assert registry.get_sample_value("atelier_training_jobs", {"state": "QUEUED"}) == 3
     assert registry.get_sample_value("atelier_training_jobs", {"state": "RUNNING"}) == 0
+
+
+def test_tenants_see_only_their_own_datasets_and_jobs(tmp_path: Path, local_settings: Settings,
+                                                      sqlite_url: str) -> None:
+    settings = stack_settings(tmp_path, local_settings, sqlite_url, auth_enabled=True,
+                              api_keys="key-a=alice,key-b=bob")
+    with TrainingStack(settings, workers=0) as stack:
+        stack.registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
+        alice, bob = bearer("key-a"), bearer("key-b")
+        msgs = list(upload_messages(concept_images(2), "mine", 4096))
+        ds = stack.training.UploadDataset(iter(msgs), metadata=alice).dataset
+        assert ds.tenant == "alice"
+        request = training_pb2.CreateTrainingJobRequest(request_id="same", spec=lora_spec(ds.id))
+        job = stack.training.CreateTrainingJob(request, metadata=alice).job
+        assert job.tenant == "alice"
+        # Bob can neither see Alice's dataset nor train on it, nor see, watch or cancel her job.
+        err = rpc_error(lambda: stack.training.GetDataset(training_pb2.GetDatasetRequest(id=ds.id), metadata=bob))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        err = rpc_error(lambda: stack.training.CreateTrainingJob(request, metadata=bob))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        for call in (
+            lambda: stack.training.GetTrainingJob(training_pb2.GetTrainingJobRequest(id=job.id), metadata=bob),
+            lambda: stack.training.CancelTrainingJob(training_pb2.CancelTrainingJobRequest(id=job.id),
+                                                     metadata=bob),
+            lambda: list(stack.training.WatchTrainingJob(training_pb2.WatchTrainingJobRequest(id=job.id),
+                                                         metadata=bob, timeout=5)),
+        ):
+            assert rpc_error(call).code() == grpc.StatusCode.NOT_FOUND
+        assert stack.training.ListTrainingJobs(training_pb2.ListTrainingJobsRequest(), metadata=bob).jobs == []
+        listed = stack.training.ListTrainingJobs(training_pb2.ListTrainingJobsRequest(), metadata=alice).jobs
+        assert [j.id for j in listed] == [job.id]
+        err = rpc_error(lambda: stack.training.ListTrainingJobs(training_pb2.ListTrainingJobsRequest()))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -149,9 +149,9 @@ def test_cancel_mid_run_stops_within_a_step_and_publishes_nothing(sqlite_stack: 
     cancelled = stack.wait(job.id, lambda j: j.state == training_pb2.JOB_STATE_CANCELLED, timeout=30)
     assert cancelled.step < running.step + 20  # stopped promptly, far from the 2000 steps
     events = stack.store.events_after(job.id, 0)
-    requested = next(e.id for e in events if e.message == "cancel requested")
-    steps_after = [e.step for e in events if e.id > requested and e.kind == "progress"]
-    assert len(steps_after) <= 2
+    requested = next(e for e in events if e.message == "cancel requested")
+    final = events[-1]
+    assert final.state == "CANCELLED" and final.step - requested.step <= 1  # at most the step in flight
     with pytest.raises(AdapterNotFound):
         stack.registry.resolve_adapter("default", "never")
     assert stack.registry.latest_checkpoint("default", job.id) is None
