@@ -55,7 +55,7 @@ def test_sigkilled_worker_is_taken_over_and_resumed_from_its_checkpoint(
         cluster: TrainingStack, tmp_path: Path) -> None:
     stack = cluster
     ds = stack.upload(concept_images()).dataset.id
-    job = stack.create(lora_spec(ds, output="crash", steps=60, checkpointing_steps=2)).job
+    job = stack.create(lora_spec(ds, output="crash", steps=100, checkpointing_steps=2)).job
     with worker_process(stack.settings, "worker-a", tmp_path / "a.log") as worker_a:
         stack.wait(job.id, lambda j: j.state == RUNNING and j.step >= 6, timeout=150)
         checkpoint = wait_for(lambda: stack.registry.latest_checkpoint("default", job.id),
