@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import cast
 
 from safetensors.torch import load_file, save_file
 
@@ -111,7 +112,7 @@ def import_adapter_file(
         return registry.publish_adapter(
             tenant,
             name,
-            kind=kind,  # type: ignore[arg-type]
+            kind=cast(AdapterKindName, kind),
             base_model=base_model,
             base_model_digest=digest,
             files=files,

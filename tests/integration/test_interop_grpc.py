@@ -24,6 +24,7 @@ from services.registry.registry import Registry
 from services.registry.store import open_store
 from services.training.registry_servicer import registry_bindings
 from tests.fixtures.grpc_servers import ServerThread, loopback_settings
+from tests.fixtures.s3 import write_fake_pipeline
 from tests.unit.test_interop_fixtures import generate, load_pipe, write_kohya
 
 BASE = "tiny-sd"
@@ -163,3 +164,23 @@ def test_dreambooth_checkpoint_export(server: tuple[ServerThread, Registry], tin
     pipe = StableDiffusionPipeline.from_single_file(str(out_file), config=str(tiny_random_pipeline_dir),
                                                     local_files_only=True)
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_base_model_without_configs(server: tuple[ServerThread, Registry], tiny_random_pipeline_dir: Path,
+                                    tmp_path: Path) -> None:
+    """A base whose configs are not a diffusers UNet: our own layout is stored as is, kohya cannot be named."""
+    running, registry = server
+    registry.import_base_model("fake", write_fake_pipeline(tmp_path / "fake"))
+    kohya = tmp_path / "k.safetensors"
+    write_kohya(load_pipe(tiny_random_pipeline_dir), kohya, sdxl=False)
+    err = _status(lambda: _import(running, kohya, "k", base_model="fake"))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "import the base model" in err.details()
+
+    peft = tmp_path / "p.safetensors"
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 8), f"{key}.lora_B.weight": torch.ones(8, 2)}, str(peft))
+    assert _import(running, peft, "p", base_model="fake").source_format == "diffusers"
+    request = registry_pb2.ExportAdapterRequest(ref=common_pb2.AdapterRef(name="p"),
+                                                format=registry_pb2.ADAPTER_FORMAT_KOHYA)
+    err = _status(lambda: list(_stub(running).ExportAdapter(request)))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "import the base model first" in err.details()
