@@ -98,6 +98,7 @@ class InferenceEnv:
     stub: inference_pb2_grpc.InferenceServiceStub
     digest: str
     files: dict[str, dict[str, Path]] = field(default_factory=dict)
+    metadata: tuple[tuple[str, str], ...] = ()
 
     def publish(self, name: str, kind: str, files: dict[str, Path], trigger_tokens: Sequence[str] = (),
                 base_model: str = BASE, base_model_digest: str | None = None, tenant: str = TENANT) -> None:
@@ -109,14 +110,20 @@ class InferenceEnv:
 
     def generate(self, **kw: Any) -> inference_pb2.GenerateResponse:
         timeout = kw.pop("timeout", 120)
-        return self.stub.Generate(inference_pb2.GenerateRequest(spec=spec(**kw)), timeout=timeout)
+        metadata = kw.pop("metadata", self.metadata)
+        return self.stub.Generate(inference_pb2.GenerateRequest(spec=spec(**kw)), timeout=timeout,
+                                  metadata=metadata)
+
+    def on_device(self, fn: Any) -> Any:
+        """Run `fn()` on the engine's device thread (between pipeline calls) and return its result."""
+        return self.server.run(self.engine.on_device(fn))
 
     def close(self) -> None:
         self.server.run(self.engine.close())
         self.server.stop()
 
 
-def start_env(settings: Settings, pipeline_dir: Path) -> InferenceEnv:
+def start_env(settings: Settings, pipeline_dir: Path, metadata: tuple[tuple[str, str], ...] = ()) -> InferenceEnv:
     store = CountingStore(open_store(settings))
     registry = Registry(store)  # type: ignore[arg-type]
     holder: dict[str, InferenceEngine] = {}
@@ -128,7 +135,7 @@ def start_env(settings: Settings, pipeline_dir: Path) -> InferenceEnv:
     server = ServerThread(settings, bindings).start()
     stub = inference_pb2_grpc.InferenceServiceStub(server.channel())
     return InferenceEnv(settings, pipeline_dir, store, registry, server, holder["engine"], stub,
-                        folder_digest(pipeline_dir))
+                        folder_digest(pipeline_dir), metadata=metadata)
 
 
 def ref(name: str, version: int | None = None, alias: str | None = None) -> common_pb2.AdapterRef:
