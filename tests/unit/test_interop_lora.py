@@ -230,3 +230,29 @@ def test_round_trip_kohya_export_import_identical_image(
     assert np.array_equal(_image_with(base, again), original)
     if arch == "sd1":  # and the export reads back identically in diffusers itself
         assert np.array_equal(_image_with(base, exported), original)
+
+
+def test_kohya_conv_layers_bit_exact_and_exported_with_conv_args(
+    tiny_random_pipeline_dir: Path, sd1_shapes: BaseModelShapes, tmp_path: Path
+) -> None:
+    """kohya conv LoRA (LoCon-style 3x3 down, 1x1 up) on resnets, resamplers and time embeddings."""
+    pipe = load_pipe(tiny_random_pipeline_dir)
+    kohya = tmp_path / "locon.safetensors"
+    sd = write_kohya(pipe, kohya, sdxl=False, dtype=torch.float32)
+    mods = dict(pipe.unet.named_modules())
+    g = torch.Generator().manual_seed(9)
+    for path in ("down_blocks.0.resnets.0.conv1", "up_blocks.1.resnets.1.conv2", "down_blocks.0.downsamplers.0.conv",
+                 "up_blocks.0.upsamplers.0.conv", "mid_block.resnets.0.time_emb_proj",
+                 "up_blocks.0.resnets.0.conv_shortcut"):
+        w = mods[path].weight
+        name = "lora_unet_" + path.replace(".", "_")
+        up_extra = (1, 1) if w.ndim == 4 else ()
+        sd[f"{name}.lora_down.weight"] = torch.randn(2, *w.shape[1:], generator=g) * 0.1
+        sd[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], 2, *up_extra, generator=g) * 0.1
+        sd[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(sd, str(kohya))
+    stored = _import(kohya, sd1_shapes, tmp_path)
+    assert np.array_equal(_image_with(tiny_random_pipeline_dir, stored), _image_with(tiny_random_pipeline_dir, kohya))
+    exported = export_lora(stored, sd1_shapes, "kohya", tmp_path / "out.safetensors", "locon")
+    assert read_metadata(exported)["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "2"}'
+    assert "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight" in load_file(str(exported))

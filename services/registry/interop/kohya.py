@@ -172,7 +172,6 @@ def kohya_metadata(
         "ss_v2": str(arch == ARCH_SD2),
         "ss_output_name": title,
         "ss_training_comment": description or f"exported by Atelier ({title})",
-        "ss_text_encoder_lr_used": str(any(m.component != UNET for m in mods)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{MODELSPEC_ARCH.get(arch, 'stable-diffusion-v1')}/lora",
         "modelspec.implementation": (
