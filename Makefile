@@ -24,7 +24,7 @@ proto-check: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check services clients tests bench tools
-	$(BIN)/buf lint protos
+	$(BIN)/buf lint
 	$(BIN)/mypy services clients/python/atelier
 
 deploy-check: $(STAMP)
