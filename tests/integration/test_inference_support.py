@@ -123,13 +123,14 @@ class InferenceEnv:
         self.server.stop()
 
 
-def start_env(settings: Settings, pipeline_dir: Path, metadata: tuple[tuple[str, str], ...] = ()) -> InferenceEnv:
+def start_env(settings: Settings, pipeline_dir: Path, metadata: tuple[tuple[str, str], ...] = (),
+              **engine_kwargs: Any) -> InferenceEnv:
     store = CountingStore(open_store(settings))
     registry = Registry(store)  # type: ignore[arg-type]
     holder: dict[str, InferenceEngine] = {}
 
     def bindings() -> list[Any]:
-        holder["engine"] = InferenceEngine(settings, registry)
+        holder["engine"] = InferenceEngine(settings, registry, **engine_kwargs)
         return inference_bindings(holder["engine"])
 
     server = ServerThread(settings, bindings).start()
