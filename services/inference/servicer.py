@@ -97,22 +97,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
         task = asyncio.ensure_future(
             self._engine.generate(current_tenant(), spec, deadline=_deadline(context), progress=progress))
+        getter: asyncio.Future[Progress] | None = None
         try:
             while not task.done():
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     yield progress_to_proto(getter.result())
-                else:
-                    getter.cancel()
             while not events.empty():
                 yield progress_to_proto(events.get_nowait())
             yield inference_pb2.GenerateStreamResponse(result=result_to_proto(task.result()))
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            for pending in (getter, task):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await pending
 
     async def PreloadAdapters(self, request: inference_pb2.PreloadAdaptersRequest,
                               context: grpc.aio.ServicerContext) -> inference_pb2.PreloadAdaptersResponse:

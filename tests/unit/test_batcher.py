@@ -1,0 +1,104 @@
+"""Batcher: admission bound, batching by key in arrival order, dead requests dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from services.common.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+from services.inference.batcher import Batcher, WorkItem
+from services.inference.metrics import InferenceMetrics
+from services.inference.runner import image_seeds
+from services.inference.types import GenerationRequest
+
+
+class Recorder:
+    """An executor that records batches and finishes them after `delay` seconds."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[str]] = []
+        self.delay = delay
+
+    async def __call__(self, batch: list[WorkItem]) -> None:
+        self.batches.append([item.payload for item in batch])
+        await asyncio.sleep(self.delay)
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(item.payload)
+
+
+def make(capacity: int = 8, max_batch: int = 3, wait: float = 0.05, delay: float = 0.0) -> tuple[Batcher, Recorder]:
+    recorder = Recorder(delay)
+    return Batcher(capacity, max_batch, wait, recorder, InferenceMetrics(CollectorRegistry())), recorder
+
+
+def item(key: str, name: str, deadline: float | None = None) -> WorkItem:
+    return WorkItem((key,), name, asyncio.get_running_loop().create_future(), deadline)
+
+
+def submit(batcher: Batcher, work: WorkItem) -> WorkItem:
+    batcher.admit()
+    batcher.submit(work)
+    return work
+
+
+async def _test_same_key_requests_share_a_batch_in_arrival_order() -> None:
+    batcher, recorder = make()
+    items = [submit(batcher, item(k, n)) for k, n in
+             [("a", "a1"), ("b", "b1"), ("a", "a2"), ("a", "a3"), ("a", "a4"), ("b", "b2")]]
+    await asyncio.gather(*(i.future for i in items))
+    assert recorder.batches == [["a1", "a2", "a3"], ["b1", "b2"], ["a4"]]
+    assert batcher.depth == 0
+    await batcher.close()
+
+
+async def _test_full_queue_is_refused_immediately_and_slots_come_back() -> None:
+    batcher, _recorder = make(capacity=2, max_batch=1, delay=0.2)
+    first = submit(batcher, item("a", "1"))
+    second = submit(batcher, item("a", "2"))
+    started = time.monotonic()
+    with pytest.raises(ResourceExhausted) as exc:
+        batcher.admit()
+    assert time.monotonic() - started < 0.01 and exc.value.retry_after_seconds > 0
+    await first.future
+    batcher.admit()  # a slot came back once the first request entered a batch
+    batcher.release()
+    await second.future
+    await batcher.close()
+
+
+async def _test_expired_and_withdrawn_requests_never_reach_the_device() -> None:
+    batcher, recorder = make(wait=0.05)
+    expired = submit(batcher, item("a", "expired", deadline=time.monotonic() - 1))
+    withdrawn = submit(batcher, item("a", "withdrawn"))
+    assert batcher.withdraw(withdrawn)
+    cancelled = submit(batcher, item("a", "cancelled"))
+    cancelled.cancelled.set()
+    alive = submit(batcher, item("a", "alive"))
+    assert await alive.future == "alive"
+    with pytest.raises(DeadlineExceeded):
+        await expired.future
+    with pytest.raises(Cancelled):
+        await cancelled.future
+    assert recorder.batches == [["alive"]] and batcher.depth == 0
+    await batcher.close()
+
+
+def test_image_seeds_follow_the_contract() -> None:
+    request = GenerationRequest("m", "p", num_images=3, seed=2**64 - 2)
+    assert image_seeds(request) == [2**64 - 2, 2**64 - 1, 0]
+
+
+def test_same_key_requests_share_a_batch_in_arrival_order() -> None:
+    asyncio.run(_test_same_key_requests_share_a_batch_in_arrival_order())
+
+
+def test_full_queue_is_refused_immediately_and_slots_come_back() -> None:
+    asyncio.run(_test_full_queue_is_refused_immediately_and_slots_come_back())
+
+
+def test_expired_and_withdrawn_requests_never_reach_the_device() -> None:
+    asyncio.run(_test_expired_and_withdrawn_requests_never_reach_the_device())
