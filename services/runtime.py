@@ -65,7 +65,7 @@ async def start_runtime(settings: Settings, role: str = "all",
     if role in ("all", "training-api"):
         runtime.training = EmbeddedTraining(
             settings, registry=registry, metrics_registry=metrics_registry, workers=1 if role == "all" else 0,
-            local_base_models=tuple(parse_model_paths(settings.base_model_paths)),
+            local_base_models=parse_model_paths(settings.base_model_paths),
         )
         runtime.servers["training"] = await start_server(
             settings, runtime.training.bindings(), settings.training_port, authenticator, rpc_metrics)

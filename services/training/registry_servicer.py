@@ -10,10 +10,8 @@ so another tenant's adapter answers NOT_FOUND exactly like a missing one.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import tempfile
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,7 +23,8 @@ from services.common.config import GiB
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.server import ServiceBinding
 from services.registry import proto_convert as pc
-from services.registry.adapter_import import import_adapter_file
+from services.registry.adapter_export import export_adapter
+from services.registry.adapter_import import LocalBaseModels, import_adapter_file
 from services.registry.blobs import sha256_file
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE, AdapterManifest, FileRecord
 from services.registry.names import validate_relpath
@@ -42,12 +41,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self,
         registry: Registry,
         *,
-        local_base_models: Collection[str] = (),
+        local_base_models: LocalBaseModels = (),
         work_dir: Path | None = None,
         max_upload_bytes: int = 8 * GiB,
     ) -> None:
         self._registry = registry
-        self._local_base_models = frozenset(local_base_models)
+        # A name -> folder mapping lets imports and exports validate against local base models.
+        self._local_base_models: LocalBaseModels = (
+            dict(local_base_models) if isinstance(local_base_models, Mapping) else frozenset(local_base_models)
+        )
         self._work_dir = work_dir
         self._max_upload_bytes = max_upload_bytes
 
@@ -184,14 +186,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     yield registry_pb2.ExportAdapterResponse(chunk=chunk)
 
     def _export_file(self, manifest: AdapterManifest, fmt: str, tmp: Path) -> Path:
-        """A verified local file holding the export (the stored file itself for diffusers)."""
-        if fmt in ("", "diffusers"):
+        """A verified local file holding the export (the stored file itself for diffusers LoRA/TI).
+
+        DreamBooth versions hold several component folders, so even the diffusers format is
+        assembled (a zipped pipeline folder) by the exporter.
+        """
+        if fmt in ("", "diffusers") and manifest.kind != "DREAMBOOTH":
             record = primary_file(manifest)
             return self._registry.blobs.download_record(record, tmp / Path(record.path).name)
-        exporter = _optional_exporter()
-        if exporter is None:
-            raise FailedPrecondition(f"export to the {fmt!r} format is not supported yet", "format")
-        return exporter(self._registry, manifest, fmt, tmp)
+        return export_adapter(self._registry, manifest, fmt or "diffusers", tmp, self._local_base_models)
 
     # --- base models ----------------------------------------------------------------
     async def ListBaseModels(self, request: registry_pb2.ListBaseModelsRequest, context: Any) -> Any:
@@ -298,14 +301,6 @@ def primary_file(manifest: AdapterManifest) -> FileRecord:
             f"{manifest.ref} has {len(manifest.files)} files; export it in the CHECKPOINT format", "format"
         )
     return record
-
-
-def _optional_exporter() -> Callable[[Registry, AdapterManifest, str, Path], Path] | None:
-    """services.registry.adapter_export.export_adapter, once the interop work provides it."""
-    if importlib.util.find_spec("services.registry.adapter_export") is None:
-        return None
-    module = importlib.import_module("services.registry.adapter_export")
-    return getattr(module, "export_adapter", None)
 
 
 def registry_bindings(registry: Registry, **kwargs: Any) -> list[ServiceBinding]:

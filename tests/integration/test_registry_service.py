@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -101,16 +100,6 @@ def test_import_get_list_versions_alias_export(stub: registry_pb2_grpc.RegistryS
     stub.DeleteAdapterVersion(registry_pb2.DeleteAdapterVersionRequest(name="cat", version=1), metadata=A)
     err = rpc_error(lambda: stub.GetAdapter(registry_pb2.GetAdapterRequest(ref=ref("cat", 1)), metadata=A))
     assert err.code() == grpc.StatusCode.NOT_FOUND
-
-
-def test_export_other_formats_until_interop_provides_them(stub: registry_pb2_grpc.RegistryServiceStub,
-                                                          tmp_path: Path) -> None:
-    if importlib.util.find_spec("services.registry.adapter_export") is not None:
-        pytest.skip("the interop exporter is installed; its own tests cover other formats")
-    stub.ImportAdapter(import_requests(write_lora(tmp_path / "l.safetensors")), metadata=A)
-    request = registry_pb2.ExportAdapterRequest(ref=ref("cat"), format=registry_pb2.ADAPTER_FORMAT_KOHYA)
-    err = rpc_error(lambda: list(stub.ExportAdapter(request, metadata=A)))
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "not supported yet" in (err.details() or "")
 
 
 def test_tenants_cannot_see_each_other(stub: registry_pb2_grpc.RegistryServiceStub, tmp_path: Path) -> None:

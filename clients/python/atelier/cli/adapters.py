@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from atelier.cli.adapters_io import register as register_import_export
 from atelier.cli.context import options
 from atelier.cli.jobs import method_name
 from atelier.cli.output import console, emit, handle_errors, print_json, to_dict
 from atelier.v1 import common_pb2
 
-app = typer.Typer(no_args_is_help=True, help="Adapters in the registry: versions and aliases.")
+app = typer.Typer(no_args_is_help=True, help="Adapters in the registry: versions, aliases, import and export.")
+register_import_export(app)
 
 
 def adapter_row(adapter: common_pb2.Adapter) -> list[object]:
@@ -77,7 +79,9 @@ def delete(ctx: typer.Context, name: str, version: int) -> None:
     opts = options(ctx)
     with opts.client() as client:
         client.adapters.delete(name, version)
-    if not opts.json:
+    if opts.json:
+        print_json({"name": name, "version": version, "deleted": True})
+    else:
         console.print(f"deleted {name}@{version}")
 
 
@@ -88,5 +92,7 @@ def delete_alias(ctx: typer.Context, name: str, alias: str) -> None:
     opts = options(ctx)
     with opts.client() as client:
         client.adapters.delete_alias(name, alias)
-    if not opts.json:
+    if opts.json:
+        print_json({"name": name, "alias": alias, "deleted": True})
+    else:
         console.print(f"removed {name}:{alias}")
