@@ -38,18 +38,19 @@ BACKGROUNDS: dict[str, Colour] = {
 }
 # name -> centre as a fraction of the side
 POSITIONS: dict[str, tuple[float, float]] = {
-    "top left": (0.27, 0.27),
-    "top": (0.5, 0.27),
-    "top right": (0.73, 0.27),
-    "left": (0.27, 0.5),
+    "top left": (0.3, 0.3),
+    "top": (0.5, 0.3),
+    "top right": (0.7, 0.3),
+    "left": (0.3, 0.5),
     "center": (0.5, 0.5),
-    "right": (0.73, 0.5),
-    "bottom left": (0.27, 0.73),
-    "bottom": (0.5, 0.73),
-    "bottom right": (0.73, 0.73),
+    "right": (0.7, 0.5),
+    "bottom left": (0.3, 0.7),
+    "bottom": (0.5, 0.7),
+    "bottom right": (0.7, 0.7),
 }
-# name -> radius as a fraction of the side; "" is the unnamed medium size
-SIZES: dict[str, float] = {"small": 0.13, "": 0.19, "large": 0.25}
+# name -> radius as a fraction of the side; "" is the unnamed medium size. Shapes are large
+# (8-25% of the image) so that their colour, the thing prompts control, dominates the pixels.
+SIZES: dict[str, float] = {"small": 0.16, "": 0.22, "large": 0.28}
 PREFIXES: tuple[str, ...] = ("", "a photo of ", "a picture of ", "a drawing of ")
 HELD_OUT_SEED = 7_000_003
 SUPERSAMPLE = 4

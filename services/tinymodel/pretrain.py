@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import tempfile
 import time
 from collections.abc import Iterator
@@ -46,9 +47,12 @@ class PretrainConfig:
     unet_lr: float = 6e-4
     kl_weight: float = 1e-4
     warmup_steps: int = 50
+    snr_gamma: float = 5.0
     threads: int = 2
     log_every: int = 50
     eval_count: int = 128
+    eval_steps: int = 20
+    device: str = "cpu"
 
 
 @dataclass
@@ -75,7 +79,7 @@ def _batches(cfg: PretrainConfig, stream_seed: int) -> Iterator[tuple[torch.Tens
     stream = ShapesStream(stream_seed, cfg.resolution)
     while True:
         images, captions = stream.batch(cfg.batch_size)
-        yield torch.from_numpy(images), captions
+        yield torch.from_numpy(images).to(cfg.device), captions
 
 
 def train_vae(vae: torch.nn.Module, cfg: PretrainConfig) -> float:
@@ -102,7 +106,7 @@ def train_vae(vae: torch.nn.Module, cfg: PretrainConfig) -> float:
     vae.eval()
     with torch.no_grad():
         images, _ = held_out(256, cfg.resolution)
-        latents = vae.encode(torch.from_numpy(images)).latent_dist.sample()  # type: ignore[operator]
+        latents = vae.encode(torch.from_numpy(images).to(cfg.device)).latent_dist.sample()  # type: ignore[operator]
     return float(1.0 / latents.std())
 
 
@@ -123,12 +127,12 @@ def train_unet(pipe: Pipeline, cfg: PretrainConfig) -> None:
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample() * scale
         noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),))
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),), device=cfg.device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+                             truncation=True, return_tensors="pt").input_ids.to(cfg.device)
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = _weighted_loss(pred, noise, t, noise_scheduler.alphas_cumprod.to(cfg.device), cfg.snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -142,6 +146,22 @@ def train_unet(pipe: Pipeline, cfg: PretrainConfig) -> None:
     text_encoder.eval()
 
 
+def _weighted_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   snr_gamma: float) -> torch.Tensor:
+    """Epsilon MSE, with Min-SNR-gamma weights when snr_gamma > 0 (Hang et al. 2023).
+
+    Low-noise timesteps are easy and dominate plain MSE; capping their weight at gamma / SNR
+    moves the effort to the noisy steps where composition and colour -- what the prompt
+    controls -- are decided.
+    """
+    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma <= 0:
+        return per_sample.mean()
+    alpha = alphas_cumprod[t]
+    snr = alpha / (1 - alpha)
+    return (per_sample * torch.clamp(snr, max=snr_gamma) / snr).mean()
+
+
 def _random_pipeline(tok_dir: Path, cfg: PretrainConfig) -> Pipeline:
     vocab = write_tokenizer(tok_dir)
     torch.manual_seed(cfg.seed)
@@ -151,26 +171,35 @@ def _random_pipeline(tok_dir: Path, cfg: PretrainConfig) -> Pipeline:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run both phases from a seeded random init, save the pipeline, return the measurements."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _pretrain(cfg: PretrainConfig) -> PretrainResult:
     result = PretrainResult()
     with tempfile.TemporaryDirectory() as tmp:
         pipe = _random_pipeline(Path(tmp), cfg)
         pipe.set_progress_bar_config(disable=True)
         result.metrics["random_init_heldout_loss"] = held_out_loss(pipe, cfg.eval_count, cfg.resolution)
+        pipe.to(cfg.device)
         start = time.monotonic()
         scaling = train_vae(pipe.vae, cfg)
         pipe.vae.register_to_config(scaling_factor=scaling)
         result.seconds["vae"] = time.monotonic() - start
         result.metrics["vae_scaling_factor"] = scaling
-        result.metrics["vae_heldout_mse"] = _vae_mse(pipe, cfg)
-        log.info("vae done in %.0f s: held-out mse %.4f, scaling_factor %.4f", result.seconds["vae"],
-                 result.metrics["vae_heldout_mse"], scaling)
+        log.info("vae done in %.0f s: scaling_factor %.4f", result.seconds["vae"], scaling)
         start = time.monotonic()
         train_unet(pipe, cfg)
         result.seconds["unet"] = time.monotonic() - start
+        pipe.to("cpu")  # every metric is measured on the CPU, as the tests measure it
         pipe.unet.requires_grad_(False)
+        result.metrics["vae_heldout_mse"] = _vae_mse(pipe, cfg)
         result.metrics["heldout_loss"] = held_out_loss(pipe, cfg.eval_count, cfg.resolution)
-        colours = colour_control(pipe, resolution=cfg.resolution)
+        colours = colour_control(pipe, steps=cfg.eval_steps, resolution=cfg.resolution)
         result.metrics["red_beats_blue"] = colours.wins
         log.info("unet done in %.0f s: held-out loss %.4f (random init %.4f), red>blue %d/10",
                  result.seconds["unet"], result.metrics["heldout_loss"],
@@ -187,9 +216,21 @@ def _vae_mse(pipe: Pipeline, cfg: PretrainConfig) -> float:
     return float(F.mse_loss(recon, x))
 
 
-def describe_machine(threads: int) -> str:
+def describe_machine(cfg: PretrainConfig) -> str:
     """One line naming where a run happened, for the reproduction notes."""
-    return f"{platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}, {threads} torch threads"
+    where = f"{platform.machine()} CPU ({os.cpu_count()} cores, {cfg.threads} torch threads)"
+    if cfg.device.startswith("cuda") and torch.cuda.is_available():
+        where = f"{torch.cuda.get_device_name(cfg.device)} GPU + {where}"
+    return f"{where}, torch {torch.__version__}"
+
+
+def command_line(cfg: PretrainConfig, out_given: bool) -> str:
+    """The `atelier` command that repeats this run (every knob spelled out)."""
+    out = f" --out {shlex.quote(str(cfg.out_dir))}" if out_given else ""
+    return (f"atelier base-model pretrain-tiny{out} --seed {cfg.seed} --vae-steps {cfg.vae_steps}"
+            f" --unet-steps {cfg.unet_steps} --unet-lr {cfg.unet_lr} --snr-gamma {cfg.snr_gamma}"
+            f" --resolution {cfg.resolution} --batch-size {cfg.batch_size} --threads {cfg.threads}"
+            f" --eval-images {cfg.eval_count} --eval-steps {cfg.eval_steps} --device {cfg.device}")
 
 
 def write_report(cfg: PretrainConfig, result: PretrainResult, command: str) -> Path:
@@ -198,7 +239,7 @@ def write_report(cfg: PretrainConfig, result: PretrainResult, command: str) -> P
     reduction = 1 - m["heldout_loss"] / m["random_init_heldout_loss"]
     text = f"""# tiny-sd: pretraining record
 
-Reproduce (from the repository root, CPU only):
+Reproduce (from the repository root):
 
     {command}
 
@@ -209,7 +250,8 @@ Reproduce (from the repository root, CPU only):
 | batch size | {cfg.batch_size} |
 | VAE steps / lr / KL weight | {cfg.vae_steps} / {cfg.vae_lr} / {cfg.kl_weight} |
 | UNet + text encoder steps / lr | {cfg.unet_steps} / {cfg.unet_lr} (warm-up {cfg.warmup_steps}, cosine to 10%) |
-| machine | {describe_machine(cfg.threads)} |
+| loss | epsilon MSE, Min-SNR weights with gamma {cfg.snr_gamma} (0 = plain MSE) |
+| machine | {describe_machine(cfg)} |
 | wall time | VAE {s["vae"]:.0f} s, UNet + text encoder {s["unet"]:.0f} s, total {s["vae"] + s["unet"]:.0f} s |
 
 | metric (held-out split, {cfg.eval_count} images, fixed noise/timesteps) | value |
@@ -218,7 +260,7 @@ Reproduce (from the repository root, CPU only):
 | VAE scaling_factor (1 / latent std) | {m["vae_scaling_factor"]:.4f} |
 | denoising loss, random init (same seed) | {m["random_init_heldout_loss"]:.4f} |
 | denoising loss, pretrained | {m["heldout_loss"]:.4f} ({reduction:.0%} lower) |
-| "a red X" redder than "a blue X" (10 seeds, 20 PNDM steps, CFG 7.5) | {int(m["red_beats_blue"])}/10 |
+| "a red X" redder than "a blue X" (10 seeds, {cfg.eval_steps} PNDM steps, CFG 7.5) | {int(m["red_beats_blue"])}/10 |
 
 Training runs on whatever CPU it gets, so wall time varies with load; float results can differ in
 the last digits across CPUs and torch builds, the acceptance margins do not.

@@ -7,8 +7,6 @@ gRPC: they are how a fresh checkout gets a base model without downloading anythi
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 from pathlib import Path
 
 import typer
@@ -32,6 +30,7 @@ def create_tiny(
     """Write the tiny SD pipeline (pretrained on synthetic shapes, or --random) to a folder."""
     from services.common.config import Settings
     from services.common.errors import AlreadyExists, AtelierError
+    from services.registry.names import validate_name
     from services.registry.registry import Registry
     from services.registry.store import open_store
     from services.tinymodel.install import import_into_registry, install_pretrained
@@ -41,6 +40,8 @@ def create_tiny(
     name = name or ("tiny-sd-random" if random else "tiny-sd")
     folder = out or settings.data_dir / "base-models" / name
     try:
+        if import_:
+            validate_name(name, "--name")  # refuse before writing anything
         if random:
             build_random_pipeline(folder, seed)
         else:
@@ -64,25 +65,26 @@ def pretrain_tiny(
     seed: int = typer.Option(0, help="Seed of the initial weights and of the data stream."),
     vae_steps: int = typer.Option(400, help="VAE reconstruction steps."),
     unet_steps: int = typer.Option(2000, help="UNet + text encoder denoising steps."),
+    unet_lr: float = typer.Option(6e-4, help="Peak learning rate of the UNet + text encoder phase."),
+    snr_gamma: float = typer.Option(5.0, help="Min-SNR loss weighting gamma; 0 for plain MSE."),
     resolution: int = typer.Option(32, help="Image side in pixels (latents are half of it)."),
     batch_size: int = typer.Option(32, help="Images per step."),
     threads: int = typer.Option(2, help="torch CPU threads."),
+    eval_images: int = typer.Option(128, help="Held-out images for the final denoising loss."),
+    eval_steps: int = typer.Option(20, help="Sampling steps of the red-vs-blue check."),
+    device: str = typer.Option("cpu", help="torch device to train on (cpu, cuda); metrics run on the CPU."),
 ) -> None:
     """Train the tiny pipeline from scratch on procedural captioned shapes (CPU, ~20-30 min)."""
     from services.tinymodel.assets import PRETRAINED_DIR
-    from services.tinymodel.pretrain import PretrainConfig, pretrain, write_report
+    from services.tinymodel.pretrain import PretrainConfig, command_line, pretrain, write_report
 
     if resolution % 8 or resolution < 16:
         raise _fail("--resolution must be a multiple of 8, at least 16")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = PretrainConfig(out_dir=out or PRETRAINED_DIR, seed=seed, resolution=resolution,
-                         batch_size=batch_size, vae_steps=vae_steps, unet_steps=unet_steps, threads=threads)
+                         batch_size=batch_size, vae_steps=vae_steps, unet_steps=unet_steps, threads=threads,
+                         unet_lr=unet_lr, snr_gamma=snr_gamma,
+                         eval_count=eval_images, eval_steps=eval_steps, device=device)
     result = pretrain(cfg)
-    report = write_report(cfg, result, " ".join(["atelier base-model pretrain-tiny", *map(shlex.quote, _args())]))
+    report = write_report(cfg, result, command_line(cfg, out_given=out is not None))
     typer.echo(f"wrote {cfg.out_dir} ({report.name}): {result.metrics}")
-
-
-def _args() -> list[str]:
-    """The command-line arguments after `pretrain-tiny`, for the reproduction record."""
-    argv = sys.argv[1:]
-    return argv[argv.index("pretrain-tiny") + 1:] if "pretrain-tiny" in argv else argv
