@@ -139,7 +139,11 @@ class DeviceState:
         def attach() -> Attachment:
             self.adapters.make_room(nbytes, protect)
             name = next(self._names)
-            attach_lora(target.pipe, self.mergers.for_pipeline(target.pipe), name, payload.state_dict)
+            try:
+                attach_lora(target.pipe, self.mergers.for_pipeline(target.pipe), name, payload.state_dict)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise FailedPrecondition(f"adapter {use.key} cannot be applied to this base model: {exc}",
+                                         field_name="spec.adapters") from None
             return Attachment("LORA", target.pipe, nbytes, peft_name=name)
 
         return self.adapters.get_or_load((target.id, use.key), attach, protect)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,13 +44,31 @@ def lora_layers(component: torch.nn.Module) -> list[LoraLayer]:
     return [m for m in component.modules() if isinstance(m, LoraLayer)]
 
 
+@dataclass
+class _Tracked:
+    """One wrapped layer: where it hangs in the module tree and its original parameters."""
+
+    parent: torch.nn.Module
+    attr: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
 class LoraMerger:
-    """The merge state of one component (a UNet or text encoder instance)."""
+    """The merge state of one component (a UNet or text encoder instance).
+
+    Wrapped layers are *stripped* during pipeline calls: the parent module points at the base
+    layer itself (holding the merged weights), so neither merged nor unused peft wrappers add a
+    Python call per layer and step (measured: up to 1.2x on the tiny model). The wrappers stay
+    alive in `_tracked` and are put back (`wrapped()`) whenever peft has to walk the model:
+    attaching and deleting adapters.
+    """
 
     def __init__(self, component: torch.nn.Module) -> None:
         self.component = component
-        self._originals: dict[LoraLayer, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._tracked: dict[LoraLayer, _Tracked] = {}
         self._current: Mix = ()
+        self._stripped = False
 
     @property
     def current(self) -> Mix:
@@ -58,58 +77,88 @@ class LoraMerger:
     @property
     def saved_bytes(self) -> int:
         """Device bytes held by the saved original weights."""
-        total = 0
-        for weight, bias in self._originals.values():
-            total += weight.numel() * weight.element_size()
-            if bias is not None:
-                total += bias.numel() * bias.element_size()
-        return total
+        tensors = [t for tr in self._tracked.values() for t in (tr.weight, tr.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Device bytes of the LoRA parameters held by the tracked wrappers."""
+        layers: list[Any] = list(self._tracked)
+        params = [p for layer in layers for name, p in layer.named_parameters() if "lora_" in name]
+        return sum(p.numel() * p.element_size() for p in params)
+
+    # --- the module tree ----------------------------------------------------------------
+    def strip(self) -> None:
+        if not self._stripped:
+            for layer, tracked in self._tracked.items():
+                setattr(tracked.parent, tracked.attr, layer.get_base_layer())
+            self._stripped = True
+
+    def unstrip(self) -> None:
+        if self._stripped:
+            for layer, tracked in self._tracked.items():
+                setattr(tracked.parent, tracked.attr, layer)
+            self._stripped = False
+
+    @contextlib.contextmanager
+    def wrapped(self) -> Iterator[None]:
+        """Wrappers in the tree and weights at their originals, for peft to walk the model."""
+        self.restore()
+        self.unstrip()
+        try:
+            yield
+        finally:
+            self.track_new_layers()
+            self.restore()
 
     def track_new_layers(self) -> None:
-        """Save originals of layers wrapped since the last call; must run while unmerged."""
-        for layer in lora_layers(self.component):
-            if layer not in self._originals:
+        """Record layers wrapped since the last call (in the tree, unmerged) and their originals."""
+        for name, layer in self.component.named_modules():
+            if isinstance(layer, LoraLayer) and layer not in self._tracked:
+                parent_name, _, attr = name.rpartition(".")
                 base: Any = layer.get_base_layer()
                 bias = getattr(base, "bias", None)
-                self._originals[layer] = (
-                    base.weight.detach().clone(),
+                self._tracked[layer] = _Tracked(
+                    self.component.get_submodule(parent_name), attr, base.weight.detach().clone(),
                     bias.detach().clone() if isinstance(bias, torch.Tensor) else None,
                 )
 
+    # --- merging ------------------------------------------------------------------------
     def restore(self) -> None:
         """Back to the exact original weights with every layer on the disabled fast path."""
-        for layer, (weight, bias) in self._originals.items():
+        for layer, tracked in self._tracked.items():
             base: Any = layer.get_base_layer()
             if layer.merged_adapters:
                 layer.merged_adapters.clear()
-                base.weight.data.copy_(weight)
-                if bias is not None:
-                    base.bias.data.copy_(bias)
+                base.weight.data.copy_(tracked.weight)
+                if tracked.bias is not None:
+                    base.bias.data.copy_(tracked.bias)
             layer.enable_adapters(False)
         self._current = ()
 
     def apply(self, mix: Mix) -> None:
-        """Make the weights equal base + sum(weight_i * delta_i); a no-op when already so."""
+        """Make the weights equal base + sum(weight_i * delta_i), then strip the wrappers."""
         mix = tuple((name, w) for name, w in mix if w != 0.0)
-        if mix == self._current:
-            return
-        self.restore()
-        for layer in self._originals:
-            present = [name for name, _w in mix if name in layer.lora_A]
-            if not present:
-                continue
-            for name, weight in mix:
-                layer.set_scale(name, weight)
-            layer.merge(adapter_names=present)
-            layer.enable_adapters(True)
-        self._current = mix
+        if mix != self._current:
+            self.restore()
+            for layer in self._tracked:
+                present = [name for name, _w in mix if name in layer.lora_A]
+                if not present:
+                    continue
+                for name, weight in mix:
+                    layer.set_scale(name, weight)
+                layer.merge(adapter_names=present)
+                layer.enable_adapters(True)
+            self._current = mix
+        self.strip()
 
     def has_adapters(self) -> bool:
-        return any(len(layer.lora_A) > 0 for layer in self._originals)
+        return any(len(layer.lora_A) > 0 for layer in self._tracked)
 
     def remove_wrappers(self) -> None:
         """Drop every peft wrapper (only when no adapter is left) and the saved originals."""
         self.restore()
+        self.unstrip()
         if isinstance(self.component, ModelMixin):
             self.component.unload_lora()
         else:
@@ -117,7 +166,7 @@ class LoraMerger:
             if getattr(self.component, "peft_config", None) is not None:
                 del self.component.peft_config
                 self.component._hf_peft_config_loaded = None  # type: ignore[assignment]
-        self._originals.clear()
+        self._tracked.clear()
 
 
 class LoraMergers:
@@ -148,6 +197,14 @@ class LoraMergers:
     def all(self) -> list[LoraMerger]:
         return list(self._by_component.values())
 
+    def adapter_bytes(self) -> int:
+        return sum(m.adapter_bytes for m in self._by_component.values())
+
+    def unstrip_all(self) -> None:
+        """Put every wrapper back in its tree (for inspection; the next batch strips again)."""
+        for merger in self._by_component.values():
+            merger.unstrip()
+
 
 def lora_nbytes(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
     """Device bytes of an attached LoRA: its parameters in the pipeline's dtype."""
@@ -173,23 +230,29 @@ def _quiet_transformers() -> Iterator[None]:
 
 def attach_lora(pipe: Pipeline, mergers: Sequence[LoraMerger], name: str,
                 state_dict: dict[str, torch.Tensor]) -> None:
-    """Attach one LoRA under `name`; weights are restored first, originals of new layers saved."""
-    for merger in mergers:
-        merger.restore()
-    # load_lora_weights consumes (pops from) the dict it is given: pass a shallow copy.
-    with _quiet_transformers():
-        pipe.load_lora_weights(dict(state_dict), adapter_name=name)
-    for merger in mergers:
-        merger.track_new_layers()
-        merger.restore()
+    """Attach one LoRA under `name` (wrappers back in the tree, weights at their originals)."""
+    with contextlib.ExitStack() as stack:
+        for merger in mergers:
+            stack.enter_context(merger.wrapped())
+        # load_lora_weights consumes (pops from) the dict it is given: pass a shallow copy.
+        with _quiet_transformers():
+            try:
+                pipe.load_lora_weights(dict(state_dict), adapter_name=name)
+            except Exception:
+                # A half-injected adapter must not stay behind (its layers would be tracked
+                # and, worse, never merged or deleted): remove whatever got in.
+                with contextlib.suppress(Exception):
+                    pipe.delete_adapters([name])
+                raise
 
 
 def detach_lora(pipe: Pipeline, mergers: Sequence[LoraMerger], name: str) -> None:
     """Delete one adapter; a component left without adapters loses its wrappers entirely."""
-    for merger in mergers:
-        merger.restore()
-    with _quiet_transformers():
-        pipe.delete_adapters([name])
+    with contextlib.ExitStack() as stack:
+        for merger in mergers:
+            stack.enter_context(merger.wrapped())
+        with _quiet_transformers():
+            pipe.delete_adapters([name])
     for merger in mergers:
         if not merger.has_adapters():
             merger.remove_wrappers()

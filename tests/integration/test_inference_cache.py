@@ -52,10 +52,12 @@ def status(env: InferenceEnv, key: str = "key-a") -> inference_pb2.GetCacheStatu
 
 
 def unet_footprint(env: InferenceEnv) -> tuple[int, int, int, int]:
-    """(parameters, parameter bytes, modules, saved-original bytes) of the base UNet."""
+    """(parameters, parameter bytes, modules, saved-original bytes) of the base UNet, with the
+    peft wrappers (taken out of the forward path between pipeline calls) put back in the tree."""
     engine = env.engine
 
     def measure() -> tuple[int, int, int, int]:
+        engine.device_state.mergers.unstrip_all()
         unet: torch.nn.Module = engine.pipelines.get(BASE).pipe.unet
         params = list(unet.parameters())
         return (sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params),
