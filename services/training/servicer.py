@@ -29,7 +29,8 @@ from services.training import convert
 from services.training.datasets import validate_dataset
 from services.training.jobstore import JobStore
 from services.training.schema import TERMINAL_STATES
-from services.training.trainers import TrainConfig, validate_config
+from services.training.tokenizers import BaseModelTokenizers
+from services.training.trainers import TrainConfig, validate_against_tokenizer, validate_config
 from services.training.upload import UploadAssembler
 
 SERVICE_NAME = "atelier.v1.TrainingService"
@@ -53,6 +54,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self._store = store
         self._registry = registry
         self._poll = watch_poll_seconds
+        self._tokenizers = BaseModelTokenizers(registry)
 
     # --- datasets -----------------------------------------------------------------------
     async def UploadDataset(
@@ -114,8 +116,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         """NOT_FOUND now for an unknown base model or dataset, rather than a FAILED job later."""
         validate_name(config.base_model, "spec.base_model")
         validate_name(config.dataset_id, "spec.dataset_id")
-        self._registry.get_base_model(config.base_model)
+        base = self._registry.get_base_model(config.base_model)
         self._registry.get_dataset(tenant, config.dataset_id)
+        if config.method == "TEXTUAL_INVERSION":
+            validate_against_tokenizer(config, self._tokenizers.get(base))
         if config.with_prior_preservation and config.class_dataset_id:
             validate_name(config.class_dataset_id, "spec.prior_preservation.class_dataset_id")
             self._registry.get_dataset(tenant, config.class_dataset_id)

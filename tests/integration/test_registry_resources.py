@@ -58,7 +58,7 @@ def test_dataset_image_corruption_is_data_loss(registry: Registry, tmp_path: Pat
 def test_base_model_import_get_list_materialize_delete(registry: Registry, tmp_path: Path) -> None:
     folder = write_fake_pipeline(tmp_path / "pipe")
     manifest = registry.import_base_model("tiny", folder, description="test")
-    assert manifest.architecture == "stable-diffusion" and len(manifest.files) == 8
+    assert manifest.architecture == "stable-diffusion" and len(manifest.files) == 9
     assert {f.path for f in manifest.files} >= {"model_index.json", "unet/diffusion_pytorch_model.safetensors"}
     assert registry.get_base_model("tiny") == manifest
     with pytest.raises(AlreadyExists):

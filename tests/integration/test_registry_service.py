@@ -253,7 +253,7 @@ def base_model_requests(folder: Path, name: str, extra: dict[str, bytes] | None 
 def test_base_models_over_grpc(stub: registry_pb2_grpc.RegistryServiceStub, tmp_path: Path) -> None:
     folder = write_fake_pipeline(tmp_path / "sd", seed=3)
     made = stub.ImportBaseModel(base_model_requests(folder, "sd15"), metadata=B).base_model
-    assert made.architecture == "stable-diffusion" and len(made.files) == 8
+    assert made.architecture == "stable-diffusion" and len(made.files) == 9
     got = stub.GetBaseModel(registry_pb2.GetBaseModelRequest(name="sd15"), metadata=A).base_model
     assert got.digest == made.digest  # base models are shared across tenants
     listed = stub.ListBaseModels(registry_pb2.ListBaseModelsRequest(), metadata=A).base_models

@@ -12,6 +12,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from atelier.v1 import common_pb2, registry_pb2, training_pb2
@@ -20,6 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
 from services.common.errors import AdapterNotFound
+from services.training.convert import spec_to_dict
+from services.training.trainers import TrainConfig
 from tests.fixtures.models import make_concept_images
 from tests.integration.test_training_support import (
     DREAMBOOTH,
@@ -27,7 +30,9 @@ from tests.integration.test_training_support import (
     TI,
     TrainingStack,
     lora_spec,
+    rpc_error,
     stack_settings,
+    violation_fields,
 )
 
 pytestmark = pytest.mark.slow
@@ -180,8 +185,15 @@ def test_failed_job_reports_its_error_and_the_worker_carries_on(sqlite_stack: Tr
         textual_inversion=training_pb2.TextualInversionOptions(placeholder_token="dog", initializer_token="toy"),
         hyperparameters=training_pb2.Hyperparameters(max_train_steps=2, resolution=32),
     )
-    job = stack.create(bad).job
-    failed = stack.wait(job.id, lambda j: j.state == training_pb2.JOB_STATE_FAILED)
+    # The API refuses it up front, naming the field (the tokenizer is checked at create time)...
+    err = rpc_error(lambda: stack.create(bad))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation_fields(err) == ["spec.textual_inversion.placeholder_token"]
+    # ...and a worker handed such a job anyway (e.g. queued by an older API) fails it for good.
+    config = TrainConfig.from_proto(bad)
+    record, _ = stack.store.create_job("default", "legacy-bad-ti", method=config.method, spec=spec_to_dict(bad),
+                                       output_name="bad-ti", total_steps=2, config=config.model_dump(mode="json"))
+    failed = stack.wait(record.id, lambda j: j.state == training_pb2.JOB_STATE_FAILED)
     assert "placeholder_token" in failed.error and failed.attempts == 1  # permanent: no retry
     good = stack.create(lora_spec(ds, output="ok", steps=2)).job
     assert stack.wait(good.id, lambda j: j.state == training_pb2.JOB_STATE_SUCCEEDED).output.version == 1
