@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from atelier.cli import adapters, dataset, generate, jobs, train
+from atelier.cli import adapters, base_models, dataset, generate, jobs, train
 from atelier.cli import serve as serve_cli
 from atelier.cli import worker as worker_cli
 from atelier.cli.base_model import app as base_model_app
@@ -14,6 +14,8 @@ app = typer.Typer(no_args_is_help=True, help="Atelier: personalise diffusion mod
                   pretty_exceptions_enable=False)
 app.callback()(root_callback)
 app.add_typer(base_model_app, name="base-model")
+base_model_app.command("import")(base_models.import_base_model)
+base_model_app.command("list")(base_models.list_base_models)
 app.add_typer(dataset.app, name="dataset")
 app.add_typer(train.app, name="train")
 app.add_typer(jobs.app, name="jobs")
