@@ -6,7 +6,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from atelier.cli.context import options
-from atelier.cli.output import console, emit, handle_errors, print_json, to_dict
+from atelier.cli.output import console, emit, handle_errors, print_json_line, to_dict
 from atelier.client import JobHandle
 from atelier.v1 import common_pb2, training_pb2
 
@@ -31,10 +31,10 @@ JOB_COLUMNS = ["id", "method", "state", "step", "loss", "adapter", "error"]
 
 
 def follow(handle: JobHandle, json_mode: bool) -> training_pb2.TrainingJob:
-    """Show Watch events as a progress bar (or JSON lines) until the job ends."""
+    """Show Watch events as a progress bar (or JSON Lines, one event per line) until the job ends."""
     if json_mode:
         for event in handle.watch():
-            print_json(to_dict(event))
+            print_json_line(to_dict(event))
         return handle.job
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]

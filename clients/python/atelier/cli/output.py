@@ -39,6 +39,12 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def print_json_line(value: Any) -> None:
+    """One compact JSON document per line (JSON Lines), for streams of events."""
+    sys.stdout.write(json.dumps(value, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     table = Table(title=title)
     for column in columns:
