@@ -68,6 +68,9 @@ def demo_env(state: Path) -> dict[str, str]:
         "ATELIER_AUTH_ENABLED": "false",
         "ATELIER_LOG_JSON": "false",
         "ATELIER_LOG_LEVEL": "WARNING",
+        # One torch thread per process unless the user chose: the tiny model's ops are too small
+        # to gain from more, and on 2 busy cores extra OpenMP threads made training ~10x slower.
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
 
 
@@ -143,7 +146,7 @@ def exercise(client: Client, out: Path, quick: bool) -> None:
               rank=4),
         train(client, "demo-dreambooth", "dreambooth", checker_set, steps, instance_prompt="a photo of sks disc"),
         train(client, "demo-ti", "textual-inversion", checker_set, steps, instance_prompt="a photo of <checker>",
-              placeholder_token="<checker>", initializer_token="disc"),
+              placeholder_token="<checker>", initializer_token="circle"),
     ]
     sheet: list[tuple[str, Image.Image]] = [("concept", Image.open(checker[0])), ("concept 2", Image.open(stripes[0]))]
     generations: list[tuple[str, str, list[str]]] = [("base", "a photo of a disc", [])]
