@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from services.common.errors import InvalidInput
 from services.training.trainers import TrainConfig, TrainImage, TrainResult, run_training
-from services.training.trainers.evaluate import pipeline_denoising_loss
+from services.training.trainers.evaluate import TRAINING_EVAL_TIMESTEPS, pipeline_denoising_loss
 from tests.fixtures.models import make_concept_images
 
 METHODS = ["LORA", "DREAMBOOTH", "TEXTUAL_INVERSION"]
@@ -122,7 +122,8 @@ def test_each_method_trains_and_its_artifact_loads_in_plain_diffusers(
     pipe.set_progress_bar_config(disable=True)
     load_into(pipe, method, result)
     # The loaded artifact *is* the trained state: same fixed-noise loss the trainer measured.
-    loaded = pipeline_denoising_loss(pipe, [i.path for i in concept], [PROMPT[method]] * len(concept), 32)
+    paths, prompts = [i.path for i in concept], [PROMPT[method]] * len(concept)
+    loaded = pipeline_denoising_loss(pipe, paths, prompts, 32, timesteps=TRAINING_EVAL_TIMESTEPS)
     assert loaded == pytest.approx(result.metrics["eval_loss_final"], rel=1e-4)
     image = pipe(
         PROMPT[method], num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)

@@ -20,7 +20,10 @@ from services.training.trainers.data import View, load_rgb, render_view, resize_
 from services.training.trainers.models import Components
 
 EVAL_TIMESTEPS = (50, 150, 300, 450, 600, 750, 900)
+# The per-run metric uses fewer timesteps: it costs about one training step per image chunk.
+TRAINING_EVAL_TIMESTEPS = (150, 450, 750)
 EVAL_SEED = 20240611
+EVAL_CHUNK = 8
 
 
 @torch.no_grad()
@@ -53,14 +56,29 @@ def denoising_loss(
 def fixed_denoising_loss(
     comps: Components, cache: LatentCache, view_indices: list[int], embeddings: torch.Tensor
 ) -> float:
-    """Training-time variant on cached latents (posterior means); leaves the UNet's mode as it was."""
+    """Training-time variant on cached latents (posterior means), in chunks of EVAL_CHUNK images.
+
+    Leaves the UNet's train/eval mode as it was, and draws no global randomness.
+    """
     was_training = comps.unet.training
     comps.unet.eval()
     try:
-        idx = torch.tensor(view_indices, device=cache.mean.device)
-        latents = (cache.mean[idx] - cache.shift) * cache.scaling_factor
-        with comps.autocast():
-            return denoising_loss(comps.unet, comps.schedule.scheduler, latents, embeddings)
+        total = 0.0
+        for start in range(0, len(view_indices), EVAL_CHUNK):
+            chunk = view_indices[start : start + EVAL_CHUNK]
+            idx = torch.tensor(chunk, device=cache.mean.device)
+            latents = (cache.mean[idx] - cache.shift) * cache.scaling_factor
+            with comps.autocast():
+                loss = denoising_loss(
+                    comps.unet,
+                    comps.schedule.scheduler,
+                    latents,
+                    embeddings[start : start + EVAL_CHUNK],
+                    timesteps=TRAINING_EVAL_TIMESTEPS,
+                    seed=EVAL_SEED + start,
+                )
+            total += loss * len(chunk)
+        return total / len(view_indices)
     finally:
         comps.unet.train(was_training)
 

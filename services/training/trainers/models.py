@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,24 +94,19 @@ def load_components(base_model_dir: Path, device: str, precision: str) -> Compon
     dev = torch.device(device)
     resolved = resolve_precision(precision, dev)
     dtype = _DTYPES[resolved]
-    comps = Components(
+
+    def frozen(module: Any) -> Any:
+        # Move each model as soon as it is loaded: host memory then peaks at the largest
+        # component, not at the sum of all three.
+        return module.requires_grad_(False).eval().to(dev)
+
+    return Components(
         tokenizer=CLIPTokenizer.from_pretrained(base_model_dir / "tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(base_model_dir / "text_encoder", dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(base_model_dir / "vae", torch_dtype=dtype),
-        unet=UNet2DConditionModel.from_pretrained(base_model_dir / "unet", torch_dtype=dtype),
+        text_encoder=frozen(CLIPTextModel.from_pretrained(base_model_dir / "text_encoder", dtype=dtype)),
+        vae=frozen(AutoencoderKL.from_pretrained(base_model_dir / "vae", torch_dtype=dtype)),
+        unet=frozen(UNet2DConditionModel.from_pretrained(base_model_dir / "unet", torch_dtype=dtype)),
         schedule=NoiseSchedule.from_model_dir(base_model_dir),
         device=dev,
         precision=resolved,
         base_model_dir=base_model_dir,
     )
-    for module in frozen_modules(comps):
-        module.requires_grad_(False)
-        module.eval()
-        module.to(dev)
-    return comps
-
-
-def frozen_modules(comps: Components) -> Iterator[torch.nn.Module]:
-    yield comps.vae
-    yield comps.text_encoder
-    yield comps.unet
