@@ -42,10 +42,15 @@ class Services:
     def cli(self, *args: str, timeout: float = 300.0,
             extra_root: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
         """Run `atelier --target ... --inference-target ... ARGS` and capture its output."""
-        command = [atelier_executable(), "--target", self.training_target,
-                   "--inference-target", self.inference_target, *extra_root, *args]
-        env = {**self.env, "COLUMNS": "240"}  # rich tables wide enough that ids are not ellipsised
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(self.command(*extra_root, *args), env=self.cli_env(), capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    def command(self, *args: str) -> list[str]:
+        return [atelier_executable(), "--target", self.training_target, "--inference-target", self.inference_target,
+                *args]
+
+    def cli_env(self) -> dict[str, str]:
+        return {**self.env, "COLUMNS": "240"}  # rich tables wide enough that ids are not ellipsised
 
 
 def atelier_executable() -> str:
