@@ -92,12 +92,19 @@ class Client:
 
     def stream(self, method: Callable[..., Any], request: Any, *, timeout: float | None = None,
                extra_metadata: Sequence[tuple[str, str]] = ()) -> Iterator[Any]:
-        """Iterate a server stream, translating errors; the deadline covers the whole stream."""
+        """Iterate a server stream, translating errors; the deadline covers the whole stream.
+
+        A caller that stops iterating early (break, exception) cancels the RPC at once instead of
+        leaving the server streaming into a call nobody reads until garbage collection.
+        """
         metadata = call_metadata(self._api_key, extra_metadata)
+        call = method(request, timeout=timeout or self._timeout, metadata=metadata)
         try:
-            yield from method(request, timeout=timeout or self._timeout, metadata=metadata)
+            yield from call
         except grpc.RpcError as error:
             raise from_grpc_error(error) from None
+        finally:
+            call.cancel()
 
     def close(self) -> None:
         self._channel.close()
