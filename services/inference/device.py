@@ -84,6 +84,7 @@ class DeviceState:
                  dreambooth_files: Callable[[DreamBoothPayload], dict]) -> None:
         self._dreambooth_files = dreambooth_files
         self.mergers = LoraMergers()
+        self.attaches = {"fast": 0, "full": 0}  # LoRA attach paths taken (see lora_fast.py)
         self._names = (f"atl{i}" for i in itertools.count())
         self.adapters: ByteLRU[DeviceKey, Attachment] = ByteLRU(
             "device", settings.device_cache_bytes, lambda a: a.nbytes,
@@ -140,10 +141,12 @@ class DeviceState:
             self.adapters.make_room(nbytes, protect)
             name = next(self._names)
             try:
-                attach_lora(target.pipe, self.mergers.for_pipeline(target.pipe), name, payload.state_dict)
+                fast = attach_lora(target.pipe, self.mergers.for_pipeline(target.pipe), name, payload.state_dict,
+                                   payload.metadata)
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise FailedPrecondition(f"adapter {use.key} cannot be applied to this base model: {exc}",
                                          field_name="spec.adapters") from None
+            self.attaches["fast" if fast else "full"] += 1
             return Attachment("LORA", target.pipe, nbytes, peft_name=name)
 
         return self.adapters.get_or_load((target.id, use.key), attach, protect)
@@ -184,7 +187,7 @@ class DeviceState:
     # --- eviction callbacks -----------------------------------------------------------
     def _detach(self, _key: DeviceKey, attachment: Attachment) -> None:
         if attachment.kind == "LORA":
-            detach_lora(attachment.pipe, self.mergers.for_pipeline(attachment.pipe), attachment.peft_name)
+            detach_lora(self.mergers.for_pipeline(attachment.pipe), attachment.peft_name)
         elif attachment.slots is not None and attachment.binding is not None:
             attachment.slots.release(attachment.binding)
 

@@ -13,7 +13,7 @@ as in plain diffusers. What we add is how a request's mix reaches the weights:
   weight (and bias) is copied once when the layer is first wrapped, and a change of set
   restores the copies bit for bit before merging the next set. The copies cover wrapped
   layers only (attention projections for typical LoRAs) and live on the device.
-* Layers that none of the requested adapters touch are switched to peft's disabled fast path.
+* During pipeline calls the wrappers are taken out of the module tree altogether (`strip`).
 
 Everything here runs on the device thread, between pipeline calls.
 """
@@ -32,6 +32,7 @@ from diffusers.utils import recurse_remove_peft_layers
 from peft.tuners.lora import LoraLayer
 from transformers.utils import logging as hf_logging
 
+from services.inference.lora_fast import try_fast_attach
 from services.inference.pipelines import Pipeline
 
 Mix = tuple[tuple[str, float], ...]
@@ -48,6 +49,7 @@ def lora_layers(component: torch.nn.Module) -> list[LoraLayer]:
 class _Tracked:
     """One wrapped layer: where it hangs in the module tree and its original parameters."""
 
+    path: str
     parent: torch.nn.Module
     attr: str
     weight: torch.Tensor
@@ -64,8 +66,9 @@ class LoraMerger:
     attaching and deleting adapters.
     """
 
-    def __init__(self, component: torch.nn.Module) -> None:
+    def __init__(self, component: torch.nn.Module, prefix: str) -> None:
         self.component = component
+        self.prefix = prefix  # "unet", "text_encoder", ...: its keys' prefix in a LoRA file
         self._tracked: dict[LoraLayer, _Tracked] = {}
         self._current: Mix = ()
         self._stripped = False
@@ -119,13 +122,18 @@ class LoraMerger:
                 base: Any = layer.get_base_layer()
                 bias = getattr(base, "bias", None)
                 self._tracked[layer] = _Tracked(
-                    self.component.get_submodule(parent_name), attr, base.weight.detach().clone(),
+                    name, self.component.get_submodule(parent_name), attr, base.weight.detach().clone(),
                     bias.detach().clone() if isinstance(bias, torch.Tensor) else None,
                 )
 
     # --- merging ------------------------------------------------------------------------
     def restore(self) -> None:
-        """Back to the exact original weights with every layer on the disabled fast path."""
+        """Back to the exact original weights (bit for bit: copied, not subtracted).
+
+        Wrappers are never in the forward path of a pipeline call (see `strip`), so their
+        enabled/disabled flags do not matter and are left alone: toggling them walks every
+        adapter's parameters and was most of the switch time.
+        """
         for layer, tracked in self._tracked.items():
             base: Any = layer.get_base_layer()
             if layer.merged_adapters:
@@ -133,7 +141,6 @@ class LoraMerger:
                 base.weight.data.copy_(tracked.weight)
                 if tracked.bias is not None:
                     base.bias.data.copy_(tracked.bias)
-            layer.enable_adapters(False)
         self._current = ()
 
     def apply(self, mix: Mix) -> None:
@@ -148,9 +155,21 @@ class LoraMerger:
                 for name, weight in mix:
                     layer.set_scale(name, weight)
                 layer.merge(adapter_names=present)
-                layer.enable_adapters(True)
             self._current = mix
         self.strip()
+
+    def delete_adapter(self, name: str) -> None:
+        self.restore()
+        for layer in self._tracked:
+            if name in layer.lora_A:
+                layer.delete_adapter(name)
+        peft_config = getattr(self.component, "peft_config", None)
+        if isinstance(peft_config, dict):
+            peft_config.pop(name, None)
+
+    def wrappers(self) -> dict[str, LoraLayer]:
+        """Module path -> wrapper, for the fast attach path."""
+        return {tracked.path: layer for layer, tracked in self._tracked.items()}
 
     def has_adapters(self) -> bool:
         return any(len(layer.lora_A) > 0 for layer in self._tracked)
@@ -183,7 +202,7 @@ class LoraMergers:
             if isinstance(component, torch.nn.Module):
                 merger = self._by_component.get(component)
                 if merger is None:
-                    merger = self._by_component[component] = LoraMerger(component)
+                    merger = self._by_component[component] = LoraMerger(component, name)
                 mergers.append(merger)
         return mergers
 
@@ -228,31 +247,62 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(previous)
 
 
+def load_lora(pipe: Pipeline, name: str, state_dict: dict[str, torch.Tensor],
+              metadata: dict[str, Any] | None) -> None:
+    """What `pipe.load_lora_weights(file)` does, from an in-memory state dict *and* its header.
+
+    diffusers reads the adapter metadata (lora_alpha, rank pattern) only from a file; given a
+    dict it would silently use alpha = rank. So the format conversion (`lora_state_dict`, which
+    also understands kohya and other layouts) and the per-component loaders are called here with
+    the metadata the payload kept. `low_cpu_mem_usage` skips random-initialising the A/B weights
+    that are overwritten right after.
+    """
+    converted, alphas = type(pipe).lora_state_dict(dict(state_dict))  # the dict is consumed: copy
+    if alphas and metadata:
+        metadata = None  # diffusers refuses both; kohya-style alphas are the file's own truth
+    pipe.load_lora_into_unet(converted, network_alphas=alphas, unet=pipe.unet, adapter_name=name,
+                             _pipeline=pipe, low_cpu_mem_usage=True, metadata=metadata)
+    for attr in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, attr, None)
+        if encoder is not None:
+            pipe.load_lora_into_text_encoder(
+                converted, network_alphas=alphas, text_encoder=encoder, prefix=attr, lora_scale=pipe.lora_scale,
+                adapter_name=name, _pipeline=pipe, low_cpu_mem_usage=True, metadata=metadata)
+
+
 def attach_lora(pipe: Pipeline, mergers: Sequence[LoraMerger], name: str,
-                state_dict: dict[str, torch.Tensor]) -> None:
-    """Attach one LoRA under `name` (wrappers back in the tree, weights at their originals)."""
+                state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> bool:
+    """Attach one LoRA under `name` (wrappers back in the tree, weights at their originals).
+
+    Returns True when the fast per-layer path (lora_fast.py) was enough.
+    """
     with contextlib.ExitStack() as stack:
         for merger in mergers:
             stack.enter_context(merger.wrapped())
-        # load_lora_weights consumes (pops from) the dict it is given: pass a shallow copy.
         with _quiet_transformers():
+            components = [(m.prefix, m.component, m.wrappers()) for m in mergers]
+            if try_fast_attach(pipe, components, name, state_dict, metadata):
+                return True
             try:
-                pipe.load_lora_weights(dict(state_dict), adapter_name=name)
+                load_lora(pipe, name, state_dict, metadata)
             except Exception:
                 # A half-injected adapter must not stay behind (its layers would be tracked
                 # and, worse, never merged or deleted): remove whatever got in.
                 with contextlib.suppress(Exception):
                     pipe.delete_adapters([name])
                 raise
+    return False
 
 
-def detach_lora(pipe: Pipeline, mergers: Sequence[LoraMerger], name: str) -> None:
-    """Delete one adapter; a component left without adapters loses its wrappers entirely."""
-    with contextlib.ExitStack() as stack:
+def detach_lora(mergers: Sequence[LoraMerger], name: str) -> None:
+    """Delete one adapter; a component left without adapters loses its wrappers entirely.
+
+    What diffusers' `delete_adapters` does (each wrapper's `delete_adapter`, then the model's
+    `peft_config` entry) on the tracked wrappers directly, without walking the module tree.
+    """
+    with _quiet_transformers():
         for merger in mergers:
-            stack.enter_context(merger.wrapped())
-        with _quiet_transformers():
-            pipe.delete_adapters([name])
+            merger.delete_adapter(name)
     for merger in mergers:
         if not merger.has_adapters():
             merger.remove_wrappers()

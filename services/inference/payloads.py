@@ -10,17 +10,20 @@ UNet is never held twice in RAM.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from services.common.errors import DataLoss, FailedPrecondition
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE, AdapterManifest, FileRecord
 
+LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights puts the LoRA config
 # Keys some exporters put next to the embedding; never trigger tokens.
 _TI_METADATA_KEYS = frozenset({"string_to_token", "name", "step", "sd_checkpoint", "sd_checkpoint_name"})
 
@@ -28,6 +31,10 @@ _TI_METADATA_KEYS = frozenset({"string_to_token", "name", "step", "sd_checkpoint
 @dataclass(frozen=True)
 class LoraPayload:
     state_dict: dict[str, torch.Tensor]
+    # diffusers' LoRA adapter metadata from the safetensors header (rank, lora_alpha, targets per
+    # component, e.g. {"unet.lora_alpha": 8, ...}): without it alpha != rank LoRAs would be
+    # applied with the wrong scale, because diffusers cannot see a header behind a dict.
+    metadata: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -75,9 +82,21 @@ def _pick(manifest: AdapterManifest, preferred: str) -> FileRecord:
     raise FailedPrecondition(f"adapter {manifest.ref}: no {preferred} among its files")
 
 
+def _lora_metadata(path: Path) -> dict[str, Any] | None:
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+    raw = header.get(LORA_METADATA_KEY)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        raise DataLoss(f"{path.name}: unreadable {LORA_METADATA_KEY} header") from None
+
+
 def lora_payload(manifest: AdapterManifest, local: dict[str, Path]) -> LoraPayload:
     record = _pick(manifest, LORA_WEIGHTS_FILE)
-    return LoraPayload(_read_safetensors(record, local[record.path], f"adapter {manifest.ref}"))
+    path = local[record.path]
+    state_dict = _read_safetensors(record, path, f"adapter {manifest.ref}")
+    return LoraPayload(state_dict, _lora_metadata(path))
 
 
 def ti_payload(manifest: AdapterManifest, local: dict[str, Path]) -> TiPayload:

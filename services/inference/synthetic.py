@@ -25,9 +25,15 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
+def _config(rank: int, targets: Sequence[str]) -> LoraConfig:
+    # alpha = 2 * rank, written to the file header like the trainer does: a loader that ignores
+    # the header (and so assumes alpha = rank) applies these LoRAs at half strength.
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets))
+
+
 def _peft_shapes(model: torch.nn.Module, rank: int, targets: Sequence[str]) -> dict[str, torch.Size]:
     # peft's own injection: transformers 5's `add_adapter` wants a newer peft than diffusers pins.
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), model)
+    inject_adapter_in_model(_config(rank, targets), model)
     state = get_peft_model_state_dict(model)
     return {k: v.shape for k, v in convert_state_dict_to_diffusers(state).items()}
 
@@ -36,6 +42,8 @@ class LoraFactory:
     """Random LoRAs with one key layout per base pipeline (built once, then cheap)."""
 
     def __init__(self, pipeline_dir: Path, rank: int = 4, text_encoder: bool = False) -> None:
+        self.rank = rank
+        self.text_encoder = text_encoder
         unet = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
         self.unet_shapes = _peft_shapes(unet, rank, UNET_TARGETS)
         self.text_shapes: dict[str, torch.Size] = {}
@@ -51,14 +59,16 @@ class LoraFactory:
             out[key] = torch.randn(shape, generator=gen) * std
         return out
 
-    def write(self, out_dir: Path, seed: int, scale: float = 0.3) -> Path:
+    def write(self, out_dir: Path, seed: int, scale: float = 0.1) -> Path:
         """Write out_dir/pytorch_lora_weights.safetensors; returns that file."""
         gen = torch.Generator().manual_seed(seed)
         unet_layers = self._random(self.unet_shapes, gen, scale)
         text_layers = self._random(self.text_shapes, gen, scale) if self.text_shapes else None
         out_dir.mkdir(parents=True, exist_ok=True)
         StableDiffusionPipeline.save_lora_weights(
-            out_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True
+            out_dir, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True,
+            unet_lora_adapter_metadata=_config(self.rank, UNET_TARGETS).to_dict(),
+            text_encoder_lora_adapter_metadata=_config(self.rank, TEXT_TARGETS).to_dict() if text_layers else None,
         )
         return out_dir / "pytorch_lora_weights.safetensors"
 

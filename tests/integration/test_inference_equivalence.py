@@ -54,15 +54,18 @@ def image(response: inference_pb2.GenerateResponse, i: int = 0) -> np.ndarray:
     return pixels(response.images[i].png)
 
 
-def test_lora_equals_diffusers(env: InferenceEnv) -> None:
-    lora = env.files["lora-a"][LORA_WEIGHTS_FILE]
+@pytest.mark.parametrize("name", ["lora-a", "lora-b"])  # the second one attaches through the fast path
+def test_lora_equals_diffusers(env: InferenceEnv, name: str) -> None:
+    lora = env.files[name][LORA_WEIGHTS_FILE]
     for weight in (1.0, -0.7):
-        ours = image(env.generate(adapters=[("lora-a", weight)]))
+        ours = image(env.generate(adapters=[(name, weight)]))
         fused = diffusers_reference(env.pipeline_dir, lora=(lora, weight), fuse=True)
         unfused = diffusers_reference(env.pipeline_dir, lora=(lora, weight), fuse=False)
         assert np.array_equal(ours, fused)
         assert np.abs(ours - unfused).max() <= 1
         assert not np.array_equal(ours, diffusers_reference(env.pipeline_dir))  # the LoRA did something
+    if name == "lora-b":
+        assert env.engine.device_state.attaches["fast"] >= 1
 
 
 def test_textual_inversion_equals_diffusers(env: InferenceEnv) -> None:
