@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.auth import Authenticator
 from services.common.config import Settings
+from services.common.process import apply_torch_threads
 from services.common.server import RunningServer, serve_until_signalled, start_server
 from services.common.telemetry import RpcMetrics, configure_logging, start_metrics_http
 from services.inference.pipelines import parse_model_paths
@@ -89,6 +90,7 @@ async def serve(settings: Settings, role: str, announce: Callable[[str], None] =
     """Run until SIGTERM/SIGINT: drain in-flight RPCs for the grace period, then stop workers."""
     configure_logging(settings)
     logging.getLogger().setLevel(settings.log_level.upper())
+    apply_torch_threads(settings)
     runtime = await start_runtime(settings, role)
     for name, running in runtime.servers.items():
         announce(f"{name} API listening on {settings.host}:{running.port} ({', '.join(running.service_names)})")

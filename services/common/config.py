@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Python log level.")
     log_json: bool = Field(True, description="JSON log lines with a request id.")
     data_dir: Path = Field(Path("var"), description="Local state: SQLite, caches, local registry.")
+    torch_threads: int = Field(0, description="torch intra-op CPU threads per process; 0 keeps torch's default.")
 
     # --- auth -------------------------------------------------------------------------
     auth_enabled: bool = Field(False, description="Require `authorization: Bearer <key>`.")

@@ -18,6 +18,7 @@ from types import FrameType
 from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
+from services.common.process import apply_torch_threads
 from services.common.telemetry import configure_logging, start_metrics_http
 from services.training.embedded import open_registry
 from services.training.jobstore import JobStore
@@ -31,6 +32,7 @@ def run_worker(settings: Settings, *, worker_id: str = "") -> int:
     """Run one worker until signalled; returns the process exit code."""
     configure_logging(settings)
     logging.getLogger().setLevel(settings.log_level.upper())
+    apply_torch_threads(settings)
     store = JobStore.open(settings)  # runs `alembic upgrade head` first
     metrics_registry = CollectorRegistry()
     register_store_metrics(metrics_registry, store)

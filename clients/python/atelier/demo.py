@@ -70,7 +70,7 @@ def demo_env(state: Path) -> dict[str, str]:
         "ATELIER_LOG_LEVEL": "WARNING",
         # One torch thread per process unless the user chose: the tiny model's ops are too small
         # to gain from more, and on 2 busy cores extra OpenMP threads made training ~10x slower.
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "ATELIER_TORCH_THREADS": os.environ.get("ATELIER_TORCH_THREADS", "1"),
     }
 
 
