@@ -13,7 +13,7 @@ from services.training.schema import STATES
 from services.training.trainers.config import METHOD_TO_KIND
 
 _STATE_TO_PROTO = {name: training_pb2.JobState.Value(f"JOB_STATE_{name}") for name in STATES}
-_PROTO_TO_STATE = {v: k for k, v in _STATE_TO_PROTO.items()}
+_PROTO_TO_STATE: dict[int, str] = {int(v): k for k, v in _STATE_TO_PROTO.items()}
 _KIND_TO_METHOD = {v: k for k, v in METHOD_TO_KIND.items()}
 
 
