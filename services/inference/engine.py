@@ -183,7 +183,8 @@ class InferenceEngine:
             return loaded
         return await self.on_device(self.pipelines.get, name)
 
-    async def _resolve(self, tenant: str, specs: Sequence[AdapterSpec], base: BaseModel) -> list[AdapterManifest]:
+    async def _resolve(self, tenant: str, specs: Sequence[AdapterSpec], base: BaseModel,
+                       for_device: bool = True) -> list[AdapterManifest]:
         async def one(spec: AdapterSpec) -> AdapterManifest:
             ref = RefKey(tenant, spec.name, spec.version, spec.alias)
             manifest = await self.on_io(self.resolver.resolve, ref)
@@ -195,7 +196,7 @@ class InferenceEngine:
         if len(dreambooth) > 1:
             raise InvalidInput(specs[dreambooth[1]].field, "at most one DREAMBOOTH adapter per request")
         attached = sum(1 for m in manifests if m.kind != "DREAMBOOTH")
-        if attached > self.settings.device_cache_max_adapters:
+        if for_device and attached > self.settings.device_cache_max_adapters:
             raise FailedPrecondition(
                 f"{attached} LoRA/TI adapters requested; this server attaches at most "
                 f"{self.settings.device_cache_max_adapters} at once", field_name="spec.adapters")
@@ -226,7 +227,7 @@ class InferenceEngine:
                       tier: str = "device") -> list[ResolvedAdapterInfo]:
         """Bring adapters into `tier` (and every tier below it)."""
         base = await self.base_model(base_model)
-        manifests = await self._resolve(tenant, specs, base)
+        manifests = await self._resolve(tenant, specs, base, for_device=tier == "device")
         if tier == "disk":
             for manifest in manifests:
                 await self.on_io(lambda m=manifest: [self.disk.fetch(f) for f in m.files])

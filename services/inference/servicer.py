@@ -36,6 +36,7 @@ TIER_KINDS = {
     "device": inference_pb2.CACHE_TIER_KIND_DEVICE,
 }
 TIER_NAMES = {v: k for k, v in TIER_KINDS.items()}
+MAX_PRELOAD_BELOW_DEVICE = 1024  # adapters per PreloadAdapters call into the disk or host tier
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -119,9 +120,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         errors = Violations()
         if not request.base_model:
             errors.add("base_model", "must not be empty")
-        specs = check_refs(list(request.adapters), [1.0] * len(request.adapters), "adapters", "",
-                           self._settings.device_cache_max_adapters, errors)
         tier = TIER_NAMES.get(request.tier, "device") if request.tier else "device"
+        limit = self._settings.device_cache_max_adapters if tier == "device" else MAX_PRELOAD_BELOW_DEVICE
+        specs = check_refs(list(request.adapters), [1.0] * len(request.adapters), "adapters", "", limit, errors)
         errors.raise_if_any()
         started = time.perf_counter()
         resolved = await self._engine.preload(current_tenant(), request.base_model, specs, tier)
