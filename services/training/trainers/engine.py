@@ -10,6 +10,7 @@ global RNGs (LoRA dropout) are checkpointed, so a resumed run reproduces an unin
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import shutil
@@ -134,6 +135,7 @@ class TrainingRun:
         if config.gradient_checkpointing:
             self.method.enable_gradient_checkpointing()
         self.batcher = self._build_batcher(images)
+        self._release_frozen_encoders()
         self.opt = build_optimisation(config, self.method, self.comps)
         self.start_step = 0
         self.extra: dict[str, float] = {}
@@ -166,6 +168,19 @@ class TrainingRun:
             class_prompts=class_prompts,
             encoder=encoder,
         )
+
+    def _release_frozen_encoders(self) -> None:
+        """Drop the VAE (and a cached text encoder) once everything is encoded.
+
+        Only sampling (validation previews) needs them again; without validation prompts their
+        memory goes back to the host or GPU for activations and optimizer state.
+        """
+        if self.config.validation_prompts:
+            return
+        self.comps.vae = None
+        if not self.method.text_encoder_in_graph:
+            self.comps.text_encoder = None
+        gc.collect()
 
     def _restore(self, resume_dir: Path) -> None:
         state = ckpt.load_state(resume_dir)
