@@ -178,6 +178,18 @@ class PipelinePool:
         extra: dict[str, Any] = {"safety_checker": None} if "safety_checker" in index else {}
         pipe: Pipeline = DiffusionPipeline.from_pretrained(
             folder, torch_dtype=self.dtype, use_safetensors=True, **extra)
+        return self._serve(name, digest, pipe)
+
+    def register(self, name: str, pipe: Pipeline, digest: str = "") -> BaseModel:
+        """Serve an already-built pipeline under `name` (benchmarks, embedding: no disk round trip).
+
+        Adapters whose manifest names a base_model_digest must match `digest`.
+        """
+        model = self._serve(name, digest, pipe.to(dtype=self.dtype))
+        self._models.put(name, model)
+        return model
+
+    def _serve(self, name: str, digest: str, pipe: Pipeline) -> BaseModel:
         family = family_of(pipe)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
