@@ -52,27 +52,33 @@ def tiny_pipeline(tmp: Path) -> Path:
 
 def settings_for(tmp: Path, pipeline_dir: Path, name: str = "engine", **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "registry_url": f"file://{tmp / 'registry'}", "cache_dir": tmp / name / "cache",
-        "data_dir": tmp / name, "base_model_paths": f"{BASE}={pipeline_dir}", "batch_wait_ms": 0.0,
-        "device_cache_max_adapters": 16, "max_batch_size": 1, "metrics_port": 0,
+        "registry_url": f"file://{tmp / 'registry'}",
+        "cache_dir": tmp / name / "cache",
+        "data_dir": tmp / name,
+        "base_model_paths": f"{BASE}={pipeline_dir}",
+        "batch_wait_ms": 0.0,
+        "device_cache_max_adapters": 16,
+        "max_batch_size": 1,
+        "metrics_port": 0,
     }
     values.update(overrides)
     return Settings(**values)
 
 
-def publish_loras(registry: Registry, pipeline_dir: Path, tmp: Path, names: Sequence[str],
-                  rank: int = 4) -> None:
+def publish_loras(registry: Registry, pipeline_dir: Path, tmp: Path, names: Sequence[str], rank: int = 4) -> None:
     factory = LoraFactory(pipeline_dir, rank=rank)
     for i, name in enumerate(names):
         path = factory.write(tmp / "loras" / name, seed=1000 + i)
         registry.publish_adapter(TENANT, name, kind="LORA", base_model=BASE, files={LORA_WEIGHTS_FILE: path})
 
 
-def request(adapters: Sequence[tuple[str, float]] = (), steps: int = 20, seed: int = 1,
-            size: int = 32) -> GenerationRequest:
+def request(
+    adapters: Sequence[tuple[str, float]] = (), steps: int = 20, seed: int = 1, size: int = 32
+) -> GenerationRequest:
     specs = tuple(AdapterSpec(n, None, None, w, f"spec.adapters[{i}]") for i, (n, w) in enumerate(adapters))
-    return GenerationRequest(BASE, "a red box on a blue floor", adapters=specs, steps=steps, width=size,
-                             height=size, seed=seed)
+    return GenerationRequest(
+        BASE, "a red box on a blue floor", adapters=specs, steps=steps, width=size, height=size, seed=seed
+    )
 
 
 class LoopThread:

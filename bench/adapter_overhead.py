@@ -44,8 +44,13 @@ def plain_pipeline(pipeline_dir: Path) -> StableDiffusionPipeline:
 
 def plain_call(pipe: StableDiffusionPipeline, steps: int) -> None:
     with torch.no_grad():
-        pipe("a red box on a blue floor", num_inference_steps=steps, height=32, width=32,
-             generator=torch.Generator().manual_seed(1))
+        pipe(
+            "a red box on a blue floor",
+            num_inference_steps=steps,
+            height=32,
+            width=32,
+            generator=torch.Generator().manual_seed(1),
+        )
 
 
 def main() -> None:
@@ -90,18 +95,36 @@ def main() -> None:
             handle.close()
         loop.stop()
     ratio = ms["lora"] / ms["bare"]
-    print_rows(f"adapter overhead (tiny model, 32 px, {args.steps} steps, median of {args.rounds})", [
-        Row("engine, bare base model", ms["bare"]),
-        Row("engine, 1 cached LoRA (merged)", ms["lora"], baseline="engine bare", baseline_value=ms["bare"],
-            target="<= 1.05x", ok=ratio <= 1.05),
-        Row("engine, base request, LoRA attached", ms["attached"], baseline="engine bare",
-            baseline_value=ms["bare"]),
-        Row("diffusers, base", ms["diffusers base"]),
-        Row("diffusers, 1 LoRA unfused", ms["diffusers unfused"], baseline="diffusers base",
-            baseline_value=ms["diffusers base"]),
-        Row("diffusers, empty wrappers after delete", ms["diffusers empty wrappers"], baseline="diffusers base",
-            baseline_value=ms["diffusers base"]),
-    ])
+    print_rows(
+        f"adapter overhead (tiny model, 32 px, {args.steps} steps, median of {args.rounds})",
+        [
+            Row("engine, bare base model", ms["bare"]),
+            Row(
+                "engine, 1 cached LoRA (merged)",
+                ms["lora"],
+                baseline="engine bare",
+                baseline_value=ms["bare"],
+                target="<= 1.05x",
+                ok=ratio <= 1.05,
+            ),
+            Row(
+                "engine, base request, LoRA attached", ms["attached"], baseline="engine bare", baseline_value=ms["bare"]
+            ),
+            Row("diffusers, base", ms["diffusers base"]),
+            Row(
+                "diffusers, 1 LoRA unfused",
+                ms["diffusers unfused"],
+                baseline="diffusers base",
+                baseline_value=ms["diffusers base"],
+            ),
+            Row(
+                "diffusers, empty wrappers after delete",
+                ms["diffusers empty wrappers"],
+                baseline="diffusers base",
+                baseline_value=ms["diffusers base"],
+            ),
+        ],
+    )
 
 
 TENANT_DEFAULT = "default"

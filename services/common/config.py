@@ -88,3 +88,9 @@ class Settings(BaseSettings):
     max_inference_steps: int = Field(150, description="Upper bound on steps.")
     max_images_per_request: int = Field(8, description="Upper bound on num_images.")
     max_image_side: int = Field(2048, description="Upper bound on width and height.")
+    exact_batching: bool = Field(
+        True, description="Batched requests give the same bytes as alone (UNet per request); off: faster GPU batches."
+    )
+    adapter_ref_ttl_seconds: float = Field(
+        10.0, description="How long an alias/latest adapter reference is reused before re-resolving it."
+    )

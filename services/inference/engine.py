@@ -44,7 +44,6 @@ from services.registry.manifests import AdapterManifest
 from services.registry.registry import Registry
 
 T = TypeVar("T")
-DEFAULT_REF_TTL_SECONDS = 10.0
 TIERS = ("disk", "host", "device")
 
 
@@ -68,18 +67,20 @@ class InferenceEngine:
     """See the module docstring. Create it inside the event loop that will call it."""
 
     def __init__(self, settings: Settings, registry: Registry, metrics_registry: CollectorRegistry | None = None,
-                 *, exact_batching: bool = True, ref_ttl_seconds: float = DEFAULT_REF_TTL_SECONDS,
+                 *, exact_batching: bool | None = None, ref_ttl_seconds: float | None = None,
                  io_threads: int = 8) -> None:
         self.settings = settings
         self.registry = registry
         self.metrics = InferenceMetrics(metrics_registry or CollectorRegistry())
         self.pipelines = PipelinePool(settings, registry)
-        self.resolver = Resolver(registry, ref_ttl_seconds)
+        self.resolver = Resolver(registry, settings.adapter_ref_ttl_seconds if ref_ttl_seconds is None
+                                 else ref_ttl_seconds)
         self.disk: DiskTier
         self.host: HostTier
         self.disk, self.host = open_adapter_tiers(settings, registry, self.metrics)
         self.device_state = DeviceState(settings, self.metrics, self.host.dreambooth_files)
-        self.runner = Runner(self.device_state, self.metrics, exact=exact_batching)
+        self.runner = Runner(self.device_state, self.metrics,
+                             exact=settings.exact_batching if exact_batching is None else exact_batching)
         self._device = ThreadPoolExecutor(1, thread_name_prefix="atelier-device")
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="atelier-inference-io")
         self.batcher = Batcher(settings.queue_size, settings.max_batch_size, settings.batch_wait_ms / 1000,

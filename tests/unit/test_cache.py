@@ -131,3 +131,14 @@ def test_metrics_follow_the_books() -> None:
     assert value("atelier_inference_cache_evictions_total") == 1
     assert value("atelier_inference_cache_bytes") == 3
     assert value("atelier_inference_cache_load_seconds_count") == 2
+
+
+def test_make_room_evicts_before_the_load() -> None:
+    cache, evicted = make(10, max_entries=3, strict=True)
+    for key in "abc":
+        cache.put(key, b"xxx")
+    cache.make_room(3, protect={"a"})
+    assert evicted == ["b"] and cache.used_bytes == 6
+    with pytest.raises(CapacityError):
+        cache.make_room(9, protect={"a", "c"})
+    assert evicted == ["b"]
