@@ -135,3 +135,12 @@ def test_corrupted_blob_is_data_loss_and_never_applied(env: InferenceEnv) -> Non
     finally:
         s3.put_object(Bucket=bucket, Key=key, Body=original)
     assert env.generate(adapters=[("bad", 1.0)], seed=4).images[0].png != base
+
+
+def test_stream_errors_carry_the_same_status(env: InferenceEnv) -> None:
+    err = rpc_error(lambda: list(env.stub.GenerateStream(
+        inference_pb2.GenerateStreamRequest(spec=spec(adapters=[("nope", 1.0)])), timeout=30)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    err = rpc_error(lambda: list(env.stub.GenerateStream(
+        inference_pb2.GenerateStreamRequest(spec=spec(prompt="")), timeout=30)))
+    assert err.code() == INVALID and "spec.prompt" in details(err)["fields"]

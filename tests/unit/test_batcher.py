@@ -102,3 +102,34 @@ def test_full_queue_is_refused_immediately_and_slots_come_back() -> None:
 
 def test_expired_and_withdrawn_requests_never_reach_the_device() -> None:
     asyncio.run(_test_expired_and_withdrawn_requests_never_reach_the_device())
+
+
+def test_batch_key_covers_what_changes_the_pipeline_call_and_nothing_else() -> None:
+    import torch
+
+    from services.inference.adapters import AdapterKey
+    from services.inference.device import AdapterUse
+    from services.inference.engine import InferenceEngine
+    from services.inference.payloads import LoraPayload
+    from services.inference.pipelines import BaseModel
+    from services.inference.runner import Job
+
+    base = BaseModel("tiny", "d", None, "sd", torch.device("cpu"), torch.float32, None)
+
+    def use(name: str, weight: float) -> AdapterUse:
+        return AdapterUse(AdapterKey("t", name, 1, "x"), "LORA", weight, LoraPayload({}))
+
+    def key(adapters: tuple[AdapterUse, ...] = (use("a", 1.0),), size: int = 32, **kw: object) -> tuple:  # type: ignore[type-arg]
+        request = GenerationRequest("tiny", str(kw.pop("prompt", "p")), **kw)  # type: ignore[arg-type]
+        return InferenceEngine._batch_key(Job(request, base, adapters, size, size))
+
+    same = key()
+    # prompt, negative prompt, seed and image count do not split a batch...
+    assert key(prompt="other", negative_prompt="n", seed=9, num_images=3) == same
+    # ...adapters, their weights and order, size, steps, scheduler and guidance do
+    assert key(adapters=(use("a", 0.5),)) != same
+    assert key(adapters=(use("a", 1.0), use("b", 1.0))) != key(adapters=(use("b", 1.0), use("a", 1.0)))
+    assert key(size=64) != same
+    assert key(steps=10) != same
+    assert key(scheduler="ddim") != same
+    assert key(guidance_scale=3.0) != same
