@@ -231,3 +231,16 @@ def test_inputs_only_the_base_model_can_judge_are_invalid_input(
     with pytest.raises(InvalidInput) as err:
         train(config(method, **overrides), tiny_random_pipeline_dir, concept, tmp_path / "w", Recorder(tmp_path))
     assert err.value.violations[0].field == field
+
+
+def test_text_encoder_lora_with_alpha_other_than_rank_loads_exactly(
+    tiny_random_pipeline_dir: Path, concept: list[TrainImage], tmp_path: Path
+) -> None:
+    cfg = config("LORA", train_text_encoder=True, rank=8, alpha=4.0, text_encoder_learning_rate=1e-2)
+    result = train(cfg, tiny_random_pipeline_dir, concept, tmp_path / "w", Recorder(tmp_path))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_random_pipeline_dir, safety_checker=None)
+    load_into(pipe, "LORA", result)
+    assert any("lora" in name for name, _ in pipe.text_encoder.named_parameters())
+    paths, prompts = [i.path for i in concept], [PROMPT["LORA"]] * len(concept)
+    loaded = pipeline_denoising_loss(pipe, paths, prompts, 32, timesteps=TRAINING_EVAL_TIMESTEPS)
+    assert loaded == pytest.approx(result.metrics["eval_loss_final"], rel=1e-4)
