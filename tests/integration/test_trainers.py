@@ -168,6 +168,8 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(
         cfg, tiny_random_pipeline_dir, concept, tmp_path / "w2", resumed_rec, resume_dir=full.checkpoints[2]
     )
     assert resumed.resumed_from_step == 2 and resumed.steps == 4
+    if method == "DREAMBOOTH":  # reused, not regenerated, and carried into later checkpoints
+        assert len(list((tmp_path / "w2" / "class_images").glob("*.png"))) == 2
     assert [s[0] for s in resumed_rec.steps] == [3, 4]
     for (_, _, loss_a, lr_a), (_, _, loss_b, lr_b) in zip(full.steps[2:], resumed_rec.steps, strict=True):
         assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)

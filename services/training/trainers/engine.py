@@ -99,7 +99,9 @@ def class_image_paths(
         return images
     saved = resume_dir / CLASS_IMAGES_DIR if resume_dir else None
     if saved is not None and saved.is_dir() and len(list(saved.glob("*.png"))) >= missing:
-        paths = sorted(saved.glob("*.png"))[:missing]
+        local = work_dir / CLASS_IMAGES_DIR  # copied so the next checkpoint carries them again
+        local.mkdir(parents=True, exist_ok=True)
+        paths = [Path(shutil.copy2(p, local / p.name)) for p in sorted(saved.glob("*.png"))[:missing]]
     else:
         paths = generate_class_images(
             comps, config.class_prompt, missing, resolution, config.seed, work_dir / CLASS_IMAGES_DIR
