@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from atelier.health import wait_until_serving
 
 BASE_MODEL = "tiny-sd"
 LISTENING = re.compile(r"^(training|inference) API listening on ([\d.]+):(\d+)", re.MULTILINE)
@@ -95,19 +94,10 @@ def read_ports(stdout: Path, process: subprocess.Popen[bytes], log: Path) -> dic
 
 
 def wait_serving(target: str, timeout: float = 30.0) -> None:
-    """Poll grpc.health.v1 (overall service "") until SERVING."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    pytest.fail(f"{target} not SERVING within {timeout:.0f} s")
+    try:
+        wait_until_serving(target, timeout)
+    except TimeoutError as error:
+        pytest.fail(str(error))
 
 
 def stop(process: subprocess.Popen[bytes], log: Path) -> int:

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from atelier.client import Client
 from atelier.demo_images import concept_images, contact_sheet, save_all
+from atelier.health import wait_until_serving
 from atelier.v1 import training_pb2
 
 console = Console()
@@ -74,22 +73,6 @@ def demo_env(state: Path) -> dict[str, str]:
     }
 
 
-def wait_serving(target: str, timeout: float = 120.0) -> None:
-    """Poll grpc.health.v1 until the server says SERVING."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise RuntimeError(f"{target} did not become SERVING within {timeout:.0f} s")
-
-
 def atelier_cli() -> list[str]:
     return [sys.executable, "-m", "atelier.cli"]
 
@@ -121,8 +104,8 @@ def run_demo(out: Path, quick: bool) -> None:
     try:
         training_target = f"127.0.0.1:{env['ATELIER_TRAINING_PORT']}"
         inference_target = f"127.0.0.1:{env['ATELIER_INFERENCE_PORT']}"
-        wait_serving(training_target)
-        wait_serving(inference_target)
+        wait_until_serving(training_target)
+        wait_until_serving(inference_target)
         with Client(training_target, inference_target=inference_target, timeout=600) as client:
             exercise(client, out, quick)
     finally:
