@@ -49,8 +49,8 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom right": (0.7, 0.7),
 }
 # name -> radius as a fraction of the side; "" is the unnamed medium size. Shapes are large
-# (8-25% of the image) so that their colour, the thing prompts control, dominates the pixels.
-SIZES: dict[str, float] = {"small": 0.16, "": 0.22, "large": 0.28}
+# (13-36% of the image) so that their colour, the thing prompts control, dominates the pixels.
+SIZES: dict[str, float] = {"small": 0.2, "": 0.27, "large": 0.34}
 PREFIXES: tuple[str, ...] = ("", "a photo of ", "a picture of ", "a drawing of ")
 HELD_OUT_SEED = 7_000_003
 SUPERSAMPLE = 4

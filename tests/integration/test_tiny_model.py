@@ -84,11 +84,12 @@ def test_create_tiny_installs_the_pretrained_asset(tmp_path: Path) -> None:
         assert (tmp_path / "m" / rel).read_bytes() == (PRETRAINED_DIR / rel).read_bytes()
 
 
-def test_create_tiny_random_defaults_under_data_dir(tmp_path: Path) -> None:
-    env = {"ATELIER_DATA_DIR": str(tmp_path / "var")}
-    result = CliRunner().invoke(app, ["base-model", "create-tiny", "--random", "--seed", "3"], env=env)
+def test_create_tiny_random_defaults_under_data_dir_and_imports(local_settings: Settings) -> None:
+    args = ["base-model", "create-tiny", "--random", "--seed", "3", "--import"]
+    result = CliRunner().invoke(app, args, env=_env(local_settings))
     assert result.exit_code == 0, result.output
-    _load(tmp_path / "var" / "base-models" / "tiny-sd-random")
+    _load(local_settings.data_dir / "base-models" / "tiny-sd-random")
+    assert Registry(open_store(local_settings)).get_base_model("tiny-sd-random").files
 
 
 def test_create_tiny_imports_into_the_registry(registry_settings: Settings, tmp_path: Path) -> None:

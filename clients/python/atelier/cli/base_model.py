@@ -64,9 +64,10 @@ def pretrain_tiny(
     out: Path = typer.Option(None, help="Output pipeline folder [default: the packaged tiny-sd asset]."),
     seed: int = typer.Option(0, help="Seed of the initial weights and of the data stream."),
     vae_steps: int = typer.Option(400, help="VAE reconstruction steps."),
-    unet_steps: int = typer.Option(2000, help="UNet + text encoder denoising steps."),
+    unet_steps: int = typer.Option(2500, help="UNet + text encoder denoising steps."),
     unet_lr: float = typer.Option(6e-4, help="Peak learning rate of the UNet + text encoder phase."),
     snr_gamma: float = typer.Option(5.0, help="Min-SNR loss weighting gamma; 0 for plain MSE."),
+    ema_decay: float = typer.Option(0.998, help="Weight moving-average decay; 0 saves the raw weights."),
     resolution: int = typer.Option(32, help="Image side in pixels (latents are half of it)."),
     batch_size: int = typer.Option(32, help="Images per step."),
     threads: int = typer.Option(2, help="torch CPU threads."),
@@ -83,7 +84,7 @@ def pretrain_tiny(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = PretrainConfig(out_dir=out or PRETRAINED_DIR, seed=seed, resolution=resolution,
                          batch_size=batch_size, vae_steps=vae_steps, unet_steps=unet_steps, threads=threads,
-                         unet_lr=unet_lr, snr_gamma=snr_gamma,
+                         unet_lr=unet_lr, snr_gamma=snr_gamma, ema_decay=ema_decay,
                          eval_count=eval_images, eval_steps=eval_steps, device=device)
     result = pretrain(cfg)
     report = write_report(cfg, result, command_line(cfg, out_given=out is not None))
