@@ -235,7 +235,9 @@ _OPTIONAL_HYPER = (
 
 
 def _hyper_values(h: training_pb2.Hyperparameters) -> dict[str, Any]:
-    out: dict[str, Any] = {name: getattr(h, name) for name in _OPTIONAL_HYPER if h.HasField(name)}
+    out: dict[str, Any] = {
+        name: getattr(h, name) for name in _OPTIONAL_HYPER if h.HasField(name)  # type: ignore[arg-type]
+    }
     out["mixed_precision"] = _PRECISION.get(h.mixed_precision, "auto")
     if h.validation_prompts:
         out["validation_prompts"] = list(h.validation_prompts)
