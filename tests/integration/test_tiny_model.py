@@ -58,7 +58,8 @@ def test_pretrained_meets_acceptance(tiny_random_pipeline_dir: Path, tiny_pretra
     trained_loss = held_out_loss(pretrained)
     assert trained_loss <= 0.6 * random_loss, (trained_loss, random_loss)
     colours = colour_control(pretrained, seeds=10)
-    assert colours.wins >= 8, colours
+    # mean(R) - mean(B): see ColourResult for why the raw mean red channel is not the criterion.
+    assert colours.redness_wins >= 8, colours
 
 
 def test_install_refuses_an_incomplete_asset(tmp_path: Path) -> None:
