@@ -81,25 +81,26 @@ def make_text_encoder(vocab: dict[str, int]) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def make_scheduler() -> PNDMScheduler:
+def make_scheduler(prediction_type: str = "epsilon") -> PNDMScheduler:
     """The inference scheduler SD 1.x ships (PNDM, PLMS steps)."""
-    return PNDMScheduler(**SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
+    return PNDMScheduler(**{**SCHEDULE, "prediction_type": prediction_type}, skip_prk_steps=True,
+                         set_alpha_to_one=False)
 
 
-def make_noise_scheduler() -> DDPMScheduler:
+def make_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     """The training noise schedule: DDPM with the same betas as the inference scheduler."""
-    return DDPMScheduler(**SCHEDULE, clip_sample=False)
+    return DDPMScheduler(**{**SCHEDULE, "prediction_type": prediction_type}, clip_sample=False)
 
 
 def assemble(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
-             tokenizer: CLIPTokenizer) -> Any:
+             tokenizer: CLIPTokenizer, prediction_type: str = "epsilon") -> Any:
     """Components -> a StableDiffusionPipeline without safety checker or feature extractor."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=make_scheduler(),
+        scheduler=make_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

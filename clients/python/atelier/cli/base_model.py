@@ -68,6 +68,7 @@ def pretrain_tiny(
     unet_lr: float = typer.Option(6e-4, help="Peak learning rate of the UNet + text encoder phase."),
     snr_gamma: float = typer.Option(5.0, help="Min-SNR loss weighting gamma; 0 for plain MSE."),
     ema_decay: float = typer.Option(0.998, help="Weight moving-average decay; 0 saves the raw weights."),
+    prediction_type: str = typer.Option("epsilon", help="UNet target: epsilon (SD 1.x) or v_prediction (SD 2.x)."),
     resolution: int = typer.Option(32, help="Image side in pixels (latents are half of it)."),
     batch_size: int = typer.Option(32, help="Images per step."),
     threads: int = typer.Option(2, help="torch CPU threads."),
@@ -81,10 +82,13 @@ def pretrain_tiny(
 
     if resolution % 8 or resolution < 16:
         raise _fail("--resolution must be a multiple of 8, at least 16")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise _fail("--prediction-type must be epsilon or v_prediction")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     cfg = PretrainConfig(out_dir=out or PRETRAINED_DIR, seed=seed, resolution=resolution,
                          batch_size=batch_size, vae_steps=vae_steps, unet_steps=unet_steps, threads=threads,
                          unet_lr=unet_lr, snr_gamma=snr_gamma, ema_decay=ema_decay,
+                         prediction_type=prediction_type,
                          eval_count=eval_images, eval_steps=eval_steps, device=device)
     result = pretrain(cfg)
     report = write_report(cfg, result, command_line(cfg, out_given=out is not None))
