@@ -67,6 +67,7 @@ def build_optimisation(config: TrainConfig, method: MethodTrainer, comps: Compon
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
         weight_decay=config.adam_weight_decay,
+        foreach=True,  # one multi-tensor update: the CPU default loops over hundreds of LoRA tensors
     )
     scheduler = get_scheduler(
         config.lr_scheduler,

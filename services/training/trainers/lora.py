@@ -21,6 +21,7 @@ from peft.utils import get_peft_model_state_dict
 
 from services.common.errors import InvalidInput
 from services.training.trainers.config import TrainConfig
+from services.training.trainers.lora_compute import use_merged_compute
 from services.training.trainers.method import MethodTrainer
 from services.training.trainers.models import Components
 
@@ -39,6 +40,8 @@ class LoraTrainer(MethodTrainer):
             self.text_config = self._lora_config(config.text_encoder_target_modules)
             self._attach(comps.text_encoder, self.text_config, "spec.lora.text_encoder_target_modules")
         cast_training_params([comps.unet, comps.text_encoder], dtype=torch.float32)
+        for model in (comps.unet, comps.text_encoder):
+            use_merged_compute(model)  # the same function, in fewer passes, on small fp32 layers
 
     def _lora_config(self, targets: list[str]) -> LoraConfig:
         c = self.config
