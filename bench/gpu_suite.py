@@ -20,6 +20,10 @@ weights are. Prints one table with ratios:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -96,13 +100,16 @@ def build(kind: str, tmp: Path, device: str, dtype: torch.dtype, smoke: bool) ->
     vocab = write_tokenizer(tmp / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
     torch.manual_seed(0)
-    with torch.device(device):
+    # Built outside the device context: under `torch.device("cuda")` its alphas_cumprod would be
+    # a CUDA tensor, and EulerDiscreteScheduler.set_timesteps calls np.array() on it (TypeError).
+    scheduler = EulerDiscreteScheduler(**SCHEDULE)
+    with torch.device(device):  # models only: random init on the GPU takes seconds, not minutes
         if kind == "sd15":
             unet = UNet2DConditionModel(**(TINY_UNET if smoke else SD15_UNET))
             vae = AutoencoderKL(**(TINY_VAE if smoke else VAE), scaling_factor=0.18215)
             pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(vocab, TINY_CLIP if smoke else CLIP_L),
                                            tokenizer=tokenizer, unet=unet,
-                                           scheduler=EulerDiscreteScheduler(**SCHEDULE), safety_checker=None,
+                                           scheduler=scheduler, safety_checker=None,
                                            feature_extractor=None, requires_safety_checker=False)
         else:
             unet = UNet2DConditionModel(**(TINY_XL_UNET if smoke else SDXL_UNET))
@@ -112,7 +119,7 @@ def build(kind: str, tmp: Path, device: str, dtype: torch.dtype, smoke: bool) ->
             pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder(vocab, small),
                                              text_encoder_2=text_encoder(vocab, big, projection=True),
                                              tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-                                             scheduler=EulerDiscreteScheduler(**SCHEDULE))
+                                             scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
@@ -144,6 +151,16 @@ def median_ms(fn: Callable[[], object], reps: int, device: str) -> float:
     return statistics.median(samples)
 
 
+def free(device: str) -> str:
+    """Collect what earlier phases left (engines hold reference cycles); reset the peak."""
+    gc.collect()
+    if not device.startswith("cuda"):
+        return "n/a"
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB resident at start"
+
+
 def peak_gib(device: str) -> str:
     if not device.startswith("cuda"):
         return "n/a"
@@ -153,19 +170,21 @@ def peak_gib(device: str) -> str:
 
 
 def diffusers_arms(pipe: Any, loras: list[dict[str, torch.Tensor]], req: dict[str, Any], reps: int,
-                   device: str) -> dict[str, float]:
-    """Plain diffusers on its own copy of the pipeline: base, unfused 1 and 3 LoRAs, load+unload."""
+                   device: str, three: bool) -> dict[str, float]:
+    """Plain diffusers on its own copy of the pipeline: base, unfused 1 (and 3) LoRAs, load+unload."""
     def call() -> None:
         with torch.no_grad():
             pipe(**req, generator=torch.Generator().manual_seed(1))
 
+    call()  # warm, as the engine's arms are
     out = {"base": median_ms(call, reps, device)}
-    for i in range(3):
+    for i in range(3 if three else 1):
         pipe.load_lora_weights(dict(loras[i]), adapter_name=f"l{i}")
     pipe.set_adapters(["l0"], [1.0])
     out["1 LoRA"] = median_ms(call, reps, device)
-    pipe.set_adapters(["l0", "l1", "l2"], [0.7, 0.5, 0.3])
-    out["3 LoRAs"] = median_ms(call, reps, device)
+    if three:
+        pipe.set_adapters(["l0", "l1", "l2"], [0.7, 0.5, 0.3])
+        out["3 LoRAs"] = median_ms(call, reps, device)
     pipe.unload_lora_weights()
 
     def switch() -> None:
@@ -180,7 +199,7 @@ def generation(kind: str, tmp: Path, args: argparse.Namespace) -> None:
     device, dtype, smoke = args.device, torch.bfloat16 if not args.cpu_smoke else torch.float32, args.cpu_smoke
     size = (64 if smoke else 512) if kind == "sd15" else (64 if smoke else 1024)
     steps, reps = (2, 2) if smoke else (30, 5 if kind == "sd15" else 3)
-    torch.cuda.reset_peak_memory_stats() if device.startswith("cuda") else None
+    resident = free(device)
     settings = Settings(registry_url=f"file://{tmp / 'registry'}", cache_dir=tmp / "cache", data_dir=tmp,
                         inference_device=device, inference_dtype="float32" if smoke else "bfloat16",
                         device_cache_max_adapters=8, batch_wait_ms=0.0, max_batch_size=1, max_image_side=2048)
@@ -208,26 +227,28 @@ def generation(kind: str, tmp: Path, args: argparse.Namespace) -> None:
     ours = {}
     for name, r in arms.items():
         handle.generate(r)  # warm: attach, merge, kernels
-        ours[name] = median_ms(lambda r=r: handle.generate(r), reps, device)
+        ours[name] = median_ms(lambda r=r, h=handle: h.generate(r), reps, device)
     print(f"\n[{kind}] {size} px, {steps} steps, bf16 ({'CPU smoke' if smoke else device})")
     for name in arms:
         row(f"{kind} generate, engine, {name}", f"{ours[name]:.0f} ms",
             f"{ours[name] / ours['base']:.3f}x base" if name != "base" else "")
-    row(f"{kind} peak GPU memory, engine", peak_gib(device))
+    row(f"{kind} peak GPU memory, engine", peak_gib(device), resident)
     if kind == "sd15":
         switching(handle, loop, kind, req, reps, device, ours)
     handle.close()
     loop.stop()
+    del handle, loop, pipe  # the engine's pipeline must not count in the diffusers arm's peak
+    resident = free(device)
     plain = build(kind, tmp / f"{kind}-plain", device, dtype, smoke)
     theirs = diffusers_arms(plain, loras, dict(prompt="a photo of a red box", num_inference_steps=steps,
-                                                height=size, width=size), reps, device)
+                                                height=size, width=size), reps, device, "3 LoRAs" in arms)
     for name in ("base", "1 LoRA", "3 LoRAs"):
         if name in arms:
             row(f"{kind} generate, diffusers unfused, {name}", f"{theirs[name]:.0f} ms",
                 f"engine {ours[name] / theirs[name]:.3f}x")
     row(f"{kind} switch, diffusers load+unload", f"{theirs['switch']:.1f} ms")
-    row(f"{kind} peak GPU memory, diffusers", peak_gib(device))
-    del plain, pipe
+    row(f"{kind} peak GPU memory, diffusers", peak_gib(device), resident)
+    del plain
 
 
 def switching(handle: EngineHandle, loop: LoopThread, kind: str, req: Callable[..., GenerationRequest],
@@ -241,8 +262,17 @@ def switching(handle: EngineHandle, loop: LoopThread, kind: str, req: Callable[.
     base = engine.pipelines.get(kind)
     uses = [loop.run(engine._load(loop.run(engine._resolve(TENANT, [AdapterSpec(n, None, None, 1.0, "x")], base)),
                                   [AdapterSpec(n, None, None, 1.0, "x")])) for n in names]
-    times = [loop.run(engine.on_device(lambda i=i: engine.device_state.prepare(base, uses[i % 8]))).attach_ms
-             for i in range(16)]
+
+    def switch_ms(i: int) -> float:
+        # Synchronised on the device thread: Prepared.attach_ms is host time only, and the
+        # restore copies and merge GEMMs it launches would still be running on the GPU.
+        sync(device)
+        started = time.perf_counter()
+        engine.device_state.prepare(base, uses[i % 8])
+        sync(device)
+        return (time.perf_counter() - started) * 1000
+
+    times = [loop.run(engine.on_device(switch_ms, i)) for i in range(16)]
     row(f"{kind} switch, engine restore+merge (timed)", f"{statistics.median(times):.1f} ms")
 
 
@@ -250,12 +280,43 @@ def training(tmp: Path, args: argparse.Namespace) -> None:
     print("\n[training] SD1.5 512 px bf16: bench/train_throughput.py (ours vs diffusers/peft loop)", flush=True)
     cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--device", "cuda", "--model", "sd15",
            "--resolution", "512", "--precision", "bf16", "--batch", "1", "--steps", "30", "--warmup", "5"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False, timeout=300)
-    print(proc.stdout[-3000:] or proc.stderr[-3000:])
-    for line in proc.stdout.splitlines():
-        if line.startswith(("reference", "ours", "throughput ratio")):
-            row("sd15 train " + line.split()[0], " ".join(line.split()[1:3]))
+    # train_throughput.py's parent imports `services` without putting ROOT on sys.path.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    # Own session: on timeout the whole group dies, so no orphaned child keeps the GPU busy
+    # while the later phases are timed (subprocess.run's timeout kills the direct child only).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    print(out[-3000:])
+    if proc.returncode != 0:
+        print(f"train_throughput.py exited {proc.returncode}:\n{err[-3000:]}")
+    train_rows(out)
     sdxl_training(args)
+
+
+def train_rows(report: str) -> None:
+    """Rows from train_throughput.py's table: run, steps/s, median, end-to-end s, RSS MiB, CUDA MiB."""
+    runs: dict[str, list[float]] = {}
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) == 6 and parts[0] in ("reference", "ours"):
+            try:
+                runs[parts[0]] = [float(p) for p in parts[1:]]
+            except ValueError:
+                continue
+    if set(runs) != {"reference", "ours"}:
+        row("sd15 train (512 px, batch 1)", "FAILED", "see output above")
+        return
+    ref, ours = runs["reference"], runs["ours"]
+    row("sd15 train, diffusers/peft reference loop (512 px, batch 1)", f"{ref[1]:.2f} it/s", "median step")
+    row("sd15 train, Atelier run_training (512 px, batch 1)", f"{ours[1]:.2f} it/s",
+        f"{ours[1] / ref[1]:.2f}x reference loop (median step)")
+    row("sd15 train peak GPU memory, reference / ours", f"{ref[4] / 1024:.1f} / {ours[4] / 1024:.1f} GiB")
 
 
 def sdxl_training(args: argparse.Namespace) -> None:
