@@ -198,10 +198,28 @@ def _precision(args: argparse.Namespace) -> str:
     return str(args.precision)
 
 
+def _import_both_stacks() -> None:
+    """Import what either side uses before its clock starts, so end-to-end times exclude imports.
+
+    diffusers and transformers import their model modules lazily; without this the first run to
+    touch `StableDiffusionPipeline` or peft's LoRA layers would be charged a few seconds of imports.
+    """
+    import diffusers
+    import peft.tuners.lora
+    import transformers
+
+    for name in ("AutoencoderKL", "DDPMScheduler", "StableDiffusionPipeline", "UNet2DConditionModel"):
+        getattr(diffusers, name)
+    transformers.CLIPTextModel, transformers.CLIPTokenizer  # noqa: B018  (forces the lazy import)
+    import services.training.trainers.engine  # noqa: F401
+    assert peft.tuners.lora.Linear
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    _import_both_stacks()
     images = [Path(p) for p in json.loads(args.images)]
     result = (run_ours if args.child == "ours" else run_reference)(args, images)
     _sync(args.device)
