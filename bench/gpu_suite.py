@@ -140,15 +140,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_ms(fn: Callable[[], object], device: str) -> float:
+    """Wall time of one call, synchronised before and after so queued GPU work is counted."""
+    sync(device)
+    started = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - started) * 1000
+
+
 def median_ms(fn: Callable[[], object], reps: int, device: str) -> float:
-    samples = []
-    for _ in range(reps):
-        sync(device)
-        started = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
+    return statistics.median(timed_ms(fn, device) for _ in range(reps))
 
 
 def free(device: str) -> str:
@@ -263,16 +265,10 @@ def switching(handle: EngineHandle, loop: LoopThread, kind: str, req: Callable[.
     uses = [loop.run(engine._load(loop.run(engine._resolve(TENANT, [AdapterSpec(n, None, None, 1.0, "x")], base)),
                                   [AdapterSpec(n, None, None, 1.0, "x")])) for n in names]
 
-    def switch_ms(i: int) -> float:
-        # Synchronised on the device thread: Prepared.attach_ms is host time only, and the
-        # restore copies and merge GEMMs it launches would still be running on the GPU.
-        sync(device)
-        started = time.perf_counter()
-        engine.device_state.prepare(base, uses[i % 8])
-        sync(device)
-        return (time.perf_counter() - started) * 1000
-
-    times = [loop.run(engine.on_device(switch_ms, i)) for i in range(16)]
+    # Timed on the device thread: Prepared.attach_ms is host time only, and the restore copies
+    # and merge GEMMs it launches would still be running on the GPU.
+    times = [loop.run(engine.on_device(timed_ms, lambda i=i: engine.device_state.prepare(base, uses[i % 8]), device))
+             for i in range(16)]
     row(f"{kind} switch, engine restore+merge (timed)", f"{statistics.median(times):.1f} ms")
 
 
@@ -280,11 +276,9 @@ def training(tmp: Path, args: argparse.Namespace) -> None:
     print("\n[training] SD1.5 512 px bf16: bench/train_throughput.py (ours vs diffusers/peft loop)", flush=True)
     cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--device", "cuda", "--model", "sd15",
            "--resolution", "512", "--precision", "bf16", "--batch", "1", "--steps", "30", "--warmup", "5"]
-    # train_throughput.py's parent imports `services` without putting ROOT on sys.path.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     # Own session: on timeout the whole group dies, so no orphaned child keeps the GPU busy
     # while the later phases are timed (subprocess.run's timeout kills the direct child only).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=300)

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the parent imports `services` too, also when not pip-installed
+    sys.path.insert(0, str(ROOT))
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 PROMPT = "a photo of sks toy"
 
@@ -204,15 +206,11 @@ def _import_both_stacks() -> None:
     diffusers and transformers import their model modules lazily; without this the first run to
     touch `StableDiffusionPipeline` or peft's LoRA layers would be charged a few seconds of imports.
     """
-    import diffusers
-    import peft.tuners.lora
-    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from peft.tuners.lora import Linear  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    for name in ("AutoencoderKL", "DDPMScheduler", "StableDiffusionPipeline", "UNet2DConditionModel"):
-        getattr(diffusers, name)
-    transformers.CLIPTextModel, transformers.CLIPTokenizer  # noqa: B018  (forces the lazy import)
     import services.training.trainers.engine  # noqa: F401
-    assert peft.tuners.lora.Linear
 
 
 def child(args: argparse.Namespace) -> None:
