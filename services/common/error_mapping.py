@@ -73,7 +73,12 @@ def _retry_info(exc: errors.AtelierError) -> list[Message]:
     assert isinstance(exc, errors.Unavailable | errors.ResourceExhausted)
     delay = duration_pb2.Duration()
     delay.FromNanoseconds(int(max(exc.retry_after_seconds, 0.0) * 1e9))
-    return [error_details_pb2.RetryInfo(retry_delay=delay)]
+    out: list[Message] = [error_details_pb2.RetryInfo(retry_delay=delay)]
+    if isinstance(exc, errors.ResourceExhausted) and exc.violations:
+        out.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+            for v in exc.violations]))
+    return out
 
 
 ERROR_TABLE: dict[type[errors.AtelierError], Mapping] = {

@@ -78,12 +78,31 @@ class Unavailable(AtelierError):
         self.retry_after_seconds = retry_after_seconds
 
 
-class ResourceExhausted(AtelierError):
-    """A bounded queue or quota is full: RESOURCE_EXHAUSTED with RetryInfo."""
+@dataclass(frozen=True)
+class QuotaViolation:
+    """One exceeded quota: `subject` names who (`tenant:<t>`), `description` what and the limit."""
 
-    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+    subject: str
+    description: str
+
+
+class ResourceExhausted(AtelierError):
+    """A bounded queue or quota is full: RESOURCE_EXHAUSTED with RetryInfo (+ QuotaFailure
+    when `violations` name the exceeded quotas)."""
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0,
+                 violations: tuple[QuotaViolation, ...] = ()) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        self.violations = violations
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A per-tenant quota or rate limit refused the call (never a silent drop)."""
+
+    def __init__(self, tenant: str, description: str, retry_after_seconds: float) -> None:
+        super().__init__(f"quota exceeded for tenant {tenant!r}: {description}", retry_after_seconds,
+                         (QuotaViolation(f"tenant:{tenant}", description),))
 
 
 class Unauthenticated(AtelierError):

@@ -22,6 +22,7 @@ EXPECTED = {
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
@@ -98,6 +99,17 @@ def test_retry_info_delay(exc: errors.AtelierError, seconds: float) -> None:
     _, status = status_for_error(exc)
     retry = unpack(list(status.details), error_details_pb2.RetryInfo)[0]
     assert retry.retry_delay.ToTimedelta().total_seconds() == pytest.approx(seconds)
+
+
+def test_quota_exceeded_carries_quota_failure_and_retry_info() -> None:
+    _, status = status_for_error(errors.QuotaExceeded("acme", "queued training jobs: limit 2", 7.5))
+    failure = unpack(list(status.details), error_details_pb2.QuotaFailure)[0]
+    assert [(v.subject, v.description) for v in failure.violations] == [
+        ("tenant:acme", "queued training jobs: limit 2")]
+    retry = unpack(list(status.details), error_details_pb2.RetryInfo)[0]
+    assert retry.retry_delay.ToTimedelta().total_seconds() == pytest.approx(7.5)
+    plain = status_for_error(errors.ResourceExhausted("queue full"))[1]
+    assert not unpack(list(plain.details), error_details_pb2.QuotaFailure)
 
 
 def test_precondition_without_field_has_no_bad_request() -> None:
