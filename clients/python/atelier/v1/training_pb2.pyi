@@ -63,6 +63,62 @@ MIXED_PRECISION_FP16: MixedPrecision.ValueType  # 2
 MIXED_PRECISION_BF16: MixedPrecision.ValueType  # 3
 Global___MixedPrecision: _TypeAlias = MixedPrecision  # noqa: Y015
 
+class _OptimizerKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OptimizerKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OptimizerKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPTIMIZER_KIND_UNSPECIFIED: _OptimizerKind.ValueType  # 0
+    """AdamW (torch), the recipe default."""
+    OPTIMIZER_KIND_ADAMW: _OptimizerKind.ValueType  # 1
+    OPTIMIZER_KIND_ADAMW_8BIT: _OptimizerKind.ValueType  # 2
+    """bitsandbytes AdamW8bit; CUDA training devices only."""
+    OPTIMIZER_KIND_PRODIGY: _OptimizerKind.ValueType  # 3
+    """Prodigy (learning-rate free: leave learning_rate unset for its 1.0)."""
+    OPTIMIZER_KIND_ADAFACTOR: _OptimizerKind.ValueType  # 4
+    """transformers Adafactor with the given learning rate (relative_step off)."""
+
+class OptimizerKind(_OptimizerKind, metaclass=_OptimizerKindEnumTypeWrapper):
+    """Which optimizer updates the trainable parameters."""
+
+OPTIMIZER_KIND_UNSPECIFIED: OptimizerKind.ValueType  # 0
+"""AdamW (torch), the recipe default."""
+OPTIMIZER_KIND_ADAMW: OptimizerKind.ValueType  # 1
+OPTIMIZER_KIND_ADAMW_8BIT: OptimizerKind.ValueType  # 2
+"""bitsandbytes AdamW8bit; CUDA training devices only."""
+OPTIMIZER_KIND_PRODIGY: OptimizerKind.ValueType  # 3
+"""Prodigy (learning-rate free: leave learning_rate unset for its 1.0)."""
+OPTIMIZER_KIND_ADAFACTOR: OptimizerKind.ValueType  # 4
+"""transformers Adafactor with the given learning rate (relative_step off)."""
+Global___OptimizerKind: _TypeAlias = OptimizerKind  # noqa: Y015
+
+class _LrSchedulerKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LrSchedulerKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LrSchedulerKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LR_SCHEDULER_KIND_UNSPECIFIED: _LrSchedulerKind.ValueType  # 0
+    """Use the string lr_scheduler (default "constant")."""
+    LR_SCHEDULER_KIND_CONSTANT: _LrSchedulerKind.ValueType  # 1
+    LR_SCHEDULER_KIND_LINEAR: _LrSchedulerKind.ValueType  # 2
+    LR_SCHEDULER_KIND_COSINE: _LrSchedulerKind.ValueType  # 3
+    LR_SCHEDULER_KIND_COSINE_WITH_RESTARTS: _LrSchedulerKind.ValueType  # 4
+    LR_SCHEDULER_KIND_POLYNOMIAL: _LrSchedulerKind.ValueType  # 5
+
+class LrSchedulerKind(_LrSchedulerKind, metaclass=_LrSchedulerKindEnumTypeWrapper):
+    """Learning-rate schedule; every kind honours lr_warmup_steps."""
+
+LR_SCHEDULER_KIND_UNSPECIFIED: LrSchedulerKind.ValueType  # 0
+"""Use the string lr_scheduler (default "constant")."""
+LR_SCHEDULER_KIND_CONSTANT: LrSchedulerKind.ValueType  # 1
+LR_SCHEDULER_KIND_LINEAR: LrSchedulerKind.ValueType  # 2
+LR_SCHEDULER_KIND_COSINE: LrSchedulerKind.ValueType  # 3
+LR_SCHEDULER_KIND_COSINE_WITH_RESTARTS: LrSchedulerKind.ValueType  # 4
+LR_SCHEDULER_KIND_POLYNOMIAL: LrSchedulerKind.ValueType  # 5
+Global___LrSchedulerKind: _TypeAlias = LrSchedulerKind  # noqa: Y015
+
 @_typing.final
 class DatasetHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -267,6 +323,13 @@ class Hyperparameters(_message.Message):
     TEXT_ENCODER_LEARNING_RATE_FIELD_NUMBER: _builtins.int
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     ADAM_WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULER_KIND_FIELD_NUMBER: _builtins.int
+    LR_NUM_CYCLES_FIELD_NUMBER: _builtins.int
+    LR_POWER_FIELD_NUMBER: _builtins.int
+    CAPTION_DROPOUT_FIELD_NUMBER: _builtins.int
+    SHUFFLE_TAGS_FIELD_NUMBER: _builtins.int
+    KEEP_TOKENS_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     max_train_steps: _builtins.int
     train_batch_size: _builtins.int
@@ -290,6 +353,19 @@ class Hyperparameters(_message.Message):
     text_encoder_learning_rate: _builtins.float
     max_grad_norm: _builtins.float
     adam_weight_decay: _builtins.float
+    optimizer: Global___OptimizerKind.ValueType
+    lr_scheduler_kind: Global___LrSchedulerKind.ValueType
+    """When set, must agree with lr_scheduler if that is set too."""
+    lr_num_cycles: _builtins.int
+    """Hard restarts for cosine_with_restarts (default 1)."""
+    lr_power: _builtins.float
+    """Exponent of the polynomial schedule (default 1.0: linear decay to 1e-7)."""
+    caption_dropout: _builtins.float
+    """Probability that a sample trains on the empty prompt (unconditional), default 0."""
+    shuffle_tags: _builtins.bool
+    """Shuffle the comma-separated tags of each caption every step (seeded)."""
+    keep_tokens: _builtins.int
+    """With shuffle_tags: how many leading tags stay in place (kohya keep_tokens)."""
     @_builtins.property
     def validation_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -316,13 +392,22 @@ class Hyperparameters(_message.Message):
         text_encoder_learning_rate: _builtins.float | None = ...,
         max_grad_norm: _builtins.float | None = ...,
         adam_weight_decay: _builtins.float | None = ...,
+        optimizer: Global___OptimizerKind.ValueType = ...,
+        lr_scheduler_kind: Global___LrSchedulerKind.ValueType = ...,
+        lr_num_cycles: _builtins.int | None = ...,
+        lr_power: _builtins.float | None = ...,
+        caption_dropout: _builtins.float | None = ...,
+        shuffle_tags: _builtins.bool | None = ...,
+        keep_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay", "_center_crop", b"_center_crop", "_checkpointing_steps", b"_checkpointing_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_lr_scheduler", b"_lr_scheduler", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps", b"_max_train_steps", "_noise_offset", b"_noise_offset", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_text_encoder_learning_rate", b"_text_encoder_learning_rate", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "adam_weight_decay", b"adam_weight_decay", "center_crop", b"center_crop", "checkpointing_steps", b"checkpointing_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps", b"max_train_steps", "noise_offset", b"noise_offset", "random_flip", b"random_flip", "resolution", b"resolution", "seed", b"seed", "snr_gamma", b"snr_gamma", "text_encoder_learning_rate", b"text_encoder_learning_rate", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_steps", b"validation_steps"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay", "_caption_dropout", b"_caption_dropout", "_center_crop", b"_center_crop", "_checkpointing_steps", b"_checkpointing_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_keep_tokens", b"_keep_tokens", "_learning_rate", b"_learning_rate", "_lr_num_cycles", b"_lr_num_cycles", "_lr_power", b"_lr_power", "_lr_scheduler", b"_lr_scheduler", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps", b"_max_train_steps", "_noise_offset", b"_noise_offset", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_seed", b"_seed", "_shuffle_tags", b"_shuffle_tags", "_snr_gamma", b"_snr_gamma", "_text_encoder_learning_rate", b"_text_encoder_learning_rate", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "adam_weight_decay", b"adam_weight_decay", "caption_dropout", b"caption_dropout", "center_crop", b"center_crop", "checkpointing_steps", b"checkpointing_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "keep_tokens", b"keep_tokens", "learning_rate", b"learning_rate", "lr_num_cycles", b"lr_num_cycles", "lr_power", b"lr_power", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps", b"max_train_steps", "noise_offset", b"noise_offset", "random_flip", b"random_flip", "resolution", b"resolution", "seed", b"seed", "shuffle_tags", b"shuffle_tags", "snr_gamma", b"snr_gamma", "text_encoder_learning_rate", b"text_encoder_learning_rate", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_steps", b"validation_steps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay", "_center_crop", b"_center_crop", "_checkpointing_steps", b"_checkpointing_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_lr_scheduler", b"_lr_scheduler", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps", b"_max_train_steps", "_noise_offset", b"_noise_offset", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_seed", b"_seed", "_snr_gamma", b"_snr_gamma", "_text_encoder_learning_rate", b"_text_encoder_learning_rate", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "adam_weight_decay", b"adam_weight_decay", "center_crop", b"center_crop", "checkpointing_steps", b"checkpointing_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps", b"max_train_steps", "mixed_precision", b"mixed_precision", "noise_offset", b"noise_offset", "random_flip", b"random_flip", "resolution", b"resolution", "seed", b"seed", "snr_gamma", b"snr_gamma", "text_encoder_learning_rate", b"text_encoder_learning_rate", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_prompts", b"validation_prompts", "validation_steps", b"validation_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay", "_caption_dropout", b"_caption_dropout", "_center_crop", b"_center_crop", "_checkpointing_steps", b"_checkpointing_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_keep_tokens", b"_keep_tokens", "_learning_rate", b"_learning_rate", "_lr_num_cycles", b"_lr_num_cycles", "_lr_power", b"_lr_power", "_lr_scheduler", b"_lr_scheduler", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps", b"_max_train_steps", "_noise_offset", b"_noise_offset", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_seed", b"_seed", "_shuffle_tags", b"_shuffle_tags", "_snr_gamma", b"_snr_gamma", "_text_encoder_learning_rate", b"_text_encoder_learning_rate", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "adam_weight_decay", b"adam_weight_decay", "caption_dropout", b"caption_dropout", "center_crop", b"center_crop", "checkpointing_steps", b"checkpointing_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "keep_tokens", b"keep_tokens", "learning_rate", b"learning_rate", "lr_num_cycles", b"lr_num_cycles", "lr_power", b"lr_power", "lr_scheduler", b"lr_scheduler", "lr_scheduler_kind", b"lr_scheduler_kind", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps", b"max_train_steps", "mixed_precision", b"mixed_precision", "noise_offset", b"noise_offset", "optimizer", b"optimizer", "random_flip", b"random_flip", "resolution", b"resolution", "seed", b"seed", "shuffle_tags", b"shuffle_tags", "snr_gamma", b"snr_gamma", "text_encoder_learning_rate", b"text_encoder_learning_rate", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_prompts", b"validation_prompts", "validation_steps", b"validation_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__adam_weight_decay: _TypeAlias = _typing.Literal["adam_weight_decay"]  # noqa: Y015
     _WhichOneofArgType__adam_weight_decay: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay"]  # noqa: Y015
+    _WhichOneofReturnType__caption_dropout: _TypeAlias = _typing.Literal["caption_dropout"]  # noqa: Y015
+    _WhichOneofArgType__caption_dropout: _TypeAlias = _typing.Literal["_caption_dropout", b"_caption_dropout"]  # noqa: Y015
     _WhichOneofReturnType__center_crop: _TypeAlias = _typing.Literal["center_crop"]  # noqa: Y015
     _WhichOneofArgType__center_crop: _TypeAlias = _typing.Literal["_center_crop", b"_center_crop"]  # noqa: Y015
     _WhichOneofReturnType__checkpointing_steps: _TypeAlias = _typing.Literal["checkpointing_steps"]  # noqa: Y015
@@ -331,8 +416,14 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__gradient_accumulation_steps: _TypeAlias = _typing.Literal["_gradient_accumulation_steps", b"_gradient_accumulation_steps"]  # noqa: Y015
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
+    _WhichOneofReturnType__keep_tokens: _TypeAlias = _typing.Literal["keep_tokens"]  # noqa: Y015
+    _WhichOneofArgType__keep_tokens: _TypeAlias = _typing.Literal["_keep_tokens", b"_keep_tokens"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__lr_num_cycles: _TypeAlias = _typing.Literal["lr_num_cycles"]  # noqa: Y015
+    _WhichOneofArgType__lr_num_cycles: _TypeAlias = _typing.Literal["_lr_num_cycles", b"_lr_num_cycles"]  # noqa: Y015
+    _WhichOneofReturnType__lr_power: _TypeAlias = _typing.Literal["lr_power"]  # noqa: Y015
+    _WhichOneofArgType__lr_power: _TypeAlias = _typing.Literal["_lr_power", b"_lr_power"]  # noqa: Y015
     _WhichOneofReturnType__lr_scheduler: _TypeAlias = _typing.Literal["lr_scheduler"]  # noqa: Y015
     _WhichOneofArgType__lr_scheduler: _TypeAlias = _typing.Literal["_lr_scheduler", b"_lr_scheduler"]  # noqa: Y015
     _WhichOneofReturnType__lr_warmup_steps: _TypeAlias = _typing.Literal["lr_warmup_steps"]  # noqa: Y015
@@ -349,6 +440,8 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__resolution: _TypeAlias = _typing.Literal["_resolution", b"_resolution"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__shuffle_tags: _TypeAlias = _typing.Literal["shuffle_tags"]  # noqa: Y015
+    _WhichOneofArgType__shuffle_tags: _TypeAlias = _typing.Literal["_shuffle_tags", b"_shuffle_tags"]  # noqa: Y015
     _WhichOneofReturnType__snr_gamma: _TypeAlias = _typing.Literal["snr_gamma"]  # noqa: Y015
     _WhichOneofArgType__snr_gamma: _TypeAlias = _typing.Literal["_snr_gamma", b"_snr_gamma"]  # noqa: Y015
     _WhichOneofReturnType__text_encoder_learning_rate: _TypeAlias = _typing.Literal["text_encoder_learning_rate"]  # noqa: Y015
@@ -362,6 +455,8 @@ class Hyperparameters(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__adam_weight_decay) -> _WhichOneofReturnType__adam_weight_decay | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__caption_dropout) -> _WhichOneofReturnType__caption_dropout | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__center_crop) -> _WhichOneofReturnType__center_crop | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpointing_steps) -> _WhichOneofReturnType__checkpointing_steps | None: ...
@@ -370,7 +465,13 @@ class Hyperparameters(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_checkpointing) -> _WhichOneofReturnType__gradient_checkpointing | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_tokens) -> _WhichOneofReturnType__keep_tokens | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_num_cycles) -> _WhichOneofReturnType__lr_num_cycles | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_power) -> _WhichOneofReturnType__lr_power | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_scheduler) -> _WhichOneofReturnType__lr_scheduler | None: ...
     @_typing.overload
@@ -387,6 +488,8 @@ class Hyperparameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__resolution) -> _WhichOneofReturnType__resolution | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shuffle_tags) -> _WhichOneofReturnType__shuffle_tags | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__snr_gamma) -> _WhichOneofReturnType__snr_gamma | None: ...
     @_typing.overload
@@ -533,7 +636,10 @@ class TrainingJobSpec(_message.Message):
     output_name: _builtins.str
     """Name of the adapter the job publishes (a new version of it)."""
     instance_prompt: _builtins.str
-    """e.g. "a photo of sks dog"; for textual inversion it should contain the placeholder."""
+    """e.g. "a photo of sks dog"; for textual inversion it should contain the placeholder.
+    Without "{caption}" it is the prompt of every image without a caption; with it, it is a
+    template that each image's caption fills ("a photo of sks dog, {caption}").
+    """
     output_alias: _builtins.str
     """When set, the alias is pointed at the published version."""
     description: _builtins.str
