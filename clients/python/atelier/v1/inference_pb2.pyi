@@ -45,6 +45,42 @@ SCHEDULER_KIND_PNDM: SchedulerKind.ValueType  # 5
 SCHEDULER_KIND_LMS: SchedulerKind.ValueType  # 6
 Global___SchedulerKind: _TypeAlias = SchedulerKind  # noqa: Y015
 
+class _MergeMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MergeMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MergeMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MERGE_METHOD_UNSPECIFIED: _MergeMethod.ValueType  # 0
+    MERGE_METHOD_LINEAR: _MergeMethod.ValueType  # 1
+    """sum_i w_i * delta_i (the default)."""
+    MERGE_METHOD_TIES: _MergeMethod.ValueType  # 2
+    """Keep each delta's top-density entries by magnitude, elect the sign per entry, average
+    the weighted entries that agree with it.
+    """
+    MERGE_METHOD_DARE_LINEAR: _MergeMethod.ValueType  # 3
+    """Drop entries at random (keep probability density), rescale by 1 / density, weighted sum."""
+    MERGE_METHOD_DARE_TIES: _MergeMethod.ValueType  # 4
+    """DARE's random drop followed by TIES' sign election and disjoint mean."""
+
+class MergeMethod(_MergeMethod, metaclass=_MergeMethodEnumTypeWrapper):
+    """Combination of a request's LoRA deltas (B @ A * scale per adapter and layer), as peft's
+    add_weighted_adapter and LoRAX define them. Weights are the request's adapter weights.
+    """
+
+MERGE_METHOD_UNSPECIFIED: MergeMethod.ValueType  # 0
+MERGE_METHOD_LINEAR: MergeMethod.ValueType  # 1
+"""sum_i w_i * delta_i (the default)."""
+MERGE_METHOD_TIES: MergeMethod.ValueType  # 2
+"""Keep each delta's top-density entries by magnitude, elect the sign per entry, average
+the weighted entries that agree with it.
+"""
+MERGE_METHOD_DARE_LINEAR: MergeMethod.ValueType  # 3
+"""Drop entries at random (keep probability density), rescale by 1 / density, weighted sum."""
+MERGE_METHOD_DARE_TIES: MergeMethod.ValueType  # 4
+"""DARE's random drop followed by TIES' sign election and disjoint mean."""
+Global___MergeMethod: _TypeAlias = MergeMethod  # noqa: Y015
+
 class _CacheTierKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -103,6 +139,9 @@ class GenerationSpec(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     SCHEDULER_FIELD_NUMBER: _builtins.int
+    MERGE_METHOD_FIELD_NUMBER: _builtins.int
+    MERGE_DENSITY_FIELD_NUMBER: _builtins.int
+    MERGE_SEED_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     prompt: _builtins.str
     negative_prompt: _builtins.str
@@ -114,6 +153,12 @@ class GenerationSpec(_message.Message):
     seed: _builtins.int
     """Image i uses seed + i; a random seed is chosen (and returned) when unset."""
     scheduler: Global___SchedulerKind.ValueType
+    merge_method: Global___MergeMethod.ValueType
+    """How the LoRA adapters' deltas are combined (LINEAR when unspecified); see MergeMethod."""
+    merge_density: _builtins.float
+    """TIES / DARE: fraction of each adapter's delta entries kept, in (0, 1]; 1 when unset."""
+    merge_seed: _builtins.int
+    """DARE: seed of the random drop (the same seed drops the same entries); 0 when unset."""
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterWeight]: ...
     def __init__(
@@ -130,13 +175,25 @@ class GenerationSpec(_message.Message):
         height: _builtins.int = ...,
         seed: _builtins.int | None = ...,
         scheduler: Global___SchedulerKind.ValueType = ...,
+        merge_method: Global___MergeMethod.ValueType = ...,
+        merge_density: _builtins.float | None = ...,
+        merge_seed: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_merge_density", b"_merge_density", "_merge_seed", b"_merge_seed", "_seed", b"_seed", "merge_density", b"merge_density", "merge_seed", b"merge_seed", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adapters", b"adapters", "base_model", b"base_model", "guidance_scale", b"guidance_scale", "height", b"height", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_merge_density", b"_merge_density", "_merge_seed", b"_merge_seed", "_seed", b"_seed", "adapters", b"adapters", "base_model", b"base_model", "guidance_scale", b"guidance_scale", "height", b"height", "merge_density", b"merge_density", "merge_method", b"merge_method", "merge_seed", b"merge_seed", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__merge_density: _TypeAlias = _typing.Literal["merge_density"]  # noqa: Y015
+    _WhichOneofArgType__merge_density: _TypeAlias = _typing.Literal["_merge_density", b"_merge_density"]  # noqa: Y015
+    _WhichOneofReturnType__merge_seed: _TypeAlias = _typing.Literal["merge_seed"]  # noqa: Y015
+    _WhichOneofArgType__merge_seed: _TypeAlias = _typing.Literal["_merge_seed", b"_merge_seed"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__merge_density) -> _WhichOneofReturnType__merge_density | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__merge_seed) -> _WhichOneofReturnType__merge_seed | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerationSpec: _TypeAlias = GenerationSpec  # noqa: Y015
