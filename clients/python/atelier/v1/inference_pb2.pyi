@@ -142,6 +142,9 @@ class GenerationSpec(_message.Message):
     MERGE_METHOD_FIELD_NUMBER: _builtins.int
     MERGE_DENSITY_FIELD_NUMBER: _builtins.int
     MERGE_SEED_FIELD_NUMBER: _builtins.int
+    INIT_IMAGE_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    MASK_IMAGE_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     prompt: _builtins.str
     negative_prompt: _builtins.str
@@ -159,6 +162,19 @@ class GenerationSpec(_message.Message):
     """TIES / DARE: fraction of each adapter's delta entries kept, in (0, 1]; 1 when unset."""
     merge_seed: _builtins.int
     """DARE: seed of the random drop (the same seed drops the same entries); 0 when unset."""
+    init_image: _builtins.bytes
+    """img2img / inpainting. A PNG, JPEG or WebP image to start from, checked like a dataset
+    upload (decompression bombs, truncation, format). Its size is the output size: its sides
+    must be multiples of 8, and width/height, when set, must equal it (no server resampling).
+    """
+    strength: _builtins.float
+    """How much of init_image is repainted, in (0, 1]; floor(steps * strength) denoising steps run.
+    Unset: 0.8 for img2img, 1.0 for inpainting (diffusers' defaults). Only with init_image.
+    """
+    mask_image: _builtins.bytes
+    """Inpainting: a mask of init_image's size. White (>= 50% grey) = repaint, black = keep, as
+    diffusers. Only with init_image.
+    """
     @_builtins.property
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterWeight]: ...
     def __init__(
@@ -178,10 +194,13 @@ class GenerationSpec(_message.Message):
         merge_method: Global___MergeMethod.ValueType = ...,
         merge_density: _builtins.float | None = ...,
         merge_seed: _builtins.int | None = ...,
+        init_image: _builtins.bytes = ...,
+        strength: _builtins.float | None = ...,
+        mask_image: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_merge_density", b"_merge_density", "_merge_seed", b"_merge_seed", "_seed", b"_seed", "merge_density", b"merge_density", "merge_seed", b"merge_seed", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_merge_density", b"_merge_density", "_merge_seed", b"_merge_seed", "_seed", b"_seed", "_strength", b"_strength", "merge_density", b"merge_density", "merge_seed", b"merge_seed", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_merge_density", b"_merge_density", "_merge_seed", b"_merge_seed", "_seed", b"_seed", "adapters", b"adapters", "base_model", b"base_model", "guidance_scale", b"guidance_scale", "height", b"height", "merge_density", b"merge_density", "merge_method", b"merge_method", "merge_seed", b"merge_seed", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_merge_density", b"_merge_density", "_merge_seed", b"_merge_seed", "_seed", b"_seed", "_strength", b"_strength", "adapters", b"adapters", "base_model", b"base_model", "guidance_scale", b"guidance_scale", "height", b"height", "init_image", b"init_image", "mask_image", b"mask_image", "merge_density", b"merge_density", "merge_method", b"merge_method", "merge_seed", b"merge_seed", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__merge_density: _TypeAlias = _typing.Literal["merge_density"]  # noqa: Y015
     _WhichOneofArgType__merge_density: _TypeAlias = _typing.Literal["_merge_density", b"_merge_density"]  # noqa: Y015
@@ -189,12 +208,16 @@ class GenerationSpec(_message.Message):
     _WhichOneofArgType__merge_seed: _TypeAlias = _typing.Literal["_merge_seed", b"_merge_seed"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__merge_density) -> _WhichOneofReturnType__merge_density | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__merge_seed) -> _WhichOneofReturnType__merge_seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerationSpec: _TypeAlias = GenerationSpec  # noqa: Y015
 
@@ -226,10 +249,15 @@ class GeneratedImage(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
+    SAFETY_FLAGGED_FIELD_NUMBER: _builtins.int
     png: _builtins.bytes
     seed: _builtins.int
     width: _builtins.int
     height: _builtins.int
+    safety_flagged: _builtins.bool
+    """The server's content-safety hook flagged this image; png is then a black image of the same
+    size. Always false when no hook is configured (the default).
+    """
     def __init__(
         self,
         *,
@@ -237,10 +265,11 @@ class GeneratedImage(_message.Message):
         seed: _builtins.int = ...,
         width: _builtins.int = ...,
         height: _builtins.int = ...,
+        safety_flagged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "png", b"png", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "png", b"png", "safety_flagged", b"safety_flagged", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
