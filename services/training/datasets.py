@@ -57,20 +57,50 @@ def _field(index: int) -> str:
     return f"images[{index}]"
 
 
-def _open_header(image: UploadedImage) -> Image.Image:
+def _open_header(data: bytes, field: str) -> Image.Image:
     """Parse only the header; PIL reads pixel data lazily, on `load()`."""
     try:
         # Pillow's own bomb check would raise (or warn) inside open(); we check explicitly
         # below with our own limit, so silence its warning and never rely on a global.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(image.data), formats=sorted(ALLOWED_FORMATS))
+            return Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
     except Image.DecompressionBombError as exc:
-        raise InvalidInput(_field(image.index), f"decompression bomb refused: {exc}") from exc
+        raise InvalidInput(field, f"decompression bomb refused: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInput(
-            _field(image.index), "not a PNG, JPEG or WebP image (could not read the header)"
-        ) from exc
+        raise InvalidInput(field, "not a PNG, JPEG or WebP image (could not read the header)") from exc
+
+
+def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """Checks 1-3 of the module doc on raw bytes; returns the decoded image (caller closes it).
+
+    Shared with inference (init images and masks) so both entry points refuse the same bombs,
+    truncated files and non-images; errors name `field`.
+    """
+    if not data:
+        raise InvalidInput(field, "empty image")
+    img = _open_header(data, field)
+    try:
+        fmt = (img.format or "").upper()
+        if fmt not in ALLOWED_FORMATS:
+            raise InvalidInput(field, f"format {fmt or 'unknown'} not accepted; use PNG, JPEG or WebP")
+        width, height = img.size
+        if width * height > max_pixels:
+            raise InvalidInput(
+                field,
+                f"{width}x{height} = {width * height} pixels exceeds the limit of "
+                f"{max_pixels} (decompression bomb guard)",
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad data
+            raise InvalidInput(field, f"truncated or corrupt image data: {exc}") from exc
+    except BaseException:
+        img.close()
+        raise
+    return img
 
 
 def validate_image(image: UploadedImage, settings: Settings) -> ValidImage:
@@ -82,24 +112,10 @@ def validate_image(image: UploadedImage, settings: Settings) -> ValidImage:
         raise InvalidInput(f"{field}.filename", f"must be a plain name of at most {MAX_FILENAME_CHARS} chars")
     if len(image.caption) > MAX_CAPTION_CHARS:
         raise InvalidInput(f"{field}.caption", f"longer than {MAX_CAPTION_CHARS} characters")
-    img = _open_header(image)
+    img = decode_image(image.data, field, settings.max_image_pixels)
     try:
         fmt = (img.format or "").upper()
-        if fmt not in ALLOWED_FORMATS:
-            raise InvalidInput(field, f"format {fmt or 'unknown'} not accepted; use PNG, JPEG or WebP")
         width, height = img.size
-        if width * height > settings.max_image_pixels:
-            raise InvalidInput(
-                field,
-                f"{width}x{height} = {width * height} pixels exceeds the limit of "
-                f"{settings.max_image_pixels} (decompression bomb guard)",
-            )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img.load()
-        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on bad data
-            raise InvalidInput(field, f"truncated or corrupt image data: {exc}") from exc
         if min(width, height) < settings.min_image_side:
             raise InvalidInput(
                 field, f"{width}x{height} is smaller than {settings.min_image_side} px on a side"
