@@ -30,6 +30,7 @@ from services.inference.adapters import AdapterKey
 from services.inference.cache import ByteLRU, CapacityError
 from services.inference.dreambooth import Variant, build_variant
 from services.inference.lora import LoraMergers, attach_lora, detach_lora, lora_nbytes
+from services.inference.merge_methods import LINEAR_MERGE, MergeSpec
 from services.inference.metrics import InferenceMetrics
 from services.inference.payloads import DreamBoothPayload, LoraPayload, Payload, TiPayload
 from services.inference.pipelines import BaseModel, Pipeline
@@ -97,7 +98,7 @@ class DeviceState:
         )
 
     # --- preparing a batch ------------------------------------------------------------
-    def prepare(self, base: BaseModel, uses: Sequence[AdapterUse]) -> Prepared:
+    def prepare(self, base: BaseModel, uses: Sequence[AdapterUse], merge: MergeSpec = LINEAR_MERGE) -> Prepared:
         """Attach what is missing, then merge the batch's LoRA mix into the target's weights."""
         started = time.perf_counter()
         target = self._target(base, uses)
@@ -110,7 +111,7 @@ class DeviceState:
         except (CapacityError, SlotsExhausted) as exc:
             raise ResourceExhausted(f"the adapters of this request do not fit on the device: {exc}") from None
         for merger in self.mergers.for_pipeline(target.pipe):
-            merger.apply(mix)
+            merger.apply(mix, merge)
         return Prepared(base, target.pipe, bindings, (time.perf_counter() - started) * 1000)
 
     def _target(self, base: BaseModel, uses: Sequence[AdapterUse]) -> Target:

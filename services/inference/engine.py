@@ -175,7 +175,8 @@ class InferenceEngine:
     def _batch_key(job: Job) -> tuple[Any, ...]:
         req = job.request
         adapters = tuple((u.key, u.kind, u.weight if u.kind == "LORA" else 1.0) for u in job.uses)
-        return (job.base.name, adapters, job.width, job.height, req.steps, req.scheduler, req.guidance_scale)
+        return (job.base.name, adapters, job.width, job.height, req.steps, req.scheduler, req.guidance_scale,
+                req.merge)
 
     # --- adapters ---------------------------------------------------------------------
     async def base_model(self, name: str) -> BaseModel:

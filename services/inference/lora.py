@@ -33,6 +33,7 @@ from peft.tuners.lora import LoraLayer
 from transformers.utils import logging as hf_logging
 
 from services.inference.lora_fast import try_fast_attach
+from services.inference.merge_methods import LINEAR, LINEAR_MERGE, MergeSpec, merge_deltas
 from services.inference.pipelines import Pipeline
 
 Mix = tuple[tuple[str, float], ...]
@@ -71,6 +72,7 @@ class LoraMerger:
         self.prefix = prefix  # "unet", "text_encoder", ...: its keys' prefix in a LoRA file
         self._tracked: dict[LoraLayer, _Tracked] = {}
         self._current: Mix = ()
+        self._merge: MergeSpec = LINEAR_MERGE
         self._stripped = False
 
     @property
@@ -142,21 +144,41 @@ class LoraMerger:
                 if tracked.bias is not None:
                     base.bias.data.copy_(tracked.bias)
         self._current = ()
+        self._merge = LINEAR_MERGE
 
-    def apply(self, mix: Mix) -> None:
-        """Make the weights equal base + sum(weight_i * delta_i), then strip the wrappers."""
+    def apply(self, mix: Mix, merge: MergeSpec = LINEAR_MERGE) -> None:
+        """Make the weights equal base + the mix's merged delta, then strip the wrappers.
+
+        LINEAR: base + sum(weight_i * delta_i), peft's own merge. TIES/DARE: the full merged
+        delta of merge_methods.py per layer. The merged weights are the cache: the same
+        (mix, method, density, seed) as the last batch touches nothing.
+        """
         mix = tuple((name, w) for name, w in mix if w != 0.0)
-        if mix != self._current:
+        merge = merge.normalised()
+        if mix != self._current or merge != self._merge:
             self.restore()
             for layer in self._tracked:
                 present = [name for name, _w in mix if name in layer.lora_A]
-                if not present:
-                    continue
-                for name, weight in mix:
-                    layer.set_scale(name, weight)
-                layer.merge(adapter_names=present)
+                if present and merge.method == LINEAR:
+                    for name, weight in mix:
+                        layer.set_scale(name, weight)
+                    layer.merge(adapter_names=present)
+                elif present:
+                    self._merge_full(layer, [(n, w) for n, w in mix if n in layer.lora_A], merge)
             self._current = mix
+            self._merge = merge
         self.strip()
+
+    def _merge_full(self, layer: LoraLayer, mix: Mix, merge: MergeSpec) -> None:
+        """Add one layer's TIES/DARE delta to its base weight (restore() copies it back)."""
+        base: Any = layer.get_base_layer()
+        deltas = []
+        for name, _w in mix:
+            layer.set_scale(name, 1.0)
+            deltas.append(layer.get_delta_weight(name))
+        merged = merge_deltas(deltas, [w for _n, w in mix], merge, f"{self.prefix}.{self._tracked[layer].path}")
+        base.weight.data += merged.to(base.weight.dtype)
+        layer.merged_adapters.extend(name for name, _w in mix)
 
     def delete_adapter(self, name: str) -> None:
         self.restore()

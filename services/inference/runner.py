@@ -114,7 +114,7 @@ class Runner:
         first = jobs[0]
         if all(item.dead() for item in items):
             raise BatchAborted()
-        prepared = self._device.prepare(first.base, first.uses)
+        prepared = self._device.prepare(first.base, first.uses, first.request.merge)
         pipe = prepared.pipe
         req = first.request
         guidance = req.guidance_scale > 1.0

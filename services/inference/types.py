@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from services.inference.merge_methods import LINEAR_MERGE, MergeSpec
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PilImage
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,18 @@ class GenerationRequest:
     height: int = 0
     seed: int = 0
     scheduler: str = "default"
+    merge: MergeSpec = LINEAR_MERGE  # how the LoRAs combine (merge_methods.py)
+    # img2img / inpainting: the decoded init image (RGB) and mask ("L"), both of the output size.
+    init_image: PilImage | None = field(default=None, compare=False)
+    mask_image: PilImage | None = field(default=None, compare=False)
+    strength: float = 1.0  # only meaningful with an init image
+
+    @property
+    def mode(self) -> str:
+        """Which diffusers pipeline runs the request: "txt2img", "img2img" or "inpaint"."""
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask_image is None else "inpaint"
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,7 @@ class Image:
     seed: int
     width: int
     height: int
+    safety_flagged: bool = False  # the safety hook flagged it; png is a black image
 
 
 @dataclass
