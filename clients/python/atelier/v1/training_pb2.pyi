@@ -740,6 +740,7 @@ class TrainingJob(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     RESUMED_FROM_STEP_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     state: Global___JobState.ValueType
@@ -752,6 +753,8 @@ class TrainingJob(_message.Message):
     worker_id: _builtins.str
     resumed_from_step: _builtins.int
     """The step the current attempt resumed from (0 when it started fresh)."""
+    webhook_url: _builtins.str
+    """Where the job's terminal state is POSTed (empty: no webhook). The secret is never returned."""
     @_builtins.property
     def spec(self) -> Global___TrainingJobSpec: ...
     @_builtins.property
@@ -786,10 +789,11 @@ class TrainingJob(_message.Message):
         worker_id: _builtins.str = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         resumed_from_step: _builtins.int = ...,
+        webhook_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "output", b"output", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "loss", b"loss", "metrics", b"metrics", "output", b"output", "request_id", b"request_id", "resumed_from_step", b"resumed_from_step", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step", b"step", "tenant", b"tenant", "total_steps", b"total_steps", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "loss", b"loss", "metrics", b"metrics", "output", b"output", "request_id", b"request_id", "resumed_from_step", b"resumed_from_step", "spec", b"spec", "started_at", b"started_at", "state", b"state", "step", b"step", "tenant", b"tenant", "total_steps", b"total_steps", "webhook_url", b"webhook_url", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -801,8 +805,16 @@ class CreateTrainingJobRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    WEBHOOK_SECRET_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key: a repeated create returns the first job."""
+    webhook_url: _builtins.str
+    """Optional http(s) URL that receives a signed POST when the job SUCCEEDS, FAILS or is
+    CANCELLED (at least once, retried with backoff; see docs/architecture.md).
+    """
+    webhook_secret: _builtins.str
+    """HMAC-SHA256 key (16-256 characters) for the X-Atelier-Signature header; required with webhook_url."""
     @_builtins.property
     def spec(self) -> Global___TrainingJobSpec: ...
     def __init__(
@@ -810,10 +822,12 @@ class CreateTrainingJobRequest(_message.Message):
         *,
         request_id: _builtins.str = ...,
         spec: Global___TrainingJobSpec | None = ...,
+        webhook_url: _builtins.str = ...,
+        webhook_secret: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec", "webhook_secret", b"webhook_secret", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
