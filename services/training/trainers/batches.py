@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from services.training.trainers.cache import LatentCache, TextCache
+from services.training.trainers.captions import CAPTION_STREAM, CaptionBuilder
 from services.training.trainers.config import TrainConfig
 from services.training.trainers.data import ViewSet, choose_views, sample_indices, step_rng
 from services.training.trainers.models import Components
@@ -20,11 +21,16 @@ CLASS_STREAM = 0x5EED
 
 
 class PromptEncoder:
-    """Prompt embeddings: cached when the text encoder is frozen, computed live when it trains."""
+    """Prompt embeddings: cached when the text encoder is frozen, computed live when it trains.
 
-    def __init__(self, comps: Components, cached: bool) -> None:
+    With `open_ended` (shuffled tags: too many orders to keep) only warmed prompts are cached
+    and any other prompt is encoded on the fly, so memory stays bounded by the dataset.
+    """
+
+    def __init__(self, comps: Components, cached: bool, open_ended: bool = False) -> None:
         self.comps = comps
         self.cache = TextCache(self._encode) if cached else None
+        self.open_ended = open_ended
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         with self.comps.autocast():
@@ -35,7 +41,9 @@ class PromptEncoder:
             self.cache.warm(prompts)
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        return self.cache(prompts) if self.cache is not None else self._encode(prompts)
+        if self.cache is None or (self.open_ended and not all(p in self.cache for p in prompts)):
+            return self._encode(prompts)
+        return self.cache(prompts)
 
 
 @dataclass
@@ -59,6 +67,7 @@ class Batcher:
     class_cache: LatentCache | None
     class_prompts: list[str]
     encoder: PromptEncoder
+    captions: CaptionBuilder | None = None  # per-step prompt variants; None: the fixed prompts
 
     def batch(self, step: int, micro: int) -> Batch:
         c = self.config
@@ -68,7 +77,7 @@ class Batcher:
         rng = step_rng(c.seed, step, micro, 0)
         images = sample_indices(c.seed, len(self.instance_prompts), size, position)
         views = choose_views(self.instance, images, rng)
-        prompts = [self.instance_prompts[i] for i in images]
+        prompts = self._prompts(step, micro, images)
         generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
         latents = self.instance_cache.sample(views, self._eps(self.instance_cache, len(views), generator))
         num_prior = 0
@@ -88,6 +97,11 @@ class Batcher:
             embeddings=self.encoder(prompts),
             num_prior=num_prior,
         )
+
+    def _prompts(self, step: int, micro: int, images: list[int]) -> list[str]:
+        if self.captions is None or not self.captions.varies:
+            return [self.instance_prompts[i] for i in images]
+        return self.captions.for_batch(images, step_rng(self.config.seed, step, micro, CAPTION_STREAM))
 
     @staticmethod
     def _eps(cache: LatentCache, count: int, generator: torch.Generator) -> torch.Tensor:

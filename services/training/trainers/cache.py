@@ -65,6 +65,9 @@ class TextCache:
             for prompt, emb in zip(missing, self._encode(missing), strict=True):
                 self._cache[prompt] = emb
 
+    def __contains__(self, prompt: object) -> bool:
+        return prompt in self._cache
+
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         self.warm(prompts)
         return torch.stack([self._cache[p] for p in prompts])

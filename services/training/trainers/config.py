@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from services.common.config import Settings
 from services.common.errors import InvalidInput
+from services.training.trainers.choices import Optimizer, choice_values, resolve_choices, validate_choices
 
 Method = Literal["LORA", "DREAMBOOTH", "TEXTUAL_INVERSION"]
 Precision = Literal["auto", "no", "fp16", "bf16"]
@@ -119,6 +120,13 @@ class TrainConfig(BaseModel):
     gradient_accumulation_steps: int = 1
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    optimizer: Optimizer = "adamw"
+    # captions (see captions.py): per-step dropout to the empty prompt, seeded tag shuffling
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
     seed: int = 0
     mixed_precision: Precision = "auto"
     gradient_checkpointing: bool = False
@@ -182,6 +190,7 @@ class TrainConfig(BaseModel):
         if "learning_rate" in hyper:
             values["scale_lr"] = False  # an explicit rate is used as given
         values.update(hyper)
+        resolve_choices(values, hyper)
         if "seed" not in values:
             values["seed"] = seed if seed is not None else secrets.randbelow(2**31)
         return cls(**values)
@@ -230,7 +239,8 @@ _OPTIONAL_HYPER = (
     "learning_rate", "max_train_steps", "train_batch_size", "resolution", "gradient_accumulation_steps",
     "lr_scheduler", "lr_warmup_steps", "seed", "gradient_checkpointing", "snr_gamma", "noise_offset",
     "center_crop", "random_flip", "checkpointing_steps", "validation_steps", "train_text_encoder",
-    "text_encoder_learning_rate", "max_grad_norm", "adam_weight_decay",
+    "text_encoder_learning_rate", "max_grad_norm", "adam_weight_decay", "lr_num_cycles", "lr_power",
+    "caption_dropout", "shuffle_tags", "keep_tokens",
 )  # fmt: skip
 
 
@@ -241,6 +251,7 @@ def _hyper_values(h: training_pb2.Hyperparameters) -> dict[str, Any]:
     out["mixed_precision"] = _PRECISION.get(h.mixed_precision, "auto")
     if h.validation_prompts:
         out["validation_prompts"] = list(h.validation_prompts)
+    out.update(choice_values(h, out))
     return out
 
 
@@ -261,6 +272,7 @@ def validate_config(config: TrainConfig, settings: Settings) -> None:
     _check(bool(config.dataset_id), "spec.dataset_id", "must not be empty")
     _check(bool(config.output_name), "spec.output_name", "must not be empty")
     _validate_hyper(config, settings)
+    validate_choices(config, settings)
     if config.method == "LORA":
         _validate_lora(config)
     if config.method == "TEXTUAL_INVERSION":

@@ -2,7 +2,7 @@
 
 Order of work: load the frozen base components, seed, make prior-preservation images if
 needed (with the untouched base model), set up the method, pre-encode every image view (and
-every prompt when the text encoder is frozen), build AdamW + the lr schedule, restore a
+every prompt when the text encoder is frozen), build the optimizer + the lr schedule, restore a
 checkpoint if given, then step. Each step's randomness (samples, views, latent noise,
 diffusion noise, timesteps) comes from generators keyed by (seed, step, micro-batch), and the
 global RNGs (LoRA dropout) are checkpointed, so a resumed run reproduces an uninterrupted one.
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.optimization import get_scheduler
 
 from services.training.trainers import checkpoint as ckpt
 from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult
 from services.training.trainers.batches import Batcher, PromptEncoder
 from services.training.trainers.cache import LatentCache
+from services.training.trainers.captions import CaptionBuilder
 from services.training.trainers.config import TrainConfig
 from services.training.trainers.data import build_views
 from services.training.trainers.dreambooth import DreamBoothTrainer
@@ -34,6 +34,7 @@ from services.training.trainers.lora import LoraTrainer
 from services.training.trainers.loss import diffusion_loss
 from services.training.trainers.method import MethodTrainer
 from services.training.trainers.models import Components, load_components
+from services.training.trainers.optim import build_optimizer, build_scheduler
 from services.training.trainers.textual_inversion import TextualInversionTrainer
 from services.training.trainers.validation import generate_class_images, validation_images
 
@@ -62,19 +63,8 @@ class Optimisation:
 
 
 def build_optimisation(config: TrainConfig, method: MethodTrainer, comps: Components) -> Optimisation:
-    optimizer = torch.optim.AdamW(
-        method.param_groups(),
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        weight_decay=config.adam_weight_decay,
-        foreach=True,  # one multi-tensor update: the CPU default loops over hundreds of LoRA tensors
-    )
-    scheduler = get_scheduler(
-        config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=config.max_train_steps,
-    )
+    optimizer = build_optimizer(config, method.param_groups(), comps.device)
+    scheduler = build_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler(comps.device.type) if comps.precision == "fp16" else None
     return Optimisation(optimizer, scheduler, scaler, method.trainable_parameters())
 
@@ -150,7 +140,15 @@ class TrainingRun:
     def _build_batcher(self, images: list[TrainImage]) -> Batcher:
         c = self.config
         instance = build_views([i.path for i in images], self.resolution, c.center_crop, c.random_flip)
-        prompts = [self.method.prompt(i.caption or c.instance_prompt) for i in images]
+        captions = CaptionBuilder(
+            instance_prompt=c.instance_prompt,
+            captions=[i.caption for i in images],
+            dropout=c.caption_dropout,
+            shuffle=c.shuffle_tags,
+            keep_tokens=c.keep_tokens,
+            rewrite=self.method.prompt,
+        )
+        prompts = captions.bases()
         klass = None
         class_prompts: list[str] = []
         if self.class_images:
@@ -159,8 +157,9 @@ class TrainingRun:
         with torch.no_grad():
             inst_cache = LatentCache.encode(self.comps, instance.pixels)
             class_cache = LatentCache.encode(self.comps, klass.pixels) if klass is not None else None
-        encoder = PromptEncoder(self.comps, cached=not self.method.text_encoder_in_graph)
-        encoder.warm(prompts + class_prompts)
+        encoder = PromptEncoder(self.comps, cached=not self.method.text_encoder_in_graph,
+                                open_ended=captions.open_ended)
+        encoder.warm(captions.variants() + class_prompts)
         return Batcher(
             config=c,
             instance=instance,
@@ -170,6 +169,7 @@ class TrainingRun:
             class_cache=class_cache,
             class_prompts=class_prompts,
             encoder=encoder,
+            captions=captions,
         )
 
     def _release_frozen_encoders(self) -> None:
@@ -181,7 +181,7 @@ class TrainingRun:
         if self.config.validation_prompts:
             return
         self.comps.vae = None
-        if not self.method.text_encoder_in_graph:
+        if not self.method.text_encoder_in_graph and not self.batcher.encoder.open_ended:
             self.comps.text_encoder = None
         gc.collect()
 
