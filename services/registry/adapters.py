@@ -10,7 +10,6 @@ indistinguishable from a missing one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,11 +24,11 @@ from services.common.errors import (
     InvalidInput,
     NotFound,
     PreconditionConflict,
-    Unavailable,
 )
+from services.registry.allocation import VersionAllocator
 from services.registry.blobs import Blobs
 from services.registry.documents import decode_token, encode_token, page_size, read_doc
-from services.registry.files import download_files, upload_files
+from services.registry.files import download_files, reupload_missing, upload_files
 from services.registry.keys import Keys, number_from_key
 from services.registry.manifests import (
     ADAPTER_KINDS,
@@ -44,7 +43,6 @@ from services.registry.store import ObjectNotFound, ObjectStore, PreconditionFai
 
 log = logging.getLogger(__name__)
 
-MAX_PUBLISH_ATTEMPTS = 256
 MAX_ALIAS_ATTEMPTS = 8
 
 
@@ -62,6 +60,7 @@ class Adapters:
         self._store = store
         self._keys = keys
         self._blobs = blobs
+        self._allocator = VersionAllocator(store, keys)
 
     # --- publish --------------------------------------------------------------------
     def publish(
@@ -101,31 +100,25 @@ class Adapters:
             source_format=source_format,
             description=description,
         )
-        return self._allocate(draft)
+        manifest = self._allocator.publish(draft)
+        reupload_missing(self._blobs, files, records)
+        return manifest
 
-    def _allocate(self, draft: AdapterManifest) -> AdapterManifest:
-        """Create versions/<n>.json with If-None-Match; on a lost race try n+1."""
-        version = self._highest_number(draft.tenant, draft.name) + 1
-        for _ in range(MAX_PUBLISH_ATTEMPTS):
-            manifest = draft.model_copy(update={"version": version, "created_at": utc_now()})
-            data = manifest.to_json_bytes()
-            try:
-                self._store.put_bytes(self._keys.version(draft.tenant, draft.name, version), data, if_none_match=True)
-            except PreconditionFailed:
-                log.info("version %s of %s taken concurrently; trying the next", version, draft.name)
-                version += 1
-                continue
-            return manifest.model_copy(update={"manifest_digest": hashlib.sha256(data).hexdigest()})
-        raise Unavailable(f"could not allocate a version of {draft.name!r}: too many concurrent publishers")
+    def job_version(self, tenant: str, name: str, job_id: str) -> AdapterManifest | None:
+        """The version training job `job_id` published, by its publish marker; None if none yet.
 
-    def _highest_number(self, tenant: str, name: str) -> int:
-        """Largest version ever allocated, counting deleted ones (tombstones)."""
-        highest = 0
-        for prefix in (self._keys.versions_prefix(tenant, name), self._keys.tombstones_prefix(tenant, name)):
-            last = _last(self._store.list_keys(prefix))
-            if last:
-                highest = max(highest, number_from_key(last))
-        return highest
+        None also when the marker exists but its manifest does not (the publisher crashed
+        between the two): the next publish of that job writes at the marker's number.
+        """
+        validate_tenant(tenant)
+        validate_name(name, "name")
+        marker = self._allocator.marker(tenant, name, job_id)
+        if marker is None:
+            return None
+        try:
+            return self._read_version(tenant, name, marker.version, adapter_ref(name, marker.version))
+        except AdapterNotFound:
+            return None
 
     # --- resolve --------------------------------------------------------------------
     def resolve(

@@ -46,17 +46,31 @@ class Blobs:
         """Store a file's bytes as a blob; returns the record (path defaults to the file name)."""
         sha, size = sha256_file(path)
         key = self._keys.blob(sha)
-        if not self._store.exists(key):
+        if not self._reuse(key):
             # PreconditionFailed: a concurrent uploader stored the same content first.
             with contextlib.suppress(PreconditionFailed):
                 self._store.put_file(key, path, if_none_match=True)
         return FileRecord(path=logical_path or path.name, sha256=sha, size=size)
 
+    def _reuse(self, key: str) -> bool:
+        """True when the blob is already stored; its last-modified time is renewed.
+
+        The touch is what keeps garbage collection from sweeping an old, so far unreferenced
+        blob that this publish is about to reference (see services/registry/gc.py).
+        """
+        if not self._store.exists(key):
+            return False
+        try:
+            self._store.touch(key)
+        except ObjectNotFound:
+            return False  # collected between the two calls: upload it again
+        return True
+
     def put_bytes(self, data: bytes, logical_path: str = "") -> FileRecord:
         """Store small in-memory content as a blob."""
         sha = hashlib.sha256(data).hexdigest()
         key = self._keys.blob(sha)
-        if not self._store.exists(key):
+        if not self._reuse(key):
             with contextlib.suppress(PreconditionFailed):
                 self._store.put_bytes(key, data, if_none_match=True)
         return FileRecord(path=logical_path or sha, sha256=sha, size=len(data))

@@ -34,6 +34,19 @@ def upload_files(blobs: Blobs, files: Mapping[str, Path], field: str) -> list[Fi
     return [blobs.put_file(Path(local), logical) for logical, local in sorted(files.items())]
 
 
+def reupload_missing(blobs: Blobs, files: Mapping[str, Path], records: Sequence[FileRecord]) -> None:
+    """After the manifest is written: put back any blob a concurrent garbage collection swept.
+
+    The touch in `Blobs.put_file` keeps a reused blob young, but a collector that checked it
+    just before the touch may still delete it; the manifest is visible now, so every later
+    collection marks these blobs, and restoring them here closes that gap.
+    """
+    by_path = {logical: Path(local) for logical, local in files.items()}
+    for record in records:
+        if not blobs.exists(record.sha256):
+            blobs.put_file(by_path[record.path], record.path)
+
+
 def download_files(blobs: Blobs, records: Sequence[FileRecord], dest_dir: Path) -> dict[str, Path]:
     """Download each record to dest_dir/<path> (verified); returns path -> local file."""
     out: dict[str, Path] = {}

@@ -46,6 +46,24 @@ class Keys:
     def tombstone(self, tenant: str, name: str, version: int) -> str:
         return self.tombstones_prefix(tenant, name) + f"{version:0{VERSION_DIGITS}d}.json"
 
+    def claims_prefix(self, tenant: str, name: str) -> str:
+        return self.adapter_root(tenant, name) + "claims/"
+
+    def claim(self, tenant: str, name: str, version: int) -> str:
+        return self.claims_prefix(tenant, name) + f"{version:0{VERSION_DIGITS}d}.json"
+
+    def job_marker(self, tenant: str, name: str, job_id: str) -> str:
+        return self.adapter_root(tenant, name) + f"jobs/{job_id}.json"
+
+    def adapters_prefix(self) -> str:
+        return self._p("adapters/")
+
+    def datasets_root(self) -> str:
+        return self._p("datasets/")
+
+    def checkpoints_root(self) -> str:
+        return self._p("checkpoints/")
+
     def aliases_prefix(self, tenant: str, name: str) -> str:
         return self.adapter_root(tenant, name) + "aliases/"
 

@@ -20,7 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from services.registry.store import STREAM_CHUNK_BYTES, ObjectNotFound, PreconditionFailed, validate_key
+from services.registry.store import (
+    STREAM_CHUNK_BYTES,
+    ObjectInfo,
+    ObjectNotFound,
+    PreconditionFailed,
+    validate_key,
+)
 
 _TMP = ".atelier-tmp"
 _LOCKS = ".atelier-locks"
@@ -154,6 +160,26 @@ class LocalStore:
                 if key.startswith(prefix) and key > start_after:
                     found.append(key)
         return iter(sorted(found))
+
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        for key in self.list_keys(prefix):
+            try:
+                yield self.stat(key)
+            except ObjectNotFound:
+                continue  # deleted while listing
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def touch(self, key: str) -> None:
+        try:
+            os.utime(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
 
 
 def _chunks(f: BinaryIO) -> Iterator[bytes]:

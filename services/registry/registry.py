@@ -89,8 +89,10 @@ class Registry:
 
         `files` maps the path inside the adapter (e.g. "pytorch_lora_weights.safetensors")
         to a local file; `.safetensors` files must parse and pickle formats are refused.
-        The version is allocated with a conditional create; a lost race retries with the
-        next number, so concurrent publishers get distinct versions and none is lost.
+        The version is claimed with a conditional create; a lost race retries with the
+        next number, so concurrent publishers get distinct versions and none is lost. With
+        `source_job_id`, the job's publish marker makes this idempotent: every publisher of
+        one job gets the same single version (see services/registry/allocation.py).
         """
         return self.adapters.publish(
             tenant,
@@ -106,6 +108,10 @@ class Registry:
             source_format=source_format,
             description=description,
         )
+
+    def job_version(self, tenant: str, name: str, job_id: str) -> AdapterManifest | None:
+        """The version training job `job_id` published (its publish marker), or None."""
+        return self.adapters.job_version(tenant, name, job_id)
 
     def resolve_adapter(
         self, tenant: str, name: str, version: int | None = None, alias: str | None = None

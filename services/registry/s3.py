@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from services.common.config import Settings
 from services.registry.store import (
     STREAM_CHUNK_BYTES,
+    ObjectInfo,
     ObjectNotFound,
     PreconditionFailed,
     StoreUnavailable,
@@ -195,6 +197,28 @@ class S3Store:
                 return
             for item in page.get("Contents", []):
                 yield item["Key"][strip:]
+
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = self._call(prefix, lambda: iter(paginator.paginate(Bucket=self.bucket, Prefix=full_prefix)))
+        while (page := self._call(prefix, lambda: next(pages, None))) is not None:
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"][strip:], int(item["Size"]), item["LastModified"].timestamp())
+
+    def stat(self, key: str) -> ObjectInfo:
+        resp = self._call(key, lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)))
+        return ObjectInfo(key, int(resp["ContentLength"]), resp["LastModified"].timestamp())
+
+    def touch(self, key: str) -> None:
+        """Copy the object onto itself with new metadata: S3's only way to renew LastModified
+        (a server-side copy; objects over 5 GiB would need a multipart copy)."""
+        full = self._key(key)
+        self._call(key, lambda: self._client.copy_object(
+            Bucket=self.bucket, Key=full, CopySource={"Bucket": self.bucket, "Key": full},
+            MetadataDirective="REPLACE", Metadata={"atelier-touched": str(int(time.time()))},
+        ))
 
 
 def _translate(key: str, exc: ClientError) -> Exception:

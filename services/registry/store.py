@@ -11,6 +11,7 @@ All methods are synchronous (boto3 is); async callers wrap them in `asyncio.to_t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -42,6 +43,15 @@ class PreconditionFailed(StoreError):
 
 class StoreUnavailable(Unavailable, StoreError):
     """The store cannot be reached; maps straight to gRPC UNAVAILABLE with RetryInfo."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: what garbage collection needs to decide (size, last-modified epoch)."""
+
+    key: str
+    size: int
+    last_modified: float
 
 
 @runtime_checkable
@@ -91,6 +101,22 @@ class ObjectStore(Protocol):
 
     def list_keys(self, prefix: str, *, start_after: str = "") -> Iterator[str]:
         """Yield every key starting with `prefix`, sorted, strictly after `start_after`."""
+        ...
+
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Like `list_keys`, with each object's size and last-modified time (epoch seconds)."""
+        ...
+
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and last-modified time of one key; ObjectNotFound when absent."""
+        ...
+
+    def touch(self, key: str) -> None:
+        """Set the key's last-modified time to now without changing its content.
+
+        Publishers touch a blob they reuse, so a garbage collection that saw it as old and
+        unreferenced re-checks it, finds it young, and keeps it. ObjectNotFound when absent.
+        """
         ...
 
 

@@ -5,18 +5,13 @@ Loop: reap expired leases -> claim the oldest QUEUED job -> materialize the base
 trainer with callbacks (progress, heartbeat, cancel/lease checks, checkpoints to the
 registry) -> fence -> publish -> alias -> SUCCEEDED.
 
-Exactly-once publish. Publishing is guarded three ways:
-1. `prepare_publish` right before the upload checks the worker still owns the job (and it
-   is not cancelled) and renews the lease, so no other worker can claim it for a whole
-   lease period while the (short) publish runs;
-2. the manifest records `source_job_id`; an attempt after the first one looks for a
-   version of this job already in the registry and adopts it instead of publishing again
-   (this covers "published, then crashed before marking SUCCEEDED");
-3. `complete` is fenced by ownership, so only the owner records SUCCEEDED.
-The residual window: a worker that stalls for longer than a full lease *between* step 1
-and the end of its upload, while a second worker claims the job, retrains it and reaches
-its own step 1 before the first upload is visible, can produce a second version. See
-docs/architecture.md ("Training jobs").
+Exactly-once publish. `prepare_publish` right before the upload re-checks ownership and
+cancel and renews the lease; the registry's per-job publish marker (see
+services/registry/allocation.py) makes `publish_adapter(source_job_id=...)` idempotent, so
+any number of publishers of one job (takeover, retry after SIGKILL, a stalled worker
+waking up) end with the same single version; a later attempt that finds the job's version
+already published adopts it without training; `complete` is fenced by ownership.
+See docs/architecture.md ("Training jobs").
 """
 
 from __future__ import annotations
@@ -189,7 +184,10 @@ class Worker:
         return dest, checkpoint.step
 
     def _find_published(self, job: JobRecord) -> AdapterManifest | None:
-        """A version of this job's output that names this job as its source, if any."""
+        """The version this job already published: by its marker, else (versions written
+        before markers existed) a version naming this job as its source."""
+        if (found := self.registry.job_version(job.tenant, job.output_name, job.id)) is not None:
+            return found
         token = ""
         while True:
             try:
@@ -211,9 +209,6 @@ class Worker:
         if not status.owned or status.cancel_requested:
             self._stopped(job, lease)
             return
-        if job.attempts > 1 and (existing := self._find_published(job)) is not None:
-            self._complete(job, lease, existing.version, dict(existing.metrics), "adopted an earlier publish")
-            return
         metrics = {**result.metrics, "steps": float(result.steps), "wall_time_seconds": wall_seconds,
                    "resumed_from_step": float(resumed)}
         training_config: dict[str, Any] = {**config.model_dump(mode="json"), **result.config}
@@ -223,6 +218,7 @@ class Worker:
             training_config=training_config, metrics=metrics, source_job_id=job.id,
             description=config.description,
         )
+        metrics = dict(manifest.metrics)  # ours, or those of the publisher of this job that won
         message = f"published {manifest.name} version {manifest.version}"
         if config.output_alias:
             try:
