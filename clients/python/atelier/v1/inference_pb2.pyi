@@ -519,19 +519,23 @@ class CacheEntry(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     IDLE_SECONDS_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     bytes: _builtins.int
     idle_seconds: _builtins.float
+    pinned: _builtins.bool
+    """Pinned by the server's configuration (pinned_adapters): never evicted."""
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         bytes: _builtins.int = ...,
         idle_seconds: _builtins.float = ...,
+        pinned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "idle_seconds", b"idle_seconds", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "idle_seconds", b"idle_seconds", "key", b"key", "pinned", b"pinned"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
