@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(10.0, description="Lease renewal interval.")
     max_job_attempts: int = Field(3, description="Attempts before a job FAILS for good.")
     training_device: str = Field("cpu", description="torch device for training.")
+    progress_event_interval_seconds: float = Field(
+        0.5, ge=0, description="Least seconds between two progress events in a job's Watch log; 0: every step."
+    )
     max_dataset_images: int = Field(32, description="Most images one dataset may hold.")
     max_dataset_bytes: int = Field(128 * MiB, description="Most bytes one dataset may hold.")
     max_image_pixels: int = Field(40_000_000, description="Decompression-bomb guard, per image.")

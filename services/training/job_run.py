@@ -92,8 +92,10 @@ class JobCallbacks:
     def __init__(
         self, job: JobRecord, worker_id: str, store: JobStore, registry: Registry,
         lease: LeaseKeeper, metrics: WorkerMetrics | None, shutdown_grace: float = 30.0,
+        event_interval: float = PROGRESS_EVENT_INTERVAL,
     ) -> None:
         self._job = job
+        self._event_interval = event_interval
         self._shutdown_grace = shutdown_grace
         self._shutdown_seen: tuple[float, int] | None = None
         self._worker_id = worker_id
@@ -118,7 +120,7 @@ class JobCallbacks:
             self._first_step = step - 1
         done = max(1, step - self._first_step)
         eta = (now - self._started) / done * max(0, total - step)
-        emit = now - self._last_event_at >= PROGRESS_EVENT_INTERVAL or step >= total
+        emit = now - self._last_event_at >= self._event_interval or step >= total
         if emit:
             self._last_event_at = now
         self.last_step, self.last_loss = step, loss

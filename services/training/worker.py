@@ -124,7 +124,8 @@ class Worker:
                             self.metrics, self.shutdown)
         with lease:
             callbacks = JobCallbacks(job, self.worker_id, self.store, self.registry, lease, self.metrics,
-                                     shutdown_grace=self.settings.shutdown_grace_seconds)
+                                     shutdown_grace=self.settings.shutdown_grace_seconds,
+                                     event_interval=self.settings.progress_event_interval_seconds)
             try:
                 self._attempt(job, lease, callbacks, work_dir)
             except PERMANENT_ERRORS as exc:
