@@ -8,6 +8,8 @@
   registry (which verifies the digest while streaming: a corrupted blob raises DataLoss and
   leaves nothing behind). Files found on disk at start-up are re-verified before first use.
 * Host tier: the parsed payload (LoRA state dict, TI vectors) keyed by adapter version.
+Every lookup names the tenant whose request it serves (the manifest's), so GetCacheStatus
+can show each tenant only the entries it used itself (see cache.py).
 All three are thread-safe and single-flight; callers run them off the event loop.
 """
 
@@ -136,14 +138,14 @@ class DiskTier:
         for stray in self.root.glob(".*.part"):
             stray.unlink(missing_ok=True)
 
-    def fetch(self, record: FileRecord) -> Path:
+    def fetch(self, record: FileRecord, tenant: str | None = None) -> Path:
         """A verified local file with the record's content (downloaded once per digest)."""
-        blob = self.cache.get_or_load(record.sha256, lambda: self._download(record))
+        blob = self.cache.get_or_load(record.sha256, lambda: self._download(record), user=tenant)
         if not blob.verified:
             digest, size = sha256_file(blob.path) if blob.path.exists() else ("", -1)
             if digest != record.sha256 or size != record.size:
                 self.cache.evict(record.sha256)
-                blob = self.cache.get_or_load(record.sha256, lambda: self._download(record))
+                blob = self.cache.get_or_load(record.sha256, lambda: self._download(record), user=tenant)
             blob.verified = True
         return blob.path
 
@@ -169,15 +171,21 @@ class HostTier:
             "host", capacity_bytes, lambda p: p.nbytes, metrics=metrics.tier("host"))
 
     def load(self, manifest: AdapterManifest) -> Payload:
-        return self.cache.get_or_load(AdapterKey.of(manifest), lambda: self._parse(manifest))
+        return self.cache.get_or_load(AdapterKey.of(manifest), lambda: self._parse(manifest),
+                                      user=manifest.tenant)
 
     def cached(self, manifest: AdapterManifest) -> Payload | None:
-        return self.cache.peek(AdapterKey.of(manifest))
+        """The payload if resident (no thread hop); records the tenant's use, not recency."""
+        key = AdapterKey.of(manifest)
+        payload = self.cache.peek(key)
+        if payload is not None:
+            self.cache.touch(key, manifest.tenant)
+        return payload
 
     def _parse(self, manifest: AdapterManifest) -> Payload:
         if manifest.kind == "DREAMBOOTH":
             for record in manifest.files:
-                self._disk.fetch(record)
+                self._disk.fetch(record, manifest.tenant)
             return dreambooth_payload(manifest)
         try:
             local = self._local_files(manifest)
@@ -193,11 +201,12 @@ class HostTier:
         return ti_payload(manifest, local)
 
     def _local_files(self, manifest: AdapterManifest) -> dict[str, Path]:
-        return {f.path: self._disk.fetch(f) for f in manifest.files if f.path.endswith(".safetensors")}
+        return {f.path: self._disk.fetch(f, manifest.tenant) for f in manifest.files
+                if f.path.endswith(".safetensors")}
 
-    def dreambooth_files(self, payload: DreamBoothPayload) -> dict[str, Path]:
+    def dreambooth_files(self, payload: DreamBoothPayload, tenant: str) -> dict[str, Path]:
         """Local paths of a DreamBooth adapter's files (re-fetched if the disk tier dropped them)."""
-        return {f.path: self._disk.fetch(f) for f in payload.files}
+        return {f.path: self._disk.fetch(f, tenant) for f in payload.files}
 
 
 def open_adapter_tiers(settings: Settings, registry: Registry,

@@ -15,6 +15,10 @@ Each tier (disk blobs, host state dicts, device-attached adapters, DreamBooth co
   resident to be used) or handed to the caller without being cached (host RAM).
 * `on_evict(key, value)` runs after the entry left the books, outside the lock, in the thread
   that caused the eviction; for the device tier that is always the device thread.
+* Lookups may name a `user` (the caller's tenant). Each entry remembers when each user last
+  touched it, so `status(user=...)` lists only what that user itself used, with its own idle
+  time: a disk blob shared by content between two tenants never reveals one tenant's activity
+  to the other.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from services.inference.metrics import TierMetrics
@@ -42,6 +46,11 @@ class _Entry(Generic[V]):
     value: V
     nbytes: int
     last_used: float
+    users: dict[str, float] = field(default_factory=dict)  # user -> its own last use
+
+    def touch(self, user: str | None, now: float) -> None:
+        if user is not None:
+            self.users[user] = now
 
 
 @dataclass(frozen=True)
@@ -111,18 +120,19 @@ class ByteLRU(Generic[K, V]):
         with self._lock:
             return list(self._entries)
 
-    def get(self, key: K) -> V | None:
+    def get(self, key: K, user: str | None = None) -> V | None:
         """The value if resident (a hit, made most recent), else None (a miss)."""
         with self._lock:
-            value = self._hit(key)
+            value = self._hit(key, user)
             if value is None:
                 self._count_miss()
             return value
 
-    def get_or_load(self, key: K, loader: Callable[[], V], protect: Collection[K] = ()) -> V:
+    def get_or_load(self, key: K, loader: Callable[[], V], protect: Collection[K] = (),
+                    user: str | None = None) -> V:
         """The cached value, or the result of exactly one concurrent `loader()` call."""
         with self._lock:
-            value = self._hit(key)
+            value = self._hit(key, user)
             if value is not None:
                 return value
             self._count_miss()
@@ -132,14 +142,23 @@ class ByteLRU(Generic[K, V]):
                 future = Future()
                 self._inflight[key] = future
         if not leader:
-            return future.result()
-        return self._load(key, loader, future, protect)
+            value = future.result()
+            self.touch(key, user)  # a waiter used the entry too
+            return value
+        return self._load(key, loader, future, protect, user)
+
+    def touch(self, key: K, user: str | None) -> None:
+        """Record a use of a resident entry by `user` (no recency or metrics change)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.touch(user, self._clock())
 
     # --- mutation ---------------------------------------------------------------------
-    def put(self, key: K, value: V, protect: Collection[K] = ()) -> bool:
+    def put(self, key: K, value: V, protect: Collection[K] = (), user: str | None = None) -> bool:
         """Insert or replace; returns whether the value is now resident."""
         with self._lock:
-            evicted, stored = self._insert(key, value, protect)
+            evicted, stored = self._insert(key, value, protect, user)
         self._after_evictions(evicted)
         return stored
 
@@ -197,13 +216,21 @@ class ByteLRU(Generic[K, V]):
         """Evict everything (on_evict runs for each entry)."""
         return self.evict_where(lambda _key: True)
 
-    def status(self, include: Callable[[K], bool] | None = None,
-               label: Callable[[K], str] = str) -> TierStatus:
-        """Totals of the whole tier; entries (most recent first) only where `include` says so."""
+    def status(self, user: str | None = None, label: Callable[[K], str] = str) -> TierStatus:
+        """Totals of the whole tier; entries most recent first.
+
+        With `user`: only the entries that user touched, idle since *its* last use, so a
+        caller learns nothing about other users' activity. Without: every entry (ops, tests).
+        """
         now = self._clock()
         with self._lock:
-            entries = [EntryStatus(label(k), e.nbytes, max(0.0, now - e.last_used))
-                       for k, e in reversed(self._entries.items()) if include is None or include(k)]
+            if user is None:
+                entries = [EntryStatus(label(k), e.nbytes, max(0.0, now - e.last_used))
+                           for k, e in reversed(self._entries.items())]
+            else:
+                mine = [(e.users[user], k, e) for k, e in self._entries.items() if user in e.users]
+                mine.sort(key=lambda t: t[0], reverse=True)
+                entries = [EntryStatus(label(k), e.nbytes, max(0.0, now - at)) for at, k, e in mine]
             return TierStatus(self.name, self.capacity_bytes, self._used, self.max_entries, entries,
                               self._hits, self._misses, self._evictions, self._loads)
 
@@ -213,11 +240,12 @@ class ByteLRU(Generic[K, V]):
             return self._used
 
     # --- internals --------------------------------------------------------------------
-    def _hit(self, key: K) -> V | None:
+    def _hit(self, key: K, user: str | None = None) -> V | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
         entry.last_used = self._clock()
+        entry.touch(user, entry.last_used)
         self._entries.move_to_end(key)
         self._hits += 1
         if self._metrics:
@@ -229,12 +257,13 @@ class ByteLRU(Generic[K, V]):
         if self._metrics:
             self._metrics.misses.inc()
 
-    def _load(self, key: K, loader: Callable[[], V], future: Future[V], protect: Collection[K]) -> V:
+    def _load(self, key: K, loader: Callable[[], V], future: Future[V], protect: Collection[K],
+              user: str | None) -> V:
         started = time.perf_counter()
         try:
             value = loader()
             with self._lock:
-                evicted, _stored = self._insert(key, value, protect)
+                evicted, _stored = self._insert(key, value, protect, user)
                 self._loads += 1
         except BaseException as exc:
             with self._lock:
@@ -249,7 +278,8 @@ class ByteLRU(Generic[K, V]):
         self._after_evictions(evicted)
         return value
 
-    def _insert(self, key: K, value: V, protect: Collection[K]) -> tuple[list[tuple[K, _Entry[V]]], bool]:
+    def _insert(self, key: K, value: V, protect: Collection[K],
+                user: str | None = None) -> tuple[list[tuple[K, _Entry[V]]], bool]:
         """Make room and insert under the lock; returns (evicted entries, stored?).
 
         Feasibility is checked first, so a value that cannot fit evicts nothing.
@@ -278,7 +308,11 @@ class ByteLRU(Generic[K, V]):
             self._used -= entry.nbytes
             evicted.append((victim, entry))
         self._evictions += len(evicted)
-        self._entries[key] = _Entry(value, nbytes, self._clock())
+        entry = _Entry(value, nbytes, self._clock())
+        if old is not None:
+            entry.users.update(old.users)
+        entry.touch(user, entry.last_used)
+        self._entries[key] = entry
         self._used += nbytes
         self._publish_size()
         return evicted, True

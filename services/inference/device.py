@@ -82,7 +82,7 @@ class DeviceState:
     """The device and DreamBooth tiers plus the LoRA merge state (device thread only)."""
 
     def __init__(self, settings: Settings, metrics: InferenceMetrics,
-                 dreambooth_files: Callable[[DreamBoothPayload], dict]) -> None:
+                 dreambooth_files: Callable[[DreamBoothPayload, str], dict]) -> None:
         self._dreambooth_files = dreambooth_files
         self.mergers = LoraMergers()
         self.attaches = {"fast": 0, "full": 0}  # LoRA attach paths taken (see lora_fast.py)
@@ -126,7 +126,8 @@ class DeviceState:
         try:
             variant = self.variants.get_or_load(
                 (base.name, use.key),
-                lambda: build_variant(variant_id, base, self._dreambooth_files(payload)),
+                lambda: build_variant(variant_id, base, self._dreambooth_files(payload, use.key.tenant)),
+                user=use.key.tenant,
             )
         except CapacityError as exc:
             raise FailedPrecondition(f"DreamBooth adapter {use.key} exceeds the DreamBooth cache: {exc}") from None
@@ -150,7 +151,7 @@ class DeviceState:
             self.attaches["fast" if fast else "full"] += 1
             return Attachment("LORA", target.pipe, nbytes, peft_name=name)
 
-        return self.adapters.get_or_load((target.id, use.key), attach, protect)
+        return self.adapters.get_or_load((target.id, use.key), attach, protect, user=use.key.tenant)
 
     def _ti(self, target: Target, use: AdapterUse, protect: set[DeviceKey]) -> TiBinding:
         payload = use.payload
@@ -174,7 +175,8 @@ class DeviceState:
             binding = slots.bind(payload.vectors)
             return Attachment("TEXTUAL_INVERSION", target.pipe, nbytes, slots=slots, binding=binding)
 
-        attachment = self.adapters.get_or_load((target.text_owner, use.key), attach, protect)
+        attachment = self.adapters.get_or_load((target.text_owner, use.key), attach, protect,
+                                               user=use.key.tenant)
         assert attachment.binding is not None
         return attachment.binding
 

@@ -232,7 +232,7 @@ class InferenceEngine:
         manifests = await self._resolve(tenant, specs, base, for_device=tier == "device")
         if tier == "disk":
             for manifest in manifests:
-                await self.on_io(lambda m=manifest: [self.disk.fetch(f) for f in m.files])
+                await self.on_io(lambda m=manifest: [self.disk.fetch(f, m.tenant) for f in m.files])
         else:
             uses = await self._load(manifests, specs)
             if tier == "device":
@@ -241,11 +241,11 @@ class InferenceEngine:
                 for m, s in zip(manifests, specs, strict=True)]
 
     def tier_status(self, tenant: str | None = None) -> list[TierStatus]:
-        """disk, host, device. Totals are global; entries naming adapters are the tenant's only
-        (blob digests on disk name nobody)."""
+        """disk, host, device. Totals are global aggregates; every tier lists only the entries
+        `tenant` itself used, with its own idle time: a blob digest on disk is shared by content,
+        so listing it would tell one tenant when another uses the same bytes. None: everything."""
         return [
-            self.disk.cache.status(),
-            self.host.cache.status(lambda k: tenant is None or k.tenant == tenant),
-            self.device_state.adapters.status(lambda k: tenant is None or k[1].tenant == tenant,
-                                              lambda k: f"{k[1]} on {k[0]}"),
+            self.disk.cache.status(tenant),
+            self.host.cache.status(tenant),
+            self.device_state.adapters.status(tenant, lambda k: f"{k[1]} on {k[0]}"),
         ]

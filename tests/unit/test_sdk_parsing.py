@@ -68,4 +68,5 @@ def test_backoff_grows_with_jitter_and_honours_server_hint() -> None:
     for attempt, delay in enumerate(delays, start=1):
         base = min(1.0, 0.1 * 2 ** (attempt - 1))
         assert base * 0.5 <= delay <= base * 1.5
-    assert policy.delay(1, 3.0) == 3.0
+    assert 3.0 <= policy.delay(1, 3.0) <= 3.0 * 1.25  # the server's delay, jittered upwards only
+    assert 0.25 <= policy.delay(1, None, floor=0.25) <= 0.25 * 1.25
