@@ -148,8 +148,10 @@ class ErrorMappingInterceptor(GuardInterceptor):
             raise  # already a deliberate status (a behaviour or inner interceptor aborted)
         except errors.AtelierError as exc:
             code, status = status_for_error(exc)
-            log.info("rpc failed", extra={"rpc_method": details.method, "grpc_code": code.name,
-                                          "error": exc.message})
+            extra = {"rpc_method": details.method, "grpc_code": code.name, "error": exc.message}
+            if isinstance(exc, errors.Unavailable) and exc.detail:
+                extra["detail"] = exc.detail  # internal (endpoint, bucket, key): logged, never sent
+            log.info("rpc failed", extra=extra)
             await abort_with(context, code, status)
         except Exception:
             preset = context.code()

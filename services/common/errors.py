@@ -71,11 +71,15 @@ class DataLoss(AtelierError):
 
 
 class Unavailable(AtelierError):
-    """A dependency (object store, database) cannot be reached: UNAVAILABLE with RetryInfo."""
+    """A dependency (object store, database) cannot be reached: UNAVAILABLE with RetryInfo.
 
-    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+    `detail` is for the server log only (endpoints, buckets, keys): callers get `message`.
+    """
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0, *, detail: str = "") -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.auth import Authenticator, AuthInterceptor
 from services.common.config import Settings
+from services.common.deadlines import DeadlineInterceptor
 from services.common.error_mapping import ErrorMappingInterceptor
 from services.common.errors import InvalidInput
 from services.common.telemetry import MetricsInterceptor, RequestIdInterceptor, RpcMetrics
@@ -126,7 +127,7 @@ async def start_server(settings: Settings, bindings: list[ServiceBinding], port:
     rpc_metrics = metrics or RpcMetrics(CollectorRegistry())
     credentials = _server_credentials(settings)
     interceptors = [RequestIdInterceptor(), MetricsInterceptor(rpc_metrics),
-                    ErrorMappingInterceptor(), AuthInterceptor(auth)]
+                    ErrorMappingInterceptor(), AuthInterceptor(auth), DeadlineInterceptor()]
     server = aio.server(interceptors=interceptors, options=server_options(settings))
 
     health = HealthServicer()

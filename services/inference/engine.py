@@ -11,6 +11,7 @@ one thing at a time and needs no locks.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import time
 from collections.abc import Callable, Sequence
@@ -91,7 +92,10 @@ class InferenceEngine:
         return await asyncio.get_running_loop().run_in_executor(self._device, fn, *args)
 
     async def on_io(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+        """Run `fn` on the I/O pool in a copy of the caller's context, so the RPC's deadline
+        (services.common.deadlines) bounds the registry calls it makes."""
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._io, ctx.run, fn, *args)
 
     async def close(self) -> None:
         await self.batcher.close()

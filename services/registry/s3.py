@@ -4,16 +4,24 @@ Conditional writes use the S3 headers directly: `IfNoneMatch="*"` on PutObject a
 CompleteMultipartUpload creates only when the key is absent, `IfMatch=<etag>` replaces
 only an unchanged object. Large files go up in parts of `s3_multipart_part_bytes`, read
 one part at a time, so memory stays bounded whatever the file size. Connection failures
-and 5xx answers surface as StoreUnavailable (gRPC UNAVAILABLE with a retry hint).
+and 5xx answers surface as StoreUnavailable (gRPC UNAVAILABLE with a retry hint and a
+generic message; endpoint, bucket and key go to the server log only).
+
+Inside an RPC with a deadline, each S3 call waits at most the time left minus a margin
+(`services.common.deadlines`): botocore's timeouts are per client, so the call runs on a helper
+thread and a hung S3 becomes StoreUnavailable while the caller can still hear about it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +30,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.common.config import Settings
+from services.common.deadlines import remaining_seconds
 from services.registry.store import (
     STREAM_CHUNK_BYTES,
     ObjectInfo,
@@ -35,6 +44,13 @@ T = TypeVar("T")
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3's minimum for every part but the last
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+DEADLINE_MARGIN_SECONDS = 0.25  # kept back from the caller's deadline so UNAVAILABLE reaches it
+MAX_POOL_CONNECTIONS = 32
+
+
+def deadline_budget(left: float) -> float:
+    """How long one S3 call may wait with `left` seconds before the caller's deadline."""
+    return left - min(DEADLINE_MARGIN_SECONDS, 0.2 * left)
 
 
 class S3Store:
@@ -50,8 +66,12 @@ class S3Store:
             read_timeout=settings.s3_read_timeout_seconds,
             retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
             s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
-            max_pool_connections=32,
+            max_pool_connections=MAX_POOL_CONNECTIONS,
         )
+        self._endpoint = settings.s3_endpoint_url or "aws"
+        # Runs calls that must give up at the caller's deadline; a hung call keeps its thread
+        # until botocore's own timeout ends it.
+        self._bounded = ThreadPoolExecutor(MAX_POOL_CONNECTIONS, thread_name_prefix="atelier-s3")
         self._client: Any = boto3.session.Session().client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
@@ -69,14 +89,34 @@ class S3Store:
         validate_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _where(self, key: str) -> str:
+        """Endpoint, bucket and key of a call: for the server log (StoreUnavailable.detail)."""
+        full = f"{self.prefix}/{key}" if self.prefix else key
+        return f"S3 {self._endpoint} bucket {self.bucket!r} key {full!r}"
+
     def _call(self, key: str, fn: Callable[[], T]) -> T:
-        """Run one S3 call, translating its failures into store errors."""
+        """Run one S3 call within the caller's deadline, translating failures into store errors."""
         try:
-            return fn()
+            return self._within_deadline(key, fn)
         except ClientError as exc:
-            raise _translate(key, exc) from exc
+            raise _translate(key, exc, self._where(key)) from exc
         except BotoCoreError as exc:
-            raise StoreUnavailable(f"object store unreachable: {exc}", 2.0) from exc
+            raise StoreUnavailable(f"{self._where(key)}: unreachable: {exc}", 2.0) from exc
+
+    def _within_deadline(self, key: str, fn: Callable[[], T]) -> T:
+        left = remaining_seconds()
+        if left is None:
+            return fn()
+        budget = deadline_budget(left)
+        if budget <= 0:
+            raise StoreUnavailable(f"{self._where(key)}: no time left in the caller's deadline", 1.0)
+        future = self._bounded.submit(contextvars.copy_context().run, fn)
+        try:
+            return future.result(timeout=budget)
+        except FutureTimeout:
+            future.cancel()
+            raise StoreUnavailable(
+                f"{self._where(key)}: no answer within the caller's deadline ({budget:.2f} s)", 2.0) from None
 
     # --- ObjectStore --------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
@@ -166,10 +206,12 @@ class S3Store:
         return self._chunks(key, resp["Body"])
 
     def _chunks(self, key: str, body: Any) -> Iterator[bytes]:
+        chunks = body.iter_chunks(STREAM_CHUNK_BYTES)
         try:
-            yield from body.iter_chunks(STREAM_CHUNK_BYTES)
+            while (chunk := self._within_deadline(key, lambda: next(chunks, None))) is not None:
+                yield chunk
         except (BotoCoreError, OSError) as exc:
-            raise StoreUnavailable(f"object store read of {key!r} failed: {exc}", 2.0) from exc
+            raise StoreUnavailable(f"{self._where(key)}: read failed: {exc}", 2.0) from exc
         finally:
             body.close()
 
@@ -221,7 +263,7 @@ class S3Store:
         ))
 
 
-def _translate(key: str, exc: ClientError) -> Exception:
+def _translate(key: str, exc: ClientError, where: str) -> Exception:
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -230,7 +272,7 @@ def _translate(key: str, exc: ClientError) -> Exception:
     if code in _PRECONDITION:
         return PreconditionFailed(key, code)
     if code == "NoSuchBucket":
-        return StoreUnavailable(f"object store bucket is missing: {error.get('Message', code)}", 5.0)
+        return StoreUnavailable(f"{where}: bucket is missing: {error.get('Message', code)}", 5.0)
     if status >= 500 or code in {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}:
-        return StoreUnavailable(f"object store error {code}: {error.get('Message', '')}", 2.0)
+        return StoreUnavailable(f"{where}: error {code}: {error.get('Message', '')}", 2.0)
     return exc

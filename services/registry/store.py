@@ -41,8 +41,18 @@ class PreconditionFailed(StoreError):
         self.key = key
 
 
+REGISTRY_UNAVAILABLE = "the registry is temporarily unavailable; retry later"
+
+
 class StoreUnavailable(Unavailable, StoreError):
-    """The store cannot be reached; maps straight to gRPC UNAVAILABLE with RetryInfo."""
+    """The store cannot be reached; maps straight to gRPC UNAVAILABLE with RetryInfo.
+
+    Callers see one generic message: the store's endpoint, bucket and key layout are
+    internals, so `detail` carries them to the server log only.
+    """
+
+    def __init__(self, detail: str, retry_after_seconds: float = 2.0) -> None:
+        super().__init__(REGISTRY_UNAVAILABLE, retry_after_seconds, detail=detail)
 
 
 @dataclass(frozen=True)
