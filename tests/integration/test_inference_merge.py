@@ -53,7 +53,8 @@ def _generate(env: InferenceEnv, method: int, density: float | None = None,
               seed: int | None = None) -> inference_pb2.GenerateResponse:
     spec = inference_pb2.GenerationSpec(
         base_model=BASE, prompt="a red box", steps=STEPS, width=SIZE, height=SIZE, seed=1, merge_method=method,
-        adapters=[inference_pb2.AdapterWeight(ref={"name": n}, weight=w) for n, w in zip(("m-a", "m-b"), WEIGHTS)])
+        adapters=[inference_pb2.AdapterWeight(ref={"name": n}, weight=w)
+                  for n, w in zip(("m-a", "m-b"), WEIGHTS, strict=True)])
     if density is not None:
         spec.merge_density = density
     if seed is not None:
