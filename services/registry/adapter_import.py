@@ -35,6 +35,7 @@ from services.registry.interop.textual_inversion import MAX_VECTORS, check_token
 from services.registry.manifests import AdapterKindName, AdapterManifest
 from services.registry.names import validate_name
 from services.registry.registry import Registry
+from services.registry.safety import refuse_non_finite
 
 log = logging.getLogger(__name__)
 IMPORT_FORMATS = ("", "diffusers", "kohya", "a1111", "checkpoint")
@@ -87,7 +88,7 @@ def import_adapter_file(
     """Validate, convert and publish one uploaded adapter file as a new version.
 
     Errors: InvalidInput (names, pickles, malformed/unsupported/unrecognised files, kind or
-    format mismatch), NotFound (unknown base model), FailedPrecondition (tensors that do not
+    format mismatch, NaN/inf tensors), NotFound (unknown base model), FailedPrecondition (tensors that do not
     fit the base model, naming the first offending key).
     """
     validate_name(name, "name")
@@ -109,6 +110,7 @@ def import_adapter_file(
                                    format_hint=format_hint, trigger_token=trigger_token)
             kind, fmt, files, tokens = imported.kind, imported.source_format, imported.files, imported.trigger_tokens
             summary = {**imported.details, "variant": imported.variant, "filename": filename}
+        refuse_non_finite(path, "file")  # the upload itself, so the error names the user's own key
         return registry.publish_adapter(
             tenant,
             name,

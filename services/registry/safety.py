@@ -101,6 +101,35 @@ def tensor_names(header: dict[str, Any]) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
+def first_non_finite(path: Path) -> str | None:
+    """The first tensor (in file order) holding NaN or +-inf, or None when all are finite.
+
+    Non-finite weights load fine and then generate black images with status OK, so imports and
+    training publishes refuse them. Tensors are read one at a time (memory: the largest one).
+    """
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            tensor = f.get_tensor(name)
+            if not tensor.is_floating_point():
+                continue
+            if tensor.element_size() == 1:  # float8: isfinite is not implemented for it everywhere
+                tensor = tensor.float()
+            if not bool(torch.isfinite(tensor).all()):
+                return str(name)
+    return None
+
+
+def refuse_non_finite(path: Path, field: str) -> None:
+    """InvalidInput naming the first tensor with NaN or inf values."""
+    name = first_non_finite(path)
+    if name is not None:
+        raise InvalidInput(field, f"tensor {name!r} holds non-finite values (NaN or inf); "
+                                  "such weights generate black images")
+
+
 def refuse_pickle_content(source: Path | bytes, field: str) -> None:
     """For non-safetensors files (configs): refuse anything that is really a pickle or zip."""
     kind = _sniff_pickle(_read_head(source, 8))

@@ -34,6 +34,7 @@ from services.common.config import Settings
 from services.common.errors import DataLoss, FailedPrecondition, InvalidInput, NotFound
 from services.registry.manifests import AdapterManifest, BaseModelManifest
 from services.registry.registry import Registry
+from services.registry.safety import first_non_finite
 from services.training.job_run import JobCallbacks, LeaseKeeper
 from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics
@@ -72,6 +73,14 @@ def check_tokenizer(config: TrainConfig, base_dir: Path) -> None:
     from transformers import CLIPTokenizer
 
     validate_against_tokenizer(config, CLIPTokenizer.from_pretrained(base_dir / "tokenizer"))
+
+
+def check_finite_outputs(files: dict[str, Path]) -> None:
+    """A diverged run (NaN/inf weights) fails for good instead of publishing black images."""
+    for relative, path in sorted(files.items()):
+        if relative.endswith(".safetensors") and (name := first_non_finite(path)) is not None:
+            raise FailedPrecondition(f"training diverged: non-finite weights in {name!r} ({relative}); "
+                                     "nothing was published (lower the learning rate)")
 
 
 class Worker:
@@ -168,6 +177,7 @@ class Worker:
         if result.stopped or lease.lost.is_set() or lease.cancelled.is_set():
             self._stopped(job, lease)
             return
+        check_finite_outputs(result.files)
         self._publish(job, lease, config, base, result, callbacks.wall_seconds, resumed)
 
     def _fetch_images(self, tenant: str, dataset_id: str, dest: Path) -> list[TrainImage]:
