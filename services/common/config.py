@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated key=tenant pairs.")
     api_keys_file: Path | None = Field(None, description="File of key=tenant lines (a mounted Secret).")
     default_tenant: str = Field("default", description="Tenant of every call when auth is off.")
+    admin_tenants: str = Field(
+        "", description="Comma-separated tenants allowed to import/delete the shared base models (auth on)."
+    )
 
     # --- registry ---------------------------------------------------------------------
     registry_url: str = Field(
@@ -54,6 +57,12 @@ class Settings(BaseSettings):
     s3_connect_timeout_seconds: float = Field(2.0, description="S3 connect timeout.")
     s3_read_timeout_seconds: float = Field(30.0, description="S3 read timeout.")
     s3_max_attempts: int = Field(2, description="boto3 retry attempts per S3 call.")
+    gc_grace_seconds: float = Field(
+        86400.0, ge=0, description="Blob GC keeps unreferenced blobs younger than this (uploads in flight)."
+    )
+    gc_interval_seconds: float = Field(
+        21600.0, ge=0, description="Periodic blob GC in `atelier serve`/`atelier worker`; 0 disables it."
+    )
 
     # --- training ---------------------------------------------------------------------
     database_url: str = Field("sqlite:///var/atelier.db", description="SQLAlchemy URL of the job store.")
@@ -63,6 +72,12 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(10.0, description="Lease renewal interval.")
     max_job_attempts: int = Field(3, description="Attempts before a job FAILS for good.")
     training_device: str = Field("cpu", description="torch device for training.")
+    worker_health_port: int = Field(
+        50053, description="`atelier worker` grpc.health.v1 port (readiness: job store + registry); 0 disables."
+    )
+    worker_health_check_seconds: float = Field(
+        5.0, gt=0, description="How often the worker re-checks the job store and the registry for its health."
+    )
     progress_event_interval_seconds: float = Field(
         0.5, ge=0, description="Least seconds between two progress events in a job's Watch log; 0: every step."
     )
@@ -90,10 +105,59 @@ class Settings(BaseSettings):
     max_adapters_per_request: int = Field(8, description="Adapters one request may mix.")
     max_inference_steps: int = Field(150, description="Upper bound on steps.")
     max_images_per_request: int = Field(8, description="Upper bound on num_images.")
-    max_image_side: int = Field(2048, description="Upper bound on width and height.")
+    max_image_side: int = Field(
+        8192, description="Parse-time ceiling on width, height and init-image sides; the real size limit is "
+        "max_latent_pixels."
+    )
+    max_latent_pixels: int = Field(
+        65536, gt=0, description="Latent-area budget per image: (width/f) x (height/f) at most this, f = the base "
+        "model's VAE scale factor (65536: 2048x2048 on SD 1.x/SDXL, 512x512 on the tiny model)."
+    )
+    device_stuck_seconds: float = Field(
+        10.0, ge=0, description="Health goes NOT_SERVING while the device has been busy this long on a batch "
+        "nobody waits for any more; 0 disables the watchdog."
+    )
+    attention_chunk_elements: int = Field(
+        2**24, ge=0, description="Largest attention score matrix one CPU SDPA call computes during inference; "
+        "larger ones are split with an abort check between parts (0: never split; CUDA never splits)."
+    )
     exact_batching: bool = Field(
         True, description="Batched requests give the same bytes as alone (UNet per request); off: faster GPU batches."
     )
     adapter_ref_ttl_seconds: float = Field(
         10.0, description="How long an alias/latest adapter reference is reused before re-resolving it."
     )
+    preload_adapters: str = Field(
+        "", description="Comma-separated BASE/TENANT/NAME[@VERSION|:ALIAS] loaded (in order, into the device tier) "
+        "before the inference server reports SERVING."
+    )
+    pinned_adapters: str = Field(
+        "", description="Same format: attached before SERVING and never evicted from the device tier "
+        "(they count against its bounds; pins that do not fit fail start-up)."
+    )
+    usage_retention_hours: float = Field(
+        168.0, gt=0, description="How long a process keeps its per-minute usage buckets for GetUsage."
+    )
+    safety_checker: str = Field(
+        "", description="Content-safety hook module:function, called per generated image (HxWx3 uint8 array); "
+        "true = flagged, replaced by a black image. Empty: off."
+    )
+    safety_checker_options: str = Field(
+        "{}", description="JSON object of keyword arguments passed to the safety checker with each image."
+    )
+
+    # --- quotas and webhooks (per tenant; 0 = unlimited) ----------------------------------
+    quota_concurrent_jobs: int = Field(0, description="Most RUNNING training jobs per tenant; more stay QUEUED.")
+    quota_queued_jobs: int = Field(
+        0, description="Most QUEUED training jobs per tenant; CreateTrainingJob refuses more."
+    )
+    quota_stored_bytes: int = Field(
+        0, description="Most registry bytes per tenant (adapter versions + datasets); new uploads/jobs refused above."
+    )
+    quota_generate_rps: float = Field(0.0, description="Generate requests per second per tenant (token bucket).")
+    quota_generate_burst: int = Field(0, description="Token-bucket size for quota_generate_rps; 0 = max(1, rps).")
+    webhook_max_attempts: int = Field(10, description="Delivery attempts per job webhook before giving up.")
+    webhook_backoff_seconds: float = Field(1.0, description="First webhook retry delay; doubles per attempt.")
+    webhook_max_backoff_seconds: float = Field(300.0, description="Cap on the webhook retry delay.")
+    webhook_timeout_seconds: float = Field(10.0, description="HTTP timeout of one webhook delivery attempt.")
+    webhook_poll_seconds: float = Field(1.0, description="How often a process looks for due webhook deliveries.")

@@ -32,6 +32,7 @@ from services.registry.manifests import (
     FileRecord,
 )
 from services.registry.store import ObjectStore, open_store
+from services.registry.usage import tenant_stored_bytes
 
 
 class Registry:
@@ -50,6 +51,10 @@ class Registry:
     def from_settings(cls, settings: Settings, prefix: str = "") -> Registry:
         """The registry named by settings.registry_url (file://DIR or s3://BUCKET[/PREFIX])."""
         return cls(open_store(settings), prefix)
+
+    def stored_bytes(self, tenant: str) -> int:
+        """Logical bytes of the tenant's adapter versions and datasets (see usage.py)."""
+        return tenant_stored_bytes(self.store, self.keys, tenant)
 
     # --- blobs ----------------------------------------------------------------------
     def put_blob_file(self, path: Path) -> FileRecord:
@@ -193,21 +198,39 @@ class Registry:
 
     # --- base models ----------------------------------------------------------------
     def import_base_model(self, name: str, folder: Path, description: str = "") -> BaseModelManifest:
-        """Store a diffusers folder (safetensors weights + json/txt configs) as blobs."""
+        """Store a diffusers folder (safetensors weights + json/txt configs) as blobs.
+
+        Returns the live version holding these exact bytes if there is one (idempotent),
+        else creates the next version: a name is never re-pointed to other bytes.
+        """
         return self.base_models.import_folder(name, folder, description)
 
-    def get_base_model(self, name: str) -> BaseModelManifest:
-        return self.base_models.get(name)
+    def get_base_model(self, ref: str) -> BaseModelManifest:
+        """`name` (newest live version) or `name@N`; NotFound otherwise."""
+        return self.base_models.get(ref)
+
+    def base_model_versions(self, name: str) -> list[BaseModelManifest]:
+        """Every live version of a base model name, oldest first."""
+        return self.base_models.versions(name)
+
+    def find_base_model_digest(self, name: str, digest: str) -> BaseModelManifest | None:
+        """The live version of `name` with this digest (the one an adapter was trained on), if any."""
+        return self.base_models.find_digest(name, digest)
 
     def list_base_models(self, page_size: int = 0, page_token: str = "") -> tuple[list[BaseModelManifest], str]:
+        """One page of base-model names, each as its newest live version."""
         return self.base_models.list_page(page_size, page_token)
 
-    def materialize_base_model(self, name: str, dest_root: Path) -> Path:
-        """Download into dest_root/<digest>/ once (verified, atomic); from_pretrained-ready."""
-        return self.base_models.materialize(name, dest_root)
+    def materialize_base_model(self, ref: str | BaseModelManifest, dest_root: Path) -> Path:
+        """Download into dest_root/<digest>/ once (verified, atomic); from_pretrained-ready.
 
-    def delete_base_model(self, name: str) -> None:
-        self.base_models.delete(name)
+        Pass the manifest a caller already resolved so a concurrent import cannot swap the bytes.
+        """
+        return self.base_models.materialize(ref, dest_root)
+
+    def delete_base_model(self, ref: str) -> list[BaseModelManifest]:
+        """Delete `name@N`, or every live version of `name`; numbers are never reused."""
+        return self.base_models.delete(ref)
 
     # --- checkpoints ----------------------------------------------------------------
     def put_checkpoint(self, tenant: str, job_id: str, step: int, files: Mapping[str, Path]) -> CheckpointManifest:

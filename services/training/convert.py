@@ -66,6 +66,7 @@ def job_to_proto(job: JobRecord) -> training_pb2.TrainingJob:
         worker_id=job.worker_id or "",
         metrics=job.metrics,
         resumed_from_step=job.resumed_from_step,
+        webhook_url=job.webhook_url,
     )
     for name in ("created_at", "started_at", "finished_at"):
         ts = _ts(getattr(job, name))

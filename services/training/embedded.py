@@ -18,11 +18,14 @@ from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
 from services.common.server import ServiceBinding
+from services.common.usage import UsageLedger, device_label
+from services.registry.gc import PeriodicCollector
 from services.registry.registry import Registry
 from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics, register_store_metrics
 from services.training.registry_servicer import registry_bindings
 from services.training.servicer import training_bindings
+from services.training.webhooks import WebhookDispatcher
 from services.training.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class EmbeddedTraining:
         metrics_registry: CollectorRegistry | None = None,
         workers: int = 1,
         local_base_models: Collection[str] = (),
+        usage: UsageLedger | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry or open_registry(settings)
@@ -54,7 +58,8 @@ class EmbeddedTraining:
         worker_metrics = None
         if metrics_registry is not None:
             register_store_metrics(metrics_registry, self.store)
-            worker_metrics = WorkerMetrics(metrics_registry)
+            worker_metrics = WorkerMetrics(metrics_registry, usage=usage,
+                                           device=device_label(settings.training_device))
         base_id = settings.worker_id or ""
         self.workers = [
             Worker(settings, self.store, self.registry, metrics=worker_metrics,
@@ -62,6 +67,11 @@ class EmbeddedTraining:
             for i in range(workers)
         ]
         self._threads: list[threading.Thread] = []
+        # Processes that train also collect the registry's garbage blobs (services/registry/gc.py).
+        self.collector = PeriodicCollector(self.registry, interval=settings.gc_interval_seconds if workers else 0,
+                                           grace_seconds=settings.gc_grace_seconds)
+        # Every training process delivers due job webhooks (services/training/webhooks.py).
+        self.webhooks = WebhookDispatcher(settings, self.store.engine)
 
     def bindings(self) -> list[ServiceBinding]:
         """TrainingService and RegistryService, for `start_server`."""
@@ -75,9 +85,11 @@ class EmbeddedTraining:
         ]
 
     def start_workers(self) -> None:
-        """Start each worker's loop in a daemon thread (idempotent)."""
+        """Start the webhook dispatcher and each worker's loop in daemon threads (idempotent)."""
         if self._threads:
             return
+        self.webhooks.start()
+        self.collector.start()
         for worker in self.workers:
             thread = threading.Thread(target=worker.run_forever, name=f"worker-{worker.worker_id}", daemon=True)
             thread.start()
@@ -92,6 +104,8 @@ class EmbeddedTraining:
             if thread.is_alive():
                 log.warning("worker thread did not stop in time", extra={"thread": thread.name})
         self._threads.clear()
+        self.collector.stop()
+        self.webhooks.close()
         if self._owns_store:
             self.store.close()
 

@@ -18,13 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from services.common.config import Settings
-from services.common.errors import AlreadyExists, NotFound
+from services.common.errors import AlreadyExists, NotFound, QuotaExceeded
 from services.training.db import create_db_engine, migrate
-from services.training.leases import LeaseOps, append_event
+from services.training.leases import LeaseOps, append_event, count_in_state, lock_tenant
+from services.training.quotas import QUEUED_RETRY_SECONDS
 from services.training.records import JobEvent, JobRecord, decode_page_token, encode_page_token
 from services.training.schema import epoch_now, events, jobs
 from services.training.sql import QUEUED_JOBS_COUNT_SQL
@@ -49,18 +50,24 @@ class JobStore(LeaseOps):
         lease_seconds: float,
         max_attempts: int,
         id_factory: Callable[[], str] = _new_job_id,
+        max_queued_per_tenant: int = 0,
+        max_running_per_tenant: int = 0,
     ) -> None:
         self.engine = engine
         self.lease_seconds = lease_seconds
         self.max_attempts = max(1, max_attempts)
         self._new_id = id_factory
+        self.max_queued_per_tenant = max(0, max_queued_per_tenant)  # 0 = unlimited (quotas.py)
+        self.max_running_per_tenant = max(0, max_running_per_tenant)
 
     @classmethod
     def open(cls, settings: Settings) -> JobStore:
         """Connect to `settings.database_url` and migrate the schema to head."""
         engine = create_db_engine(settings.database_url)
         migrate(engine)
-        return cls(engine, lease_seconds=settings.lease_seconds, max_attempts=settings.max_job_attempts)
+        return cls(engine, lease_seconds=settings.lease_seconds, max_attempts=settings.max_job_attempts,
+                   max_queued_per_tenant=settings.quota_queued_jobs,
+                   max_running_per_tenant=settings.quota_concurrent_jobs)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -76,11 +83,13 @@ class JobStore(LeaseOps):
         output_name: str,
         total_steps: int,
         config: dict[str, Any] | None = None,
+        webhook: tuple[str, str] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Insert a QUEUED job, or return the job an earlier call with `request_id` created.
 
         Returns (job, created). A reused request_id with a different spec is a client bug
-        and raises AlreadyExists rather than silently returning an unrelated job.
+        and raises AlreadyExists rather than silently returning an unrelated job. A new job
+        over the tenant's queued-jobs quota raises QuotaExceeded (a repeat still returns).
         """
         request_id = request_id or f"auto-{uuid.uuid4().hex}"
         for _ in range(3):
@@ -95,7 +104,8 @@ class JobStore(LeaseOps):
                     )
                 return existing, False
             try:
-                return self._insert(tenant, request_id, method, spec, output_name, total_steps, config), True
+                return self._insert(tenant, request_id, method, spec, output_name, total_steps, config,
+                                    webhook), True
             except IntegrityError:
                 continue  # a concurrent create with the same request_id won; read it
         raise AlreadyExists("training job request", request_id)
@@ -109,22 +119,34 @@ class JobStore(LeaseOps):
 
     def _insert(
         self, tenant: str, request_id: str, method: str, spec: dict[str, Any], output_name: str, total: int,
-        config: dict[str, Any] | None,
+        config: dict[str, Any] | None, webhook: tuple[str, str] | None = None,
     ) -> JobRecord:
         job_id = self._new_id()
+        url, secret = webhook or (None, None)
         with self.engine.begin() as conn:
+            self._check_queued_quota(conn, tenant)
             row = conn.execute(
                 jobs.insert()
                 .values(
                     id=job_id, tenant=tenant, request_id=request_id, method=method, state="QUEUED",
                     spec=spec, config=config, step=0, total_steps=total, attempts=0, error="", cancel_requested=False,
                     output_name=output_name, resumed_from_step=0, metrics={},
-                    created_at=epoch_now(), updated_at=epoch_now(),
+                    created_at=epoch_now(), updated_at=epoch_now(), webhook_url=url, webhook_secret=secret,
                 )
                 .returning(*jobs.c)
             ).one()
             append_event(conn, job_id, "state", "QUEUED", "job created")
         return JobRecord.from_row(row._mapping)
+
+    def _check_queued_quota(self, conn: Connection, tenant: str) -> None:
+        limit = self.max_queued_per_tenant
+        if limit <= 0:
+            return
+        lock_tenant(conn, tenant)
+        queued = count_in_state(conn, tenant, "QUEUED")
+        if queued >= limit:
+            raise QuotaExceeded(tenant, f"queued training jobs: {queued} of a limit of {limit}; "
+                                "retry when some have started", QUEUED_RETRY_SECONDS)
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord:
         """The job; NotFound when it does not exist in `tenant` (None: any tenant)."""

@@ -16,14 +16,39 @@ from sqlalchemy.engine import Connection, Engine
 
 from services.training.records import JobRecord, LeaseStatus, ValidationPreview, previews_payload
 from services.training.schema import epoch_now, events, jobs
+from services.training.webhook_outbox import enqueue_terminal
 
 
 def append_event(conn: Connection, job_id: str, kind: str, state: str, message: str = "", **values: Any) -> None:
-    """Add one entry to a job's event log (in the caller's transaction)."""
+    """Add one entry to a job's event log (in the caller's transaction).
+
+    Every state change logs here, so this is also where a terminal state enqueues the job's
+    webhook delivery, in the same transaction (the outbox: services/training/webhook_outbox.py).
+    """
     conn.execute(
         events.insert().values(job_id=job_id, created_at=epoch_now(), kind=kind, state=state, message=message,
                                **values)
     )
+    if kind in ("state", "published"):
+        enqueue_terminal(conn, job_id, state)
+
+
+# pg_advisory_xact_lock(namespace, hashtext(tenant)): serialises one tenant's quota checks.
+TENANT_LOCK_NAMESPACE = 0x41544C51  # "ATLQ"
+
+
+def lock_tenant(conn: Connection, tenant: str) -> None:
+    """Serialise one tenant's quota checks until the transaction ends (PostgreSQL; SQLite's
+    BEGIN IMMEDIATE already serialises every writer)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:ns, hashtext(:tenant))"),
+                     {"ns": TENANT_LOCK_NAMESPACE, "tenant": tenant})
+
+
+def count_in_state(conn: Connection, tenant: str, state: str) -> int:
+    """How many of the tenant's jobs are in `state` (index ix_training_jobs_tenant_state)."""
+    query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.tenant == tenant, jobs.c.state == state)
+    return int(conn.execute(query).scalar() or 0)
 
 
 def owned_by(job_id: str, worker_id: str) -> sa.ColumnElement[bool]:
@@ -37,19 +62,32 @@ class LeaseOps:
     engine: Engine
     lease_seconds: float
     max_attempts: int
+    max_running_per_tenant: int
 
     def claim(self, worker_id: str) -> JobRecord | None:
-        """Take the oldest QUEUED job and lease it to `worker_id` (FOR UPDATE SKIP LOCKED)."""
+        """Take the oldest QUEUED job and lease it to `worker_id` (FOR UPDATE SKIP LOCKED).
+
+        With a concurrent-jobs quota, jobs of tenants already running that many are skipped
+        (they stay QUEUED); the count is re-checked under the tenant's lock, because two
+        workers may pick two jobs of one tenant at once with SKIP LOCKED.
+        """
         with self.engine.begin() as conn:
+            query = sa.select(jobs.c.id, jobs.c.tenant).where(jobs.c.state == "QUEUED")
+            if self.max_running_per_tenant > 0:
+                running = jobs.alias("running")
+                count = (sa.select(sa.func.count()).select_from(running)
+                         .where(running.c.tenant == jobs.c.tenant, running.c.state == "RUNNING")
+                         .scalar_subquery())
+                query = query.where(count < self.max_running_per_tenant)
             picked = conn.execute(
-                sa.select(jobs.c.id)
-                .where(jobs.c.state == "QUEUED")
-                .order_by(jobs.c.created_at, jobs.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
+                query.order_by(jobs.c.created_at, jobs.c.id).limit(1).with_for_update(skip_locked=True, of=jobs)
             ).first()
             if picked is None:
                 return None
+            if self.max_running_per_tenant > 0:
+                lock_tenant(conn, picked.tenant)
+                if count_in_state(conn, picked.tenant, "RUNNING") >= self.max_running_per_tenant:
+                    return None  # lost a race to another worker; the job waits for the next poll
             row = conn.execute(
                 jobs.update()
                 .where(jobs.c.id == picked.id, jobs.c.state == "QUEUED")

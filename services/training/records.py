@@ -41,6 +41,7 @@ class JobRecord:
     updated_at: float
     started_at: float | None
     finished_at: float | None
+    webhook_url: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -52,6 +53,8 @@ class JobRecord:
         values["metrics"] = dict(values.get("metrics") or {})
         values["cancel_requested"] = bool(values["cancel_requested"])
         values["error"] = values.get("error") or ""
+        values["webhook_url"] = values.get("webhook_url") or ""
+        values.pop("webhook_secret", None)  # the HMAC key stays in the store
         return cls(**values)
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from services.training.sql import JOBS_TABLE
 
 EVENTS_TABLE = "training_job_events"
+WEBHOOKS_TABLE = "training_webhook_deliveries"
 
 STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
@@ -56,9 +57,14 @@ jobs = sa.Table(
     sa.Column("updated_at", sa.Double(), nullable=False),
     sa.Column("started_at", sa.Double(), nullable=True),
     sa.Column("finished_at", sa.Double(), nullable=True),
+    # Job webhook (migration 0002): where terminal states are POSTed and the HMAC key; the
+    # secret never leaves the store through JobRecord.
+    sa.Column("webhook_url", sa.String(2048), nullable=True),
+    sa.Column("webhook_secret", sa.String(256), nullable=True),
     sa.UniqueConstraint("tenant", "request_id", name="uq_training_jobs_tenant_request"),
     sa.Index("ix_training_jobs_state_created", "state", "created_at"),
     sa.Index("ix_training_jobs_tenant_created", "tenant", "created_at"),
+    sa.Index("ix_training_jobs_tenant_state", "tenant", "state"),  # per-tenant quota counts
 )
 
 events = sa.Table(
@@ -82,6 +88,33 @@ events = sa.Table(
     sa.Column("message", sa.Text(), nullable=False, server_default=""),
     sa.Column("payload", sa.JSON(), nullable=True),
     sa.Index("ix_training_job_events_job_id", "job_id", "id"),
+)
+
+
+# The webhook outbox: one row per (job, terminal state), written in the transaction that
+# changes the state, delivered by any process's dispatcher (services/training/webhooks.py).
+webhook_deliveries = sa.Table(
+    WEBHOOKS_TABLE,
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "job_id",
+        sa.String(64),
+        sa.ForeignKey(f"{JOBS_TABLE}.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("idempotency_key", sa.String(128), nullable=False),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("body", sa.Text(), nullable=False),
+    # PENDING (due at next_attempt_at) -> DELIVERED | GAVE_UP
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Double(), nullable=False),
+    sa.Column("last_error", sa.Text(), nullable=False, server_default=""),
+    sa.Column("created_at", sa.Double(), nullable=False),
+    sa.Column("delivered_at", sa.Double(), nullable=True),
+    sa.UniqueConstraint("idempotency_key", name="uq_training_webhook_deliveries_key"),
+    sa.Index("ix_training_webhook_deliveries_due", "status", "next_attempt_at"),
 )
 
 

@@ -23,15 +23,17 @@ from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.common.server import ServiceBinding
 from services.registry import proto_convert as pc
-from services.registry.names import validate_alias, validate_name
+from services.registry.names import validate_alias, validate_base_ref, validate_name
 from services.registry.registry import Registry
 from services.training import convert
 from services.training.datasets import validate_dataset
 from services.training.jobstore import JobStore
+from services.training.quotas import check_room_for_job, check_upload_bytes
 from services.training.schema import TERMINAL_STATES
 from services.training.tokenizers import BaseModelTokenizers
 from services.training.trainers import TrainConfig, validate_against_tokenizer, validate_config
 from services.training.upload import UploadAssembler
+from services.training.webhooks import validate_webhook
 
 SERVICE_NAME = "atelier.v1.TrainingService"
 MAX_REQUEST_ID_CHARS = 128
@@ -67,6 +69,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         name = assembler.name or "dataset"
         validate_name(name, "header.name")
         valid = await asyncio.to_thread(validate_dataset, assembler.images(), self._settings)
+        await asyncio.to_thread(check_upload_bytes, self._registry, self._settings, tenant,
+                                sum(len(v.data) for v in valid))
         manifest = await asyncio.to_thread(
             self._registry.put_dataset,
             tenant,
@@ -93,13 +97,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         tenant = current_tenant()
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidInput("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
+        webhook = validate_webhook(request.webhook_url, request.webhook_secret)
         spec = request.spec
         config = TrainConfig.from_proto(spec)
         validate_name(spec.output_name, "spec.output_name")
         if spec.output_alias:
             validate_alias(spec.output_alias, "spec.output_alias")
         validate_config(config, self._settings)
-        await asyncio.to_thread(self._check_references, tenant, config)
+        pinned = await asyncio.to_thread(self._check_references, tenant, config)
+        config = config.model_copy(update={"base_model": pinned})
+        await asyncio.to_thread(check_room_for_job, self._registry, self._settings, tenant)
         job, created = await asyncio.to_thread(
             self._store.create_job,
             tenant,
@@ -109,12 +116,17 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             output_name=config.output_name,
             total_steps=config.max_train_steps,
             config=config.model_dump(mode="json"),
+            webhook=webhook,
         )
         return training_pb2.CreateTrainingJobResponse(job=convert.job_to_proto(job), created=created)
 
-    def _check_references(self, tenant: str, config: TrainConfig) -> None:
-        """NOT_FOUND now for an unknown base model or dataset, rather than a FAILED job later."""
-        validate_name(config.base_model, "spec.base_model")
+    def _check_references(self, tenant: str, config: TrainConfig) -> str:
+        """NOT_FOUND now for an unknown base model or dataset, rather than a FAILED job later.
+
+        Returns the base model pinned as `name@N`: the job stores it, so every attempt trains
+        on the version validated here even if an admin imports a newer one meanwhile.
+        """
+        validate_base_ref(config.base_model, "spec.base_model")
         validate_name(config.dataset_id, "spec.dataset_id")
         base = self._registry.get_base_model(config.base_model)
         self._registry.get_dataset(tenant, config.dataset_id)
@@ -123,6 +135,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if config.with_prior_preservation and config.class_dataset_id:
             validate_name(config.class_dataset_id, "spec.prior_preservation.class_dataset_id")
             self._registry.get_dataset(tenant, config.class_dataset_id)
+        return base.ref
 
     async def GetTrainingJob(self, request: training_pb2.GetTrainingJobRequest, context: Any) -> Any:
         job = await asyncio.to_thread(self._store.get_job, self._job_id(request.id), current_tenant())

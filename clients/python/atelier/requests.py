@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image
 
+from atelier import ids
 from atelier.refs import AdapterSpec, to_adapter_weights
 from atelier.v1 import common_pb2, inference_pb2, training_pb2
 
@@ -88,7 +89,7 @@ class TrainArgs:
 
     method: str
     base_model: str
-    dataset: str
+    dataset: str | common_pb2.Dataset  # the id, or the Dataset upload_dataset returned
     name: str
     instance_prompt: str = ""
     alias: str = ""
@@ -99,6 +100,8 @@ class TrainArgs:
     class_prompt: str = ""
     prior_preservation_weight: float | None = None
     num_class_images: int | None = None
+    webhook_url: str = ""  # signed POST on SUCCEEDED/FAILED/CANCELLED (needs webhook_secret)
+    webhook_secret: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,8 +110,9 @@ def training_request(args: TrainArgs, request_id: str | None) -> training_pb2.Cr
     if args.method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {args.method!r}")
     spec = training_pb2.TrainingJobSpec(
-        method=METHODS[args.method], base_model=args.base_model, dataset_id=args.dataset,  # type: ignore[arg-type]
-        output_name=args.name, instance_prompt=args.instance_prompt, output_alias=args.alias,
+        method=METHODS[args.method], base_model=ids.text(args.base_model, "base_model"),  # type: ignore[arg-type]
+        dataset_id=ids.dataset_id(args.dataset), output_name=ids.text(args.name, "name"),
+        instance_prompt=args.instance_prompt, output_alias=args.alias,
         description=args.description,
     )
     if args.placeholder_token or args.initializer_token:
@@ -119,7 +123,8 @@ def training_request(args: TrainArgs, request_id: str | None) -> training_pb2.Cr
     if args.class_prompt:
         _set_prior(spec.prior_preservation, args)
     _set_fields(spec, args.extra)
-    return training_pb2.CreateTrainingJobRequest(request_id=request_id or uuid.uuid4().hex, spec=spec)
+    return training_pb2.CreateTrainingJobRequest(request_id=request_id or uuid.uuid4().hex, spec=spec,
+                                                 webhook_url=args.webhook_url, webhook_secret=args.webhook_secret)
 
 
 def _set_prior(prior: training_pb2.PriorPreservation, args: TrainArgs) -> None:
@@ -163,8 +168,15 @@ def generation_spec(
     height: int = 0,
     seed: int | None = None,
     scheduler: str = "",
+    init_image: ImageInput | None = None,
+    strength: float | None = None,
+    mask_image: ImageInput | None = None,
 ) -> inference_pb2.GenerationSpec:
-    """0 for steps/guidance/size means the server's default for the base model."""
+    """0 for steps/guidance/size means the server's default for the base model.
+
+    img2img: `init_image` (path, bytes or PIL image; its size is the output size) and `strength`
+    in (0, 1] (None: the server's default). Inpainting: also `mask_image`, white = repaint.
+    """
     spec = inference_pb2.GenerationSpec(
         base_model=base_model, prompt=prompt, negative_prompt=negative_prompt,
         adapters=to_adapter_weights(adapters), num_images=num_images, steps=steps,
@@ -173,6 +185,12 @@ def generation_spec(
     )
     if seed is not None:
         spec.seed = seed
+    if init_image is not None:
+        spec.init_image = image_bytes(init_image)[1]
+    if mask_image is not None:
+        spec.mask_image = image_bytes(mask_image)[1]
+    if strength is not None:
+        spec.strength = strength
     return spec
 
 
@@ -185,6 +203,8 @@ class GenerationResult:
     adapters: list[inference_pb2.ResolvedAdapter]
     timings: inference_pb2.Timings
     raw: inference_pb2.GenerateResponse
+    # Per image: the server's safety hook replaced it with a black image.
+    safety_flagged: list[bool] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, response: inference_pb2.GenerateResponse) -> GenerationResult:
@@ -194,4 +214,5 @@ class GenerationResult:
         return cls(
             images=images, seeds=[image.seed for image in response.images],
             adapters=list(response.adapters), timings=response.timings, raw=response,
+            safety_flagged=[image.safety_flagged for image in response.images],
         )
