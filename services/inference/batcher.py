@@ -3,11 +3,16 @@
 * Admission: at most `capacity` requests may be waiting (resolving adapters or queued for the
   device). The next one is refused at once with RESOURCE_EXHAUSTED (+ RetryInfo): a full
   queue never makes a caller wait. A request leaves the count when it enters a batch.
-* Batching: the worker takes the oldest waiting request and, once it has waited
-  `batch_wait` seconds (or enough companions are there), every other waiting request with the
-  same `BatchKey` (base model, adapters with weights, size, steps, scheduler, guidance) up to
-  `max_batch` requests, in arrival order. The oldest request always goes first, so no key
-  starves. Requests whose caller went away or whose deadline passed are dropped here.
+* Fair queueing across tenants: the next batch is led by the oldest request of the tenant
+  served least recently (round robin over the tenants with waiting requests, one batch per
+  turn), so a tenant flooding the queue delays another tenant's request by at most one batch,
+  not by its whole backlog. Within a tenant, requests go in arrival order.
+* Batching: once the lead request has waited `batch_wait` seconds (or enough companions are
+  there), every other waiting request with the same `BatchKey` (base model, adapters with
+  weights, size, steps, scheduler, guidance) joins, up to `max_batch`, taken round robin
+  across tenants (the lead's tenant first) and in arrival order within each. Every tenant
+  in a batch counts as served. Requests whose caller went away or whose deadline passed are
+  dropped here.
 * The device runs one batch at a time: the worker awaits `execute(batch)` before the next.
 All methods run on the event loop.
 """
@@ -27,6 +32,7 @@ from services.inference.metrics import InferenceMetrics
 from services.inference.types import Progress
 
 BatchKey = tuple[Hashable, ...]
+MAX_TRACKED_TENANTS = 10_000
 
 
 @dataclass(eq=False)
@@ -41,6 +47,7 @@ class WorkItem:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
+    tenant: str = ""  # fair queueing unit
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -73,6 +80,8 @@ class Batcher:
         self._queue: list[WorkItem] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._turn = 0
+        self._served: dict[str, int] = {}  # tenant -> turn of its last batch
 
     @property
     def depth(self) -> int:
@@ -135,7 +144,7 @@ class Batcher:
         self._drop_dead()
         if not self._queue:
             return []
-        first = self._queue[0]
+        first = self._lead()
         remaining = first.enqueued_at + self._wait - time.monotonic()
         if remaining > 0 and len(self._companions(first)) < self._max_batch:
             await asyncio.sleep(remaining)
@@ -148,10 +157,42 @@ class Batcher:
             self._queue.remove(item)
             self.release()
             item.started_at = now
+        self._mark_served(batch)
         return batch
 
+    def _lead(self) -> WorkItem:
+        """The oldest request of the least recently served tenant (ties: the oldest request)."""
+        heads: dict[str, WorkItem] = {}
+        for item in self._queue:
+            heads.setdefault(item.tenant, item)
+        tenant = min(heads, key=lambda t: (self._served.get(t, -1), heads[t].enqueued_at))
+        return heads[tenant]
+
     def _companions(self, first: WorkItem) -> list[WorkItem]:
-        return [item for item in self._queue if item.key == first.key][: self._max_batch]
+        """Same-key requests, round robin across tenants starting with the lead's."""
+        by_tenant: dict[str, list[WorkItem]] = {first.tenant: []}
+        for item in self._queue:
+            if item.key == first.key:
+                by_tenant.setdefault(item.tenant, []).append(item)
+        lanes = [by_tenant.pop(first.tenant), *sorted(by_tenant.values(),
+                                                       key=lambda v: self._served.get(v[0].tenant, -1))]
+        batch: list[WorkItem] = []
+        depth = 0
+        while len(batch) < self._max_batch and any(depth < len(lane) for lane in lanes):
+            batch.extend(lane[depth] for lane in lanes if depth < len(lane))
+            depth += 1
+        return batch[: self._max_batch]
+
+    def _mark_served(self, batch: list[WorkItem]) -> None:
+        """Record this turn for the batch's tenants. Turns are kept for idle tenants too: if an
+        idle tenant were forgotten, tenants with one request at a time would always rank first
+        and could starve a backlogged one. The map is bounded by the tenant count (API keys)."""
+        self._turn += 1
+        for item in batch:
+            self._served[item.tenant] = self._turn
+        if len(self._served) > MAX_TRACKED_TENANTS:
+            waiting = {item.tenant for item in self._queue}
+            self._served = {t: turn for t, turn in self._served.items() if t in waiting}
 
     def _drop_dead(self) -> None:
         for item in [i for i in self._queue if i.dead()]:

@@ -133,3 +133,52 @@ def test_batch_key_covers_what_changes_the_pipeline_call_and_nothing_else() -> N
     assert key(steps=10) != same
     assert key(scheduler="ddim") != same
     assert key(guidance_scale=3.0) != same
+
+
+def tenant_item(tenant: str, key: str, name: str) -> WorkItem:
+    return WorkItem((key,), name, asyncio.get_running_loop().create_future(), tenant=tenant)
+
+
+async def _test_tenants_take_turns_whatever_their_backlog() -> None:
+    batcher, recorder = make(max_batch=1, wait=0.0)
+    flood = [submit(batcher, tenant_item("a", f"k{i}", f"a{i}")) for i in range(6)]
+    trickle = [submit(batcher, tenant_item("b", "kb", f"b{i}")) for i in range(2)]
+    await asyncio.gather(*(i.future for i in flood + trickle))
+    order = [batch[0] for batch in recorder.batches]
+    assert order == ["a0", "b0", "a1", "b1", "a2", "a3", "a4", "a5"]
+    await batcher.close()
+
+
+async def _test_companions_are_shared_round_robin_across_tenants() -> None:
+    batcher, recorder = make(max_batch=3, wait=0.0)
+    items = [submit(batcher, tenant_item(t, "x", n)) for t, n in
+             [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1"), ("a", "a4")]]
+    await asyncio.gather(*(i.future for i in items))
+    assert recorder.batches == [["a1", "b1", "c1"], ["a2", "a3", "a4"]]
+    await batcher.close()
+
+
+async def _test_a_backlogged_tenant_is_not_starved_by_one_at_a_time_tenants() -> None:
+    batcher, recorder = make(max_batch=1, wait=0.0, delay=0.01)
+    backlog = [submit(batcher, tenant_item("a", f"k{i}", f"a{i}")) for i in range(3)]
+
+    async def one_at_a_time(tenant: str) -> None:
+        for i in range(4):
+            await submit(batcher, tenant_item(tenant, f"{tenant}{i}", f"{tenant}{i}")).future
+
+    await asyncio.gather(one_at_a_time("b"), one_at_a_time("c"), *(i.future for i in backlog))
+    order = [batch[0] for batch in recorder.batches]
+    assert order.index("a2") < order.index("b3") and order.index("a2") < order.index("c3")
+    await batcher.close()
+
+
+def test_tenants_take_turns_whatever_their_backlog() -> None:
+    asyncio.run(_test_tenants_take_turns_whatever_their_backlog())
+
+
+def test_companions_are_shared_round_robin_across_tenants() -> None:
+    asyncio.run(_test_companions_are_shared_round_robin_across_tenants())
+
+
+def test_a_backlogged_tenant_is_not_starved_by_one_at_a_time_tenants() -> None:
+    asyncio.run(_test_a_backlogged_tenant_is_not_starved_by_one_at_a_time_tenants())
