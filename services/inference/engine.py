@@ -210,7 +210,7 @@ class InferenceEngine:
 
     @staticmethod
     def _check_base(manifest: AdapterManifest, base: BaseModel, spec: AdapterSpec) -> None:
-        if manifest.base_model != base.name or (manifest.base_model_digest and
+        if manifest.base_model != base.model_name or (manifest.base_model_digest and
                                                 manifest.base_model_digest != base.digest):
             raise FailedPrecondition(
                 f"adapter {manifest.ref} was trained for base model {manifest.base_model!r} "

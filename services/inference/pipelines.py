@@ -4,7 +4,8 @@ A base model comes from `settings.base_model_paths` (name=DIR) or from the regis
 (materialised once under `<cache_dir>/base-models/<digest>/`). Its digest is the registry's
 (sha256 over the sorted (path, sha256) file list), computed the same way for a local folder, so
 an adapter manifest's `base_model_digest` can be checked whichever way the base arrived.
-Base models are never evicted: which ones a replica serves is configuration.
+Base models are never evicted: which ones a replica serves is configuration. A registry model
+is served as its pinned version `name@N`, so importing a new version loads it alongside.
 
 `Family` hides the two architectures' differences in prompt encoding (SD: one text encoder;
 SDXL: two, plus pooled embeddings) behind `encode` -> pipeline keyword arguments.
@@ -13,6 +14,8 @@ SDXL: two, plus pooled embeddings) behind `encode` -> pipeline keyword arguments
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +35,12 @@ from diffusers import (
 from diffusers.utils import is_scipy_available
 
 from services.common.config import Settings
-from services.common.errors import FailedPrecondition, InvalidInput, NotFound
+from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from services.inference.cache import ByteLRU
 from services.inference.textual_inversion import DEFAULT_SLOTS, TiSlots
 from services.registry.base_models import collect_files
 from services.registry.blobs import sha256_file
-from services.registry.manifests import FileRecord, files_digest
+from services.registry.manifests import BaseModelManifest, FileRecord, files_digest
 from services.registry.registry import Registry
 
 Pipeline = Any
@@ -82,7 +85,7 @@ def folder_digest(folder: Path) -> str:
 class BaseModel:
     """One loaded base pipeline and what the engine needs to know about it."""
 
-    name: str
+    name: str  # what it is served as: a configured name, or a registry version's `name@N`
     digest: str
     pipe: Pipeline
     family: str  # "sd" | "sdxl"
@@ -90,6 +93,11 @@ class BaseModel:
     dtype: torch.dtype
     slots: TiSlots | None
     _schedulers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        """The name without the version: what adapter manifests record as their base_model."""
+        return self.name.partition("@")[0]
 
     @property
     def default_size(self) -> int:
@@ -148,31 +156,67 @@ class PipelinePool:
             raise ValueError(f"inference_dtype {settings.inference_dtype!r}: expected one of {sorted(DTYPES)}")
         self.dtype = DTYPES[settings.inference_dtype]
         self._models: ByteLRU[str, BaseModel] = ByteLRU("base-models", 1, lambda _m: 0)
+        self._ttl = settings.adapter_ref_ttl_seconds
+        self._lock = threading.Lock()
+        self._latest: dict[str, tuple[BaseModelManifest, float]] = {}  # plain name -> (newest, when)
 
-    def get(self, name: str) -> BaseModel:
-        """The loaded base model; NotFound for a name neither configured nor in the registry."""
-        return self._models.get_or_load(name, lambda: self._load(name))
+    def get(self, ref: str) -> BaseModel:
+        """The loaded base model; NotFound for a name neither configured nor in the registry.
+
+        `ref` is a configured name, or a registry `name@N` / `name` (its newest version, re-read
+        after adapter_ref_ttl_seconds like an adapter's "latest"). Registry models are kept under
+        their pinned `name@N`, so a newly imported version loads next to the old one instead of
+        being served the old bytes, and two versions never share a batch or device attachments.
+        """
+        local = self._models.peek(ref)
+        if local is not None:
+            return local
+        if ref in self._paths:
+            return self._models.get_or_load(ref, lambda: self._load_folder(ref, self._paths[ref]))
+        manifest = self._resolve(ref)
+        return self._models.get_or_load(manifest.ref, lambda: self._load_registry(manifest))
 
     def loaded(self) -> list[str]:
         return sorted(self._models.keys())
 
-    def peek(self, name: str) -> BaseModel | None:
-        return self._models.peek(name)
+    def peek(self, ref: str) -> BaseModel | None:
+        """The loaded model `ref` names without any I/O, if that is known (else None: call get)."""
+        model = self._models.peek(ref)
+        if model is not None:
+            return model
+        with self._lock:
+            hit = self._latest.get(ref)
+        if hit is None or time.monotonic() - hit[1] >= self._ttl:
+            return None
+        return self._models.peek(hit[0].ref)
 
-    def _locate(self, name: str) -> tuple[Path, str]:
-        if name in self._paths:
-            folder = self._paths[name]
-            if not (folder / "model_index.json").is_file():
-                raise FailedPrecondition(f"base model {name!r}: {folder} is not a diffusers folder")
-            return folder, folder_digest(folder)
+    def _resolve(self, ref: str) -> BaseModelManifest:
         if self._registry is None:
-            raise NotFound("base model", name)
-        manifest = self._registry.get_base_model(name)
-        folder = self._registry.materialize_base_model(name, Path(self._settings.cache_dir) / "base-models")
-        return folder, manifest.digest
+            raise NotFound("base model", ref)
+        with self._lock:
+            hit = self._latest.get(ref)
+        try:
+            manifest = self._registry.get_base_model(ref)
+        except Unavailable:
+            if hit is not None:
+                return hit[0]  # stale but consistent, as for adapters
+            raise
+        if "@" not in ref:
+            with self._lock:
+                self._latest[ref] = (manifest, time.monotonic())
+        return manifest
 
-    def _load(self, name: str) -> BaseModel:
-        folder, digest = self._locate(name)
+    def _load_registry(self, manifest: BaseModelManifest) -> BaseModel:
+        assert self._registry is not None
+        folder = self._registry.materialize_base_model(manifest, Path(self._settings.cache_dir) / "base-models")
+        return self._load(manifest.ref, folder, manifest.digest)
+
+    def _load_folder(self, name: str, folder: Path) -> BaseModel:
+        if not (folder / "model_index.json").is_file():
+            raise FailedPrecondition(f"base model {name!r}: {folder} is not a diffusers folder")
+        return self._load(name, folder, folder_digest(folder))
+
+    def _load(self, name: str, folder: Path, digest: str) -> BaseModel:
         index = json.loads((folder / "model_index.json").read_text())
         # Safety checkers are a product decision of the caller, not part of serving adapters.
         extra: dict[str, Any] = {"safety_checker": None} if "safety_checker" in index else {}

@@ -19,7 +19,7 @@ from services.common.errors import FieldViolation, InvalidInput
 from services.inference.merge_methods import DARE_LINEAR, DARE_TIES, LINEAR, TIES, MergeSpec
 from services.inference.textual_inversion import RESERVED_MARK
 from services.inference.types import AdapterSpec, GenerationRequest
-from services.registry.names import ALIAS_RULE, NAME_PATTERN, NAME_RULE, RESERVED_ALIASES
+from services.registry.names import ALIAS_RULE, NAME_PATTERN, NAME_RULE, RESERVED_ALIASES, parse_base_ref
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -64,6 +64,14 @@ class Violations:
 
 def _name_ok(value: str) -> bool:
     return bool(value) and ".." not in value and NAME_PATTERN.fullmatch(value) is not None
+
+
+def _check_base_ref(ref: str, field: str, errors: Violations) -> None:
+    """A base model is `name` (newest version) or `name@N`; the registry's parser decides."""
+    try:
+        parse_base_ref(ref, field)
+    except InvalidInput as exc:
+        errors.items.extend(exc.violations)
 
 
 def check_ref(ref: common_pb2.AdapterRef, field: str, errors: Violations) -> tuple[str, int | None, str | None]:
@@ -131,8 +139,7 @@ def _check_merge(spec: inference_pb2.GenerationSpec, errors: Violations) -> Merg
 def parse_spec(spec: inference_pb2.GenerationSpec, settings: Settings) -> GenerationRequest:
     """Validate and normalise a GenerationSpec; InvalidInput lists every bad field."""
     errors = Violations()
-    if not _name_ok(spec.base_model):
-        errors.add("spec.base_model", "must not be empty" if not spec.base_model else NAME_RULE)
+    _check_base_ref(spec.base_model, "spec.base_model", errors)
     _check_prompt(spec.prompt, "spec.prompt", True, errors)
     _check_prompt(spec.negative_prompt, "spec.negative_prompt", False, errors)
     adapters = check_refs([a.ref for a in spec.adapters], [a.weight for a in spec.adapters], "spec.adapters",

@@ -51,13 +51,13 @@ def export_adapter(
     for record in manifest.files:
         if record.path.split("/", 1)[0] in TRAINABLE:
             registry.download_blob(record.sha256, trained / record.path)
-    base = _base_folder(registry, manifest.base_model, local_base_models, dest_dir)
+    base = _base_folder(registry, _trained_base(registry, manifest), local_base_models, dest_dir)
     return export_dreambooth(base, trained, shapes, fmt, dest_dir / f"{title}{_SUFFIX.get(fmt, '.zip')}", title)
 
 
 def _shapes(registry: Registry, manifest: AdapterManifest, local: LocalBaseModels) -> BaseModelShapes:
     try:
-        _, shapes = resolve_base_model(registry, manifest.base_model, local)
+        _, shapes = resolve_base_model(registry, _trained_base(registry, manifest), local)
     except NotFound:
         shapes = None
     if shapes is None:
@@ -67,6 +67,15 @@ def _shapes(registry: Registry, manifest: AdapterManifest, local: LocalBaseModel
             "ref",
         )
     return shapes
+
+
+def _trained_base(registry: Registry, manifest: AdapterManifest) -> str:
+    """The base-model version the adapter was trained on (`name@N` by digest), else its name."""
+    if manifest.base_model_digest:
+        found = registry.find_base_model_digest(manifest.base_model, manifest.base_model_digest)
+        if found is not None:
+            return found.ref
+    return manifest.base_model
 
 
 def _download(registry: Registry, manifest: AdapterManifest, path: str, dest_dir: Path) -> Path:

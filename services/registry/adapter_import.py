@@ -33,7 +33,7 @@ from services.registry.interop.detect import FMT_DIFFUSERS, KIND_LORA, Detection
 from services.registry.interop.shapes import CONFIG_FILES
 from services.registry.interop.textual_inversion import MAX_VECTORS, check_token
 from services.registry.manifests import AdapterKindName, AdapterManifest
-from services.registry.names import validate_name
+from services.registry.names import parse_base_ref, validate_name
 from services.registry.registry import Registry
 from services.registry.safety import refuse_non_finite
 
@@ -92,7 +92,7 @@ def import_adapter_file(
     fit the base model, naming the first offending key).
     """
     validate_name(name, "name")
-    validate_name(base_model, "base_model")
+    base_name, _ = parse_base_ref(base_model, "base_model")  # `name@N` validates against that version
     if format_hint not in IMPORT_FORMATS:
         raise InvalidInput("format", f"import from {format_hint!r} is not supported")
     if trigger_token:
@@ -115,7 +115,7 @@ def import_adapter_file(
             tenant,
             name,
             kind=cast(AdapterKindName, kind),
-            base_model=base_model,
+            base_model=base_name,
             base_model_digest=digest,
             files=files,
             trigger_tokens=tokens,

@@ -75,7 +75,23 @@ class Keys:
         return self._p("base-models/")
 
     def base_model(self, name: str) -> str:
+        """The pre-versioning single manifest; read as version 1 when present (never written)."""
         return self._p(f"base-models/{name}/manifest.json")
+
+    def base_model_root(self, name: str) -> str:
+        return self._p(f"base-models/{name}/")
+
+    def base_model_versions_prefix(self, name: str) -> str:
+        return self.base_model_root(name) + "versions/"
+
+    def base_model_version(self, name: str, version: int) -> str:
+        return self.base_model_versions_prefix(name) + f"{version:0{VERSION_DIGITS}d}.json"
+
+    def base_model_tombstones_prefix(self, name: str) -> str:
+        return self.base_model_root(name) + "deleted/"
+
+    def base_model_tombstone(self, name: str, version: int) -> str:
+        return self.base_model_tombstones_prefix(name) + f"{version:0{VERSION_DIGITS}d}.json"
 
     def datasets_prefix(self, tenant: str) -> str:
         return self._p(f"datasets/{tenant}/")

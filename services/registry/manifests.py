@@ -120,9 +120,13 @@ class DatasetManifest(_Doc):
 
 
 class BaseModelManifest(_Doc):
-    """A diffusers folder stored as blobs: base-models/<name>/manifest.json."""
+    """An immutable base-model version: base-models/<name>/versions/<n>.json.
+
+    Legacy registries hold base-models/<name>/manifest.json without a version: it reads as 1.
+    """
 
     name: str
+    version: int = 1
     digest: str
     architecture: str
     files: list[FileRecord]
@@ -132,6 +136,11 @@ class BaseModelManifest(_Doc):
     @property
     def size_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def ref(self) -> str:
+        """The pinned reference `name@version` (what a job records so every attempt uses these bytes)."""
+        return f"{self.name}@{self.version}"
 
 
 class CheckpointManifest(_Doc):

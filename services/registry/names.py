@@ -48,6 +48,27 @@ def validate_version(value: int, field: str = "version") -> int:
     return value
 
 
+def parse_base_ref(ref: str, field: str) -> tuple[str, int | None]:
+    """'tiny-sd' -> ('tiny-sd', None) (newest version); 'tiny-sd@3' -> ('tiny-sd', 3).
+
+    The one parser of base-model references: names cannot contain '@', so the split is
+    unambiguous, and both halves are validated before any I/O.
+    """
+    name, sep, number = ref.partition("@")
+    validate_name(name, field)
+    if not sep:
+        return name, None
+    if not (number.isascii() and number.isdigit()) or len(number) > 10 or int(number) < 1:
+        raise InvalidInput(field, f"{ref!r}: a version after '@' must be a number >= 1")
+    return name, int(number)
+
+
+def validate_base_ref(ref: str, field: str) -> str:
+    """Return `ref` if it is a valid base-model reference (`name` or `name@N`)."""
+    parse_base_ref(ref, field)
+    return ref
+
+
 def validate_relpath(value: str, field: str) -> str:
     """A relative '/'-separated file path inside a manifest (no traversal, no absolute path)."""
     if not value or value.startswith("/") or "\\" in value or "\0" in value:

@@ -123,6 +123,7 @@ def base_model_to_proto(m: BaseModelManifest) -> common_pb2.BaseModel:
         size_bytes=m.size_bytes,
         description=m.description,
         created_at=timestamp(m.created_at),
+        version=m.version,
     )
 
 

@@ -3,8 +3,9 @@
 Thin by design: it checks request shapes, turns protobuf into domain arguments, runs the
 synchronous registry (boto3) in a worker thread and converts the result back. Errors are
 the typed domain errors; the server's error interceptor maps them to status codes. Base
-models are shared by all tenants; adapters are always looked up under the caller's tenant,
-so another tenant's adapter answers NOT_FOUND exactly like a missing one.
+models are shared by all tenants, so only admin tenants may import or delete them (everyone
+else: PERMISSION_DENIED, checked before any upload is read). Adapters are always looked up
+under the caller's tenant, so another tenant's adapter answers NOT_FOUND like a missing one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, BinaryIO
 import grpc
 from atelier.v1 import registry_pb2, registry_pb2_grpc
 
-from services.common.auth import current_tenant
+from services.common.auth import current_tenant, require_admin
 from services.common.config import GiB
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.server import ServiceBinding
@@ -210,6 +211,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ImportBaseModel(
         self, request_iterator: AsyncIterator[registry_pb2.ImportBaseModelRequest], context: Any
     ) -> Any:
+        require_admin("importing a base model")
         with self._tempdir() as tmp:
             header = await self._receive_folder(request_iterator, Path(tmp) / "model")
             manifest = await asyncio.to_thread(
@@ -243,6 +245,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return header
 
     async def DeleteBaseModel(self, request: registry_pb2.DeleteBaseModelRequest, context: Any) -> Any:
+        require_admin("deleting a base model")
         await asyncio.to_thread(self._registry.delete_base_model, request.name)
         return registry_pb2.DeleteBaseModelResponse()
 

@@ -154,7 +154,7 @@ class Worker:
         config = config_of(job)
         validate_config(config, self.settings)
         base = self.registry.get_base_model(config.base_model)
-        base_dir = self.registry.materialize_base_model(config.base_model, self._model_cache)
+        base_dir = self.registry.materialize_base_model(base, self._model_cache)  # the bytes `base` names
         check_tokenizer(config, base_dir)
         images = self._fetch_images(job.tenant, config.dataset_id, work_dir / "data")
         class_images = (self._fetch_images(job.tenant, config.class_dataset_id, work_dir / "class-data")
@@ -224,7 +224,7 @@ class Worker:
                    "resumed_from_step": float(resumed)}
         training_config: dict[str, Any] = {**config.model_dump(mode="json"), **result.config}
         manifest = self.registry.publish_adapter(
-            job.tenant, config.output_name, kind=config.method, base_model=config.base_model,
+            job.tenant, config.output_name, kind=config.method, base_model=base.name,
             base_model_digest=base.digest, files=result.files, trigger_tokens=result.trigger_tokens,
             training_config=training_config, metrics=metrics, source_job_id=job.id,
             description=config.description,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.common.config import Settings
-from services.common.errors import AlreadyExists, DataLoss, InvalidInput, NotFound
+from services.common.errors import DataLoss, InvalidInput, NotFound
 from services.registry.adapter_import import import_adapter_file
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from services.registry.registry import Registry
@@ -60,9 +60,8 @@ def test_base_model_import_get_list_materialize_delete(registry: Registry, tmp_p
     manifest = registry.import_base_model("tiny", folder, description="test")
     assert manifest.architecture == "stable-diffusion" and len(manifest.files) == 9
     assert {f.path for f in manifest.files} >= {"model_index.json", "unet/diffusion_pytorch_model.safetensors"}
-    assert registry.get_base_model("tiny") == manifest
-    with pytest.raises(AlreadyExists):
-        registry.import_base_model("tiny", folder)
+    assert registry.get_base_model("tiny") == manifest and manifest.version == 1
+    assert registry.import_base_model("tiny", folder) == manifest  # same bytes: that version again
     registry.import_base_model("other", write_fake_pipeline(tmp_path / "pipe2", seed=1))
     page, token = registry.list_base_models(page_size=1)
     rest, end = registry.list_base_models(page_size=1, page_token=token)

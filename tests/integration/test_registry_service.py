@@ -20,7 +20,7 @@ from services.training.registry_servicer import registry_bindings
 from tests.fixtures.grpc_servers import ServerThread, bearer, loopback_settings
 from tests.fixtures.s3 import MotoServer, make_s3_settings, write_fake_pipeline, write_lora
 
-A, B = bearer("key-a"), bearer("key-b")
+A, B, ADMIN = bearer("key-a"), bearer("key-b"), bearer("key-ops")
 LORA = common_pb2.ADAPTER_KIND_LORA
 
 
@@ -33,7 +33,8 @@ def registry(s3_settings: Settings) -> Registry:
 def stub(registry: Registry, tmp_path: Path, grpc_server: Callable[..., ServerThread]
          ) -> registry_pb2_grpc.RegistryServiceStub:
     registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "pipe"))
-    settings = loopback_settings(auth_enabled=True, api_keys="key-a=tenant-a,key-b=tenant-b")
+    settings = loopback_settings(auth_enabled=True, api_keys="key-a=tenant-a,key-b=tenant-b,key-ops=ops",
+                                 admin_tenants="ops")
     server = grpc_server(settings, lambda: registry_bindings(registry, work_dir=tmp_path / "work"))
     return registry_pb2_grpc.RegistryServiceStub(server.channel())
 
@@ -252,18 +253,20 @@ def base_model_requests(folder: Path, name: str, extra: dict[str, bytes] | None 
 
 def test_base_models_over_grpc(stub: registry_pb2_grpc.RegistryServiceStub, tmp_path: Path) -> None:
     folder = write_fake_pipeline(tmp_path / "sd", seed=3)
-    made = stub.ImportBaseModel(base_model_requests(folder, "sd15"), metadata=B).base_model
-    assert made.architecture == "stable-diffusion" and len(made.files) == 9
+    made = stub.ImportBaseModel(base_model_requests(folder, "sd15"), metadata=ADMIN).base_model
+    assert made.architecture == "stable-diffusion" and len(made.files) == 9 and made.version == 1
     got = stub.GetBaseModel(registry_pb2.GetBaseModelRequest(name="sd15"), metadata=A).base_model
     assert got.digest == made.digest  # base models are shared across tenants
     listed = stub.ListBaseModels(registry_pb2.ListBaseModelsRequest(), metadata=A).base_models
     assert sorted(m.name for m in listed) == ["sd15", "tiny"]
-    err = rpc_error(lambda: stub.ImportBaseModel(base_model_requests(folder, "sd15"), metadata=A))
-    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    again = stub.ImportBaseModel(base_model_requests(folder, "sd15"), metadata=ADMIN).base_model
+    assert again == made  # the same bytes: the same version, not a new one
     for extra, field in [({"unet/model.bin": b"\x80\x04."}, "files"), ({"../escape.json": b"{}"}, "file.path")]:
-        err = rpc_error(lambda e=extra: stub.ImportBaseModel(base_model_requests(folder, "evil", e), metadata=A))
+        err = rpc_error(lambda e=extra: stub.ImportBaseModel(base_model_requests(folder, "evil", e), metadata=ADMIN))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and field in field_violations(err)
-    stub.DeleteBaseModel(registry_pb2.DeleteBaseModelRequest(name="sd15"), metadata=A)
+    err = rpc_error(lambda: stub.DeleteBaseModel(registry_pb2.DeleteBaseModelRequest(name="sd15"), metadata=A))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED  # tenants share base models but cannot change them
+    stub.DeleteBaseModel(registry_pb2.DeleteBaseModelRequest(name="sd15"), metadata=ADMIN)
     err = rpc_error(lambda: stub.GetBaseModel(registry_pb2.GetBaseModelRequest(name="sd15"), metadata=A))
     assert err.code() == grpc.StatusCode.NOT_FOUND
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from services.common.auth import Authenticator, current_tenant, parse_key_pairs, tenant_scope
+from services.common.auth import Authenticator, current_tenant, parse_key_pairs, require_admin, tenant_scope
 from services.common.config import Settings
-from services.common.errors import InvalidInput, Unauthenticated
+from services.common.errors import InvalidInput, PermissionDenied, Unauthenticated
 
 
 def settings(**kw: object) -> Settings:
@@ -66,3 +66,15 @@ def test_tenant_scope_for_non_rpc_code() -> None:
     with tenant_scope("worker-tenant"):
         assert current_tenant() == "worker-tenant"
     assert current_tenant() == "default"
+
+
+def test_admins_are_the_configured_tenants_or_everyone_with_auth_off() -> None:
+    auth = Authenticator.from_settings(settings(api_keys="k1=ops,k2=acme", admin_tenants=" ops , ,"))
+    assert auth.admin_tenants == frozenset({"ops"})
+    assert auth.is_admin("ops") and not auth.is_admin("acme") and not auth.is_admin("")
+    assert Authenticator.from_settings(settings(auth_enabled=False)).is_admin("default")
+
+
+def test_require_admin_fails_closed_outside_an_rpc() -> None:
+    with pytest.raises(PermissionDenied, match="importing a base model needs an admin"):
+        require_admin("importing a base model")

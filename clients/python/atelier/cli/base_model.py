@@ -29,7 +29,7 @@ def create_tiny(
 ) -> None:
     """Write the tiny SD pipeline (pretrained on synthetic shapes, or --random) to a folder."""
     from services.common.config import Settings
-    from services.common.errors import AlreadyExists, AtelierError
+    from services.common.errors import AtelierError
     from services.registry.names import validate_name
     from services.registry.registry import Registry
     from services.registry.store import open_store
@@ -49,12 +49,11 @@ def create_tiny(
         typer.echo(f"wrote {folder}")
         if import_:
             registry = Registry(open_store(settings))
-            try:
-                manifest = import_into_registry(registry, folder, name)
-                typer.echo(f"imported base model {name!r} (digest {manifest.digest}) into {settings.registry_url}")
-            except AlreadyExists:
-                existing = registry.get_base_model(name)
-                typer.echo(f"base model {name!r} already in {settings.registry_url} (digest {existing.digest})")
+            before = {m.version for m in registry.base_model_versions(name)}
+            manifest = import_into_registry(registry, folder, name)  # same bytes: that version again
+            what = f"base model {manifest.ref} (digest {manifest.digest})"
+            typer.echo(f"{what} already in {settings.registry_url}" if manifest.version in before
+                       else f"imported {what} into {settings.registry_url}")
     except AtelierError as error:
         raise _fail(error.message) from None
 

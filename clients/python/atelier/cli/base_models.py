@@ -14,13 +14,13 @@ from atelier.cli.context import options
 from atelier.cli.output import console, emit, handle_errors, print_json, to_dict
 from atelier.v1 import common_pb2
 
-BASE_MODEL_COLUMNS = ["name", "architecture", "size", "files", "digest", "created"]
+BASE_MODEL_COLUMNS = ["name", "version", "architecture", "size", "files", "digest", "created"]
 
 
 def base_model_row(model: common_pb2.BaseModel) -> list[object]:
     created = model.created_at.ToDatetime().isoformat(timespec="seconds") if model.HasField("created_at") else ""
-    return [model.name, model.architecture, f"{model.size_bytes / 1024 / 1024:.1f} MiB", len(model.files),
-            model.digest[:12], created]
+    return [model.name, model.version, model.architecture, f"{model.size_bytes / 1024 / 1024:.1f} MiB",
+            len(model.files), model.digest[:12], created]
 
 
 @handle_errors
@@ -30,7 +30,7 @@ def import_base_model(
     name: str = typer.Option(..., "--name", help="Registry name, e.g. sd15."),
     description: str = typer.Option("", "--description", help="Free text shown by `list`."),
 ) -> None:
-    """Upload a local diffusers folder into the server's registry as base model NAME."""
+    """Upload a local diffusers folder as base model NAME (admin key; new bytes: the next version)."""
     opts = options(ctx)
     if not (directory / "model_index.json").is_file():
         raise ValueError(f"{directory} is not a diffusers pipeline folder (no model_index.json)")
@@ -39,7 +39,7 @@ def import_base_model(
     if opts.json:
         print_json(to_dict(model))
     else:
-        console.print(f"imported base model [bold]{model.name}[/bold] ({model.architecture}, "
+        console.print(f"base model [bold]{model.name}@{model.version}[/bold] ({model.architecture}, "
                       f"{len(model.files)} files, digest {model.digest[:12]})")
 
 

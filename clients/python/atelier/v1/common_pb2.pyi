@@ -270,6 +270,7 @@ class BaseModel(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     digest: _builtins.str
     """sha256 over the sorted (path, sha256) list of its files."""
@@ -277,6 +278,11 @@ class BaseModel(_message.Message):
     """"stable-diffusion", "stable-diffusion-xl", from model_index.json."""
     size_bytes: _builtins.int
     description: _builtins.str
+    version: _builtins.int
+    """Versions of one name are immutable and numbered from 1: new bytes under an existing name
+    become the next version, never a replacement. Reference one as "name@version"; a plain
+    name means the newest live version.
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileEntry]: ...
     @_builtins.property
@@ -291,10 +297,11 @@ class BaseModel(_message.Message):
         size_bytes: _builtins.int = ...,
         description: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "created_at", b"created_at", "description", b"description", "digest", b"digest", "files", b"files", "name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "created_at", b"created_at", "description", b"description", "digest", b"digest", "files", b"files", "name", b"name", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -496,6 +496,8 @@ Global___ExportAdapterResponse: _TypeAlias = ExportAdapterResponse  # noqa: Y015
 
 @_typing.final
 class ListBaseModelsRequest(_message.Message):
+    """One entry per name: its newest live version (older ones via GetBaseModel "name@N")."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
@@ -545,6 +547,7 @@ class GetBaseModelRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """"name" (newest live version) or "name@N"."""
     def __init__(
         self,
         *,
@@ -674,10 +677,13 @@ Global___ImportBaseModelResponse: _TypeAlias = ImportBaseModelResponse  # noqa: 
 
 @_typing.final
 class DeleteBaseModelRequest(_message.Message):
+    """Admin tenants only (PERMISSION_DENIED otherwise), like ImportBaseModel."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """"name@N" deletes one version, "name" every version; numbers are never reused."""
     def __init__(
         self,
         *,

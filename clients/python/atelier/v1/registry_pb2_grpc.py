@@ -166,7 +166,8 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ImportBaseModel(self, request_iterator, context):
-        """Client streaming: one header, then for each file a file header and its chunks.
+        """Client streaming: one header, then for each file a file header and its chunks. Admin
+        tenants only. Bytes equal to a live version return it; other bytes get the next version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

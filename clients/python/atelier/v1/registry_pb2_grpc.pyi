@@ -48,7 +48,9 @@ class RegistryServiceStub:
     ListBaseModels: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListBaseModelsRequest, _registry_pb2.ListBaseModelsResponse]
     GetBaseModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetBaseModelRequest, _registry_pb2.GetBaseModelResponse]
     ImportBaseModel: _grpc.StreamUnaryMultiCallable[_registry_pb2.ImportBaseModelRequest, _registry_pb2.ImportBaseModelResponse]
-    """Client streaming: one header, then for each file a file header and its chunks."""
+    """Client streaming: one header, then for each file a file header and its chunks. Admin
+    tenants only. Bytes equal to a live version return it; other bytes get the next version.
+    """
     DeleteBaseModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteBaseModelRequest, _registry_pb2.DeleteBaseModelResponse]
 
 @_typing.type_check_only
@@ -71,7 +73,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     ListBaseModels: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListBaseModelsRequest, _registry_pb2.ListBaseModelsResponse]  # type: ignore[assignment]
     GetBaseModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetBaseModelRequest, _registry_pb2.GetBaseModelResponse]  # type: ignore[assignment]
     ImportBaseModel: _aio.StreamUnaryMultiCallable[_registry_pb2.ImportBaseModelRequest, _registry_pb2.ImportBaseModelResponse]  # type: ignore[assignment]
-    """Client streaming: one header, then for each file a file header and its chunks."""
+    """Client streaming: one header, then for each file a file header and its chunks. Admin
+    tenants only. Bytes equal to a live version return it; other bytes get the next version.
+    """
     DeleteBaseModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteBaseModelRequest, _registry_pb2.DeleteBaseModelResponse]  # type: ignore[assignment]
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -157,7 +161,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_registry_pb2.ImportBaseModelRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ImportBaseModelResponse, _abc.Awaitable[_registry_pb2.ImportBaseModelResponse]]:
-        """Client streaming: one header, then for each file a file header and its chunks."""
+        """Client streaming: one header, then for each file a file header and its chunks. Admin
+        tenants only. Bytes equal to a live version return it; other bytes get the next version.
+        """
 
     @_abc_1.abstractmethod
     def DeleteBaseModel(

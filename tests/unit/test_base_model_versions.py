@@ -1,0 +1,128 @@
+"""Base-model versions on a local-directory registry: allocation, idempotence, tombstones, legacy read."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from services.common.config import Settings
+from services.common.errors import DataLoss, InvalidInput, NotFound
+from services.registry.manifests import BaseModelManifest
+from services.registry.names import parse_base_ref
+from services.registry.registry import Registry
+from services.registry.store import open_store
+from tests.fixtures.s3 import write_fake_pipeline
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(open_store(Settings(registry_url=f"file://{tmp_path / 'registry'}")))
+
+
+def pipe(tmp_path: Path, seed: int) -> Path:
+    return write_fake_pipeline(tmp_path / f"pipe-{seed}", seed=seed)
+
+
+@pytest.mark.parametrize("ref,parsed", [("tiny-sd", ("tiny-sd", None)), ("tiny-sd@1", ("tiny-sd", 1)),
+                                        ("a.b@0012", ("a.b", 12))])
+def test_parse_base_ref(ref: str, parsed: tuple[str, int | None]) -> None:
+    assert parse_base_ref(ref, "f") == parsed
+
+
+@pytest.mark.parametrize("bad", ["", "@1", "tiny@", "tiny@0", "tiny@-1", "tiny@x", "tiny@1@2", "tiny@²",
+                                 "tiny@12345678901", "Tiny@1", "../x@1"])
+def test_bad_base_refs_name_the_field(bad: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        parse_base_ref(bad, "spec.base_model")
+    assert err.value.violations[0].field == "spec.base_model"
+
+
+def test_new_bytes_are_a_new_version_and_same_bytes_are_idempotent(registry: Registry, tmp_path: Path) -> None:
+    v1 = registry.import_base_model("tiny", pipe(tmp_path, 0))
+    assert v1.version == 1 and v1.ref == "tiny@1"
+    assert registry.import_base_model("tiny", pipe(tmp_path, 0)) == v1  # no new version
+    v2 = registry.import_base_model("tiny", pipe(tmp_path, 1))
+    assert v2.version == 2 and v2.digest != v1.digest
+    assert registry.import_base_model("tiny", pipe(tmp_path, 0)) == v1  # still a live version
+    assert registry.get_base_model("tiny") == v2
+    assert registry.get_base_model("tiny@1") == v1 and registry.get_base_model("tiny@2") == v2
+    assert [m.version for m in registry.base_model_versions("tiny")] == [1, 2]
+    assert registry.find_base_model_digest("tiny", v1.digest) == v1
+    assert registry.materialize_base_model("tiny@1", tmp_path / "m").name == v1.digest
+    with pytest.raises(NotFound):
+        registry.get_base_model("tiny@3")
+
+
+def test_deleted_numbers_are_never_reused(registry: Registry, tmp_path: Path) -> None:
+    v1 = registry.import_base_model("tiny", pipe(tmp_path, 0))
+    v2 = registry.import_base_model("tiny", pipe(tmp_path, 1))
+    assert registry.delete_base_model("tiny@2") == [v2]
+    assert registry.get_base_model("tiny") == v1  # newest *live* version
+    with pytest.raises(NotFound):
+        registry.get_base_model("tiny@2")
+    v3 = registry.import_base_model("tiny", pipe(tmp_path, 1))  # v2's bytes again: a new number
+    assert v3.version == 3 and v3.digest == v2.digest
+    assert [m.version for m in registry.delete_base_model("tiny")] == [1, 3]  # plain name: every version
+    for ref in ("tiny", "tiny@1", "tiny@3"):
+        with pytest.raises(NotFound):
+            registry.get_base_model(ref)
+    with pytest.raises(NotFound):
+        registry.delete_base_model("tiny")
+    with pytest.raises(NotFound):
+        registry.delete_base_model("tiny@1")
+    assert registry.import_base_model("tiny", pipe(tmp_path, 0)).version == 4
+    assert [m.name for m in registry.list_base_models()[0]] == ["tiny"]
+
+
+def write_legacy(registry: Registry, manifest: BaseModelManifest) -> None:
+    """What the pre-versioning release wrote: base-models/<name>/manifest.json, no version field."""
+    data = manifest.model_dump_json(exclude={"version"}).encode()
+    registry.store.put_bytes(registry.keys.base_model(manifest.name), data, if_none_match=True)
+
+
+def test_legacy_manifest_reads_as_version_1(registry: Registry, tmp_path: Path) -> None:
+    made = registry.import_base_model("scratch", pipe(tmp_path, 0))
+    registry.delete_base_model("scratch")
+    write_legacy(registry, made.model_copy(update={"name": "old"}))
+    legacy = registry.get_base_model("old")
+    assert (legacy.name, legacy.version, legacy.digest) == ("old", 1, made.digest)
+    assert registry.get_base_model("old@1") == legacy
+    assert registry.import_base_model("old", pipe(tmp_path, 0)) == legacy  # same bytes: idempotent
+    assert [(m.name, m.version) for m in registry.list_base_models()[0]] == [("old", 1)]
+    v2 = registry.import_base_model("old", pipe(tmp_path, 1))
+    assert v2.version == 2 and registry.get_base_model("old") == v2
+    assert registry.get_base_model("old@1") == legacy
+    registry.delete_base_model("old@1")
+    assert not registry.store.exists(registry.keys.base_model("old"))
+    with pytest.raises(NotFound):
+        registry.get_base_model("old@1")
+    assert registry.import_base_model("old", pipe(tmp_path, 0)).version == 3
+
+
+def test_listing_shows_the_newest_version_of_each_name(registry: Registry, tmp_path: Path) -> None:
+    registry.import_base_model("tiny", pipe(tmp_path, 0))
+    registry.import_base_model("tiny", pipe(tmp_path, 1))
+    registry.import_base_model("tiny-sd", pipe(tmp_path, 2))
+    registry.import_base_model("gone", pipe(tmp_path, 3))
+    registry.delete_base_model("gone")
+    page, token = registry.list_base_models(page_size=1)
+    rest, end = registry.list_base_models(page_size=5, page_token=token)
+    assert [(m.name, m.version) for m in page + rest] == [("tiny-sd", 1), ("tiny", 2)] and end == ""
+
+
+def test_concurrent_imports_get_distinct_versions(registry: Registry, tmp_path: Path) -> None:
+    folders = [pipe(tmp_path, seed) for seed in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        made = list(pool.map(lambda f: registry.import_base_model("tiny", f), folders))
+    assert sorted(m.version for m in made) == [1, 2, 3, 4]
+    assert {m.digest for m in made} == {m.digest for m in registry.base_model_versions("tiny")}
+
+
+def test_a_manifest_under_the_wrong_number_is_data_loss(registry: Registry, tmp_path: Path) -> None:
+    v1 = registry.import_base_model("tiny", pipe(tmp_path, 0))
+    forged = v1.model_copy(update={"version": 1}).to_json_bytes()
+    registry.store.put_bytes(registry.keys.base_model_version("tiny", 7), forged)
+    with pytest.raises(DataLoss):
+        registry.get_base_model("tiny@7")
