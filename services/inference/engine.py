@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.quotas import TenantRateLimiter
 from services.inference.adapters import AdapterKey, DiskTier, HostTier, RefKey, Resolver, open_adapter_tiers
 from services.inference.batcher import Batcher, WorkItem
 from services.inference.cache import TierStatus
@@ -86,6 +87,8 @@ class InferenceEngine:
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="atelier-inference-io")
         self.batcher = Batcher(settings.queue_size, settings.max_batch_size, settings.batch_wait_ms / 1000,
                                self._execute, self.metrics)
+        self.rate_limit = TenantRateLimiter(settings.quota_generate_rps, settings.quota_generate_burst,
+                                            "Generate requests")
 
     # --- threads ----------------------------------------------------------------------
     async def on_device(self, fn: Callable[..., T], *args: Any) -> T:
@@ -107,6 +110,7 @@ class InferenceEngine:
                        progress: Callable[[Progress], None] | None = None) -> GenerationResult:
         """Run one request; `deadline` is a time.monotonic() value, `progress` is thread-safe."""
         started = time.perf_counter()
+        self.rate_limit.acquire(tenant)  # QuotaExceeded before taking a queue slot
         self.batcher.admit()
         submitted = False
         try:
@@ -118,7 +122,7 @@ class InferenceEngine:
             width, height = request.width or base.default_size, request.height or base.default_size
             job = Job(request, base, uses, width, height)
             loop = asyncio.get_running_loop()
-            item = WorkItem(self._batch_key(job), job, loop.create_future(), deadline, progress)
+            item = WorkItem(self._batch_key(job), job, loop.create_future(), deadline, progress, tenant=tenant)
             load_ms = (time.perf_counter() - started) * 1000
             if progress:
                 progress(Progress("queued", 0, request.steps, load_ms))
