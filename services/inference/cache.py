@@ -228,7 +228,7 @@ class ByteLRU(Generic[K, V]):
                 entries = [EntryStatus(label(k), e.nbytes, max(0.0, now - e.last_used))
                            for k, e in reversed(self._entries.items())]
             else:
-                mine = [(e.users[user], k, e) for k, e in self._entries.items() if user in e.users]
+                mine = [(e.users[user], k, e) for k, e in reversed(self._entries.items()) if user in e.users]
                 mine.sort(key=lambda t: t[0], reverse=True)
                 entries = [EntryStatus(label(k), e.nbytes, max(0.0, now - at)) for at, k, e in mine]
             return TierStatus(self.name, self.capacity_bytes, self._used, self.max_entries, entries,

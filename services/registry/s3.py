@@ -44,13 +44,13 @@ T = TypeVar("T")
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3's minimum for every part but the last
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-DEADLINE_MARGIN_SECONDS = 0.25  # kept back from the caller's deadline so UNAVAILABLE reaches it
+DEADLINE_MARGIN_SECONDS = 0.5  # kept back from the caller's deadline so UNAVAILABLE reaches it
 MAX_POOL_CONNECTIONS = 32
 
 
 def deadline_budget(left: float) -> float:
     """How long one S3 call may wait with `left` seconds before the caller's deadline."""
-    return left - min(DEADLINE_MARGIN_SECONDS, 0.2 * left)
+    return left - min(DEADLINE_MARGIN_SECONDS, 0.25 * left)
 
 
 class S3Store:
