@@ -14,7 +14,7 @@ from pathlib import Path
 from services.common.errors import InvalidInput
 from services.registry.blobs import Blobs
 from services.registry.documents import read_doc
-from services.registry.files import download_files, upload_files
+from services.registry.files import download_files, reupload_missing, upload_files
 from services.registry.keys import Keys
 from services.registry.manifests import CheckpointManifest
 from services.registry.names import validate_name, validate_tenant
@@ -37,6 +37,7 @@ class Checkpoints:
         records = upload_files(self._blobs, files, "files")
         manifest = CheckpointManifest(tenant=tenant, job_id=job_id, step=step, files=records)
         self._store.put_bytes(self._keys.checkpoint(tenant, job_id, step), manifest.to_json_bytes())
+        reupload_missing(self._blobs, files, records)  # a concurrent GC may have swept a reused blob
         return manifest
 
     def latest(self, tenant: str, job_id: str) -> CheckpointManifest | None:

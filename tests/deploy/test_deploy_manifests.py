@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from atelier.v1 import inference_pb2, training_pb2
 
+from services.training.worker_health import WORKER_SERVICE
 from tests.deploy.manifests import (
     ATELIER_COMPONENTS,
     Manifest,
@@ -50,12 +51,13 @@ def test_grpc_probes_target_the_settings_port(overlay: list[Manifest]) -> None:
         assert container["readinessProbe"]["grpc"]["service"] in GRPC_SERVICES
 
 
-def test_worker_probes_use_metrics_http_endpoint(overlay: list[Manifest]) -> None:
+def test_worker_probes_use_its_grpc_health_port(overlay: list[Manifest]) -> None:
     container = containers(atelier_deployments(overlay)["training-worker"])[0]
-    metrics_port = effective_settings(overlay, container).metrics_port
-    assert container_port(container, "metrics") == metrics_port
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+    port = effective_settings(overlay, container).worker_health_port
+    assert port and container_port(container, "grpc-health") == port
+    for probe in ("startupProbe", "livenessProbe"):  # overall status: the process lives
+        assert container[probe]["grpc"] == {"port": port}, probe
+    assert container["readinessProbe"]["grpc"] == {"port": port, "service": WORKER_SERVICE}
 
 
 def test_servers_bind_all_interfaces_so_kubelet_probes_reach_them(overlay: list[Manifest]) -> None:

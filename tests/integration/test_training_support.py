@@ -198,7 +198,9 @@ def worker_process(settings: Settings, worker_id: str, log_path: Path) -> Iterat
     for key, value in settings.model_dump().items():
         if value is not None:
             env[f"ATELIER_{key.upper()}"] = str(value)
-    env.update({"ATELIER_METRICS_PORT": "0", "ATELIER_LOG_JSON": "false", "OMP_NUM_THREADS": "1",
+    health_port = settings.worker_health_port if "worker_health_port" in settings.model_fields_set else 0
+    env.update({"ATELIER_METRICS_PORT": "0", "ATELIER_WORKER_HEALTH_PORT": str(health_port),
+                "ATELIER_LOG_JSON": "false", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'clients' / 'python'}"})
     exe = Path(sys.executable).with_name("atelier")
     with open(log_path, "ab") as log:

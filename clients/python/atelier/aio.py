@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
+from atelier import ids
 from atelier.errors import from_grpc_error
 from atelier.refs import ROUTING_HEADER, AdapterSpec, routing_value
 from atelier.requests import (
@@ -74,25 +75,28 @@ class AsyncClient:
 
         return await call_with_retry_async(attempt, self._retry, self._timeout)
 
-    async def train(self, method: str, *, base_model: str, dataset: str, name: str,
+    async def train(self, method: str, *, base_model: str, dataset: str | common_pb2.Dataset, name: str,
                     request_id: str | None = None, **options: Any) -> training_pb2.TrainingJob:
         known = {k: options.pop(k) for k in list(options) if k in TrainArgs.__dataclass_fields__}
         args = TrainArgs(method=method, base_model=base_model, dataset=dataset, name=name, extra=options, **known)
         response = await self.call(self.training.CreateTrainingJob, training_request(args, request_id))
         return response.job  # type: ignore[no-any-return]
 
-    async def watch(self, job_id: str, timeout: float = 24 * 3600.0
+    async def watch(self, job_id: str | training_pb2.TrainingJob, timeout: float = 24 * 3600.0
                     ) -> AsyncIterator[training_pb2.WatchTrainingJobResponse]:
+        request = training_pb2.WatchTrainingJobRequest(id=ids.job_id(job_id))
         try:
             async for event in self.training.WatchTrainingJob(
-                training_pb2.WatchTrainingJobRequest(id=job_id), timeout=timeout,
+                request, timeout=timeout,
                 metadata=call_metadata(self._api_key, ()),
             ):
                 yield event
         except grpc.RpcError as error:
             raise from_grpc_error(error) from None
 
-    async def wait(self, job_id: str, timeout: float = 24 * 3600.0) -> training_pb2.TrainingJob:
+    async def wait(self, job_id: str | training_pb2.TrainingJob,
+                   timeout: float = 24 * 3600.0) -> training_pb2.TrainingJob:
+        job_id = ids.job_id(job_id)
         job = None
         async for event in self.watch(job_id, timeout):
             job = event.job
@@ -100,8 +104,9 @@ class AsyncClient:
             job = (await self.call(self.training.GetTrainingJob, training_pb2.GetTrainingJobRequest(id=job_id))).job
         return job
 
-    async def cancel(self, job_id: str) -> training_pb2.TrainingJob:
-        response = await self.call(self.training.CancelTrainingJob, training_pb2.CancelTrainingJobRequest(id=job_id))
+    async def cancel(self, job_id: str | training_pb2.TrainingJob) -> training_pb2.TrainingJob:
+        request = training_pb2.CancelTrainingJobRequest(id=ids.job_id(job_id))
+        response = await self.call(self.training.CancelTrainingJob, request)
         return response.job  # type: ignore[no-any-return]
 
     async def generate(self, prompt: str, *, base_model: str, adapters: list[AdapterSpec] | None = None,

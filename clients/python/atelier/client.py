@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 
 import grpc
 
+from atelier import ids
 from atelier.errors import AtelierRpcError, RetryableError, from_grpc_error
-from atelier.refs import ROUTING_HEADER, AdapterSpec, routing_value
+from atelier.refs import ROUTING_HEADER, AdapterLike, AdapterSpec, routing_value
 from atelier.requests import (
     GenerationResult,
     ImageInput,
@@ -139,9 +140,11 @@ class Client:
 
         return call_with_retry(attempt, self._retry, timeout or self._timeout)
 
-    def train(self, method: str, *, base_model: str, dataset: str, name: str, request_id: str | None = None,
-              **options: Any) -> JobHandle:
-        """Start a training job; keyword options are TrainArgs fields or hyper-parameters."""
+    def train(self, method: str, *, base_model: str, dataset: str | common_pb2.Dataset, name: str,
+              request_id: str | None = None, **options: Any) -> JobHandle:
+        """Start a training job; keyword options are TrainArgs fields or hyper-parameters.
+
+        `dataset` is a dataset id or the Dataset `upload_dataset` returned."""
         known = {k: options.pop(k) for k in list(options) if k in TrainArgs.__dataclass_fields__}
         args = TrainArgs(method=method, base_model=base_model, dataset=dataset, name=name, extra=options, **known)
         response = self.call(self.training.CreateTrainingJob, training_request(args, request_id))
@@ -233,8 +236,9 @@ class Jobs:
     def __init__(self, client: Client) -> None:
         self._client = client
 
-    def get(self, job_id: str) -> JobHandle:
-        job = self._client.call(self._client.training.GetTrainingJob, training_pb2.GetTrainingJobRequest(id=job_id))
+    def get(self, job_id: str | training_pb2.TrainingJob | JobHandle) -> JobHandle:
+        request = training_pb2.GetTrainingJobRequest(id=ids.job_id(job_id))
+        job = self._client.call(self._client.training.GetTrainingJob, request)
         return JobHandle(self._client, job.job)
 
     def list(self, *, state: int = 0, method: int = 0, page_size: int = 50) -> Iterator[training_pb2.TrainingJob]:
@@ -253,27 +257,34 @@ class Adapters:
                                                    base_model=base_model)
         yield from _paginate(self._client, self._client.registry.ListAdapters, request, "adapters")
 
-    def get(self, ref: str) -> registry_pb2.GetAdapterResponse:
+    def get(self, ref: AdapterLike) -> registry_pb2.GetAdapterResponse:
+        """`ref`: 'name', 'name@3', 'name:alias', an AdapterVersion (that version) or an Adapter."""
         from atelier.refs import parse_ref
 
-        return self._client.call(self._client.registry.GetAdapter, registry_pb2.GetAdapterRequest(ref=parse_ref(ref)))
+        request = registry_pb2.GetAdapterRequest(ref=parse_ref(ids.adapter_ref(ref)))
+        return self._client.call(self._client.registry.GetAdapter, request)
 
-    def versions(self, name: str, page_size: int = 50) -> Iterator[common_pb2.AdapterVersion]:
-        request = registry_pb2.ListAdapterVersionsRequest(name=name, page_size=page_size)
+    def versions(self, name: AdapterLike, page_size: int = 50) -> Iterator[common_pb2.AdapterVersion]:
+        request = registry_pb2.ListAdapterVersionsRequest(name=ids.adapter_name(name), page_size=page_size)
         yield from _paginate(self._client, self._client.registry.ListAdapterVersions, request, "versions")
 
-    def set_alias(self, name: str, alias: str, version: int,
+    def set_alias(self, name: AdapterLike, alias: str, version: int | None = None,
                   expected_version: int | None = None) -> registry_pb2.SetAliasResponse:
-        request = registry_pb2.SetAliasRequest(name=name, alias=alias, version=version)
+        """Point `alias` at `version` (or at the AdapterVersion passed as `name`)."""
+        request = registry_pb2.SetAliasRequest(name=ids.adapter_name(name), alias=ids.text(alias, "alias"),
+                                               version=ids.adapter_version(name, version))
         if expected_version is not None:
             request.expected_version = expected_version
         return self._client.call(self._client.registry.SetAlias, request, retry=False)
 
-    def delete_alias(self, name: str, alias: str) -> None:
-        self._client.call(self._client.registry.DeleteAlias, registry_pb2.DeleteAliasRequest(name=name, alias=alias))
+    def delete_alias(self, name: AdapterLike, alias: str) -> None:
+        request = registry_pb2.DeleteAliasRequest(name=ids.adapter_name(name), alias=ids.text(alias, "alias"))
+        self._client.call(self._client.registry.DeleteAlias, request)
 
-    def delete(self, name: str, version: int) -> None:
-        request = registry_pb2.DeleteAdapterVersionRequest(name=name, version=version)
+    def delete(self, name: AdapterLike, version: int | None = None) -> None:
+        """Delete one version: (name, version), or an AdapterVersion alone."""
+        request = registry_pb2.DeleteAdapterVersionRequest(name=ids.adapter_name(name),
+                                                           version=ids.adapter_version(name, version))
         self._client.call(self._client.registry.DeleteAdapterVersion, request)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from atelier import ids
 from atelier.v1 import common_pb2, inference_pb2
 
 
@@ -36,19 +37,28 @@ def format_ref(ref: common_pb2.AdapterRef) -> str:
     return ref.name
 
 
-AdapterSpec = str | tuple[str, float] | inference_pb2.AdapterWeight
+AdapterLike = str | common_pb2.AdapterVersion | common_pb2.Adapter
+AdapterSpec = AdapterLike | tuple[AdapterLike, float] | inference_pb2.AdapterWeight
 
 
 def to_adapter_weights(adapters: list[AdapterSpec] | None) -> list[inference_pb2.AdapterWeight]:
-    """Accept strings (`"dog@2=0.8"`), (ref, weight) pairs or ready protos."""
+    """Accept strings (`"dog@2=0.8"`), AdapterVersion/Adapter objects (weight 1), (ref or
+    object, weight) pairs or ready protos; anything else is a TypeError naming the item."""
     result = []
-    for item in adapters or []:
+    for i, item in enumerate(adapters or []):
+        param = f"adapters[{i}]"
         if isinstance(item, inference_pb2.AdapterWeight):
             result.append(item)
-        elif isinstance(item, tuple):
-            result.append(inference_pb2.AdapterWeight(ref=parse_ref(item[0]), weight=float(item[1])))
-        else:
+        elif isinstance(item, tuple) and len(item) == 2:
+            if not isinstance(item[1], int | float) or isinstance(item[1], bool):
+                raise TypeError(f"{param} weight must be a number, got {type(item[1]).__name__}")
+            ref = parse_ref(ids.adapter_ref(item[0], param))
+            result.append(inference_pb2.AdapterWeight(ref=ref, weight=float(item[1])))
+        elif isinstance(item, str):
             result.append(parse_weighted(item))
+        else:
+            ref = parse_ref(ids.adapter_ref(item, param))  # AdapterVersion / Adapter, or TypeError
+            result.append(inference_pb2.AdapterWeight(ref=ref, weight=1.0))
     return result
 
 

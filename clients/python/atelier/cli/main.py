@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from atelier.cli import adapters, base_models, dataset, generate, jobs, train
+from atelier.cli import registry as registry_cli
 from atelier.cli import serve as serve_cli
 from atelier.cli import worker as worker_cli
 from atelier.cli.base_model import app as base_model_app
@@ -20,6 +21,7 @@ app.add_typer(dataset.app, name="dataset")
 app.add_typer(train.app, name="train")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(adapters.app, name="adapters")
+app.add_typer(registry_cli.app, name="registry")
 app.command("generate")(generate.generate)
 app.command("worker")(worker_cli.worker)
 app.command("serve")(serve_cli.serve)
