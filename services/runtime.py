@@ -20,6 +20,7 @@ from services.common.config import Settings
 from services.common.process import apply_torch_threads
 from services.common.server import RunningServer, serve_until_signalled, start_server
 from services.common.telemetry import RpcMetrics, configure_logging, start_metrics_http
+from services.common.usage import UsageLedger
 from services.inference.pipelines import parse_model_paths
 from services.registry.registry import Registry
 from services.training.embedded import EmbeddedTraining
@@ -62,11 +63,12 @@ async def start_runtime(settings: Settings, role: str = "all",
     rpc_metrics = RpcMetrics(metrics_registry)
     authenticator = Authenticator.from_settings(settings)
     runtime = Runtime(settings)
+    usage = UsageLedger.from_settings(settings, metrics_registry)  # one per process: both servers answer
     registry = Registry.from_settings(settings)
     if role in ("all", "training-api"):
         runtime.training = EmbeddedTraining(
             settings, registry=registry, metrics_registry=metrics_registry, workers=1 if role == "all" else 0,
-            local_base_models=parse_model_paths(settings.base_model_paths),
+            local_base_models=parse_model_paths(settings.base_model_paths), usage=usage,
         )
         runtime.servers["training"] = await start_server(
             settings, runtime.training.bindings(), settings.training_port, authenticator, rpc_metrics)
@@ -74,7 +76,7 @@ async def start_runtime(settings: Settings, role: str = "all",
         from services.inference.engine import InferenceEngine
         from services.inference.servicer import inference_bindings
 
-        engine = InferenceEngine(settings, registry, metrics_registry)
+        engine = InferenceEngine(settings, registry, metrics_registry, usage=usage)
         runtime.closers.append(engine.close)
         runtime.servers["inference"] = await start_server(
             settings, inference_bindings(engine), settings.inference_port, authenticator, rpc_metrics)

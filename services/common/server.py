@@ -5,6 +5,9 @@ brings its `ServiceBinding`:
 
 * grpc.health.v1: overall ("") and one entry per binding, SERVING once started and
   NOT_SERVING from the moment shutdown begins (so Kubernetes stops routing first);
+* a binding's `warmup` is awaited once the port is bound, with health NOT_SERVING meanwhile (the
+  inference server attaches its pinned and preloaded adapters); if it fails the server stops
+  and the error propagates, so a process that cannot warm up never reports SERVING;
 * server reflection listing the bindings, health and reflection (grpcurl, debugging);
 * interceptors, outermost first: request id + access log, metrics, error mapping, auth.
   Error mapping sits outside auth so a rejected key is reported, counted and logged like
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -56,6 +59,7 @@ class ServiceBinding:
 
     name: str
     register: Callable[[aio.Server], None]
+    warmup: Callable[[], Awaitable[None]] | None = None  # awaited before SERVING (warm start)
 
 
 @dataclass
@@ -114,6 +118,21 @@ def _bind(server: aio.Server, address: str, credentials: grpc.ServerCredentials 
     return bound
 
 
+async def _warm_up(server: aio.Server, health: HealthServicer, bindings: Sequence[ServiceBinding],
+                   names: Sequence[str]) -> None:
+    warmups = [b.warmup for b in bindings if b.warmup is not None]
+    if not warmups:
+        return
+    for name in ["", *names]:
+        await health.set(name, NOT_SERVING)
+    try:
+        for warmup in warmups:
+            await warmup()
+    except BaseException:
+        await server.stop(None)
+        raise
+
+
 async def start_server(settings: Settings, bindings: list[ServiceBinding], port: int,
                        authenticator: Authenticator | None = None,
                        metrics: RpcMetrics | None = None) -> RunningServer:
@@ -139,6 +158,7 @@ async def start_server(settings: Settings, bindings: list[ServiceBinding], port:
 
     bound = _bind(server, f"{settings.host}:{port}", credentials)
     await server.start()
+    await _warm_up(server, health, bindings, names)
     for name in ["", *names]:
         await health.set(name, SERVING)
     log.info("grpc server started", extra={"grpc_port": bound, "services": ",".join(names),

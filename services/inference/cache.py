@@ -10,6 +10,9 @@ Each tier (disk blobs, host state dicts, device-attached adapters, DreamBooth co
 * Inserting evicts least-recently-used entries until both bounds (bytes, entries) hold again.
   Keys in `protect` are never evicted by that insertion: the device tier protects the adapters
   of the batch it is preparing, so attaching one adapter cannot detach its companion.
+* Pinned keys (`pin`) are never evicted by an insertion or by `evict`, and still count against
+  both bounds, so a pin leaves less room for everything else; only `evict_where`/`clear` (ops,
+  DreamBooth variants) remove them. The device tier pins the configured `pinned_adapters`.
 * A value that cannot fit (alone larger than the tier, or everything else protected) is
   either refused with `CapacityError` (`strict=True`: disk and device, whose entries must be
   resident to be used) or handed to the caller without being cached (host RAM).
@@ -73,6 +76,7 @@ class TierStatus:
     misses: int
     evictions: int
     loads: int
+    pinned: frozenset[str] = frozenset()  # labels of the pinned entries
 
 
 class ByteLRU(Generic[K, V]):
@@ -101,6 +105,7 @@ class ByteLRU(Generic[K, V]):
         self._lock = threading.Lock()
         self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._inflight: dict[K, Future[V]] = {}
+        self._pinned: set[K] = set()
         self._used = 0
         self._hits = self._misses = self._evictions = self._loads = 0
 
@@ -180,7 +185,7 @@ class ByteLRU(Generic[K, V]):
             for victim in list(self._entries):
                 if self._fits(nbytes):
                     break
-                if victim not in protect:
+                if victim not in protect and victim not in self._pinned:
                     entry = self._entries.pop(victim)
                     self._used -= entry.nbytes
                     evicted.append((victim, entry))
@@ -189,8 +194,10 @@ class ByteLRU(Generic[K, V]):
         self._after_evictions(evicted)
 
     def evict(self, key: K) -> bool:
-        """Remove one entry (running on_evict); False when it was not resident."""
+        """Remove one entry (running on_evict); False when it was not resident or is pinned."""
         with self._lock:
+            if key in self._pinned:
+                return False
             entry = self._entries.pop(key, None)
             if entry is None:
                 return False
@@ -206,6 +213,7 @@ class ByteLRU(Generic[K, V]):
             victims = [(k, e) for k, e in self._entries.items() if predicate(k)]
             for key, entry in victims:
                 del self._entries[key]
+                self._pinned.discard(key)
                 self._used -= entry.nbytes
             self._evictions += len(victims)
             self._publish_size()
@@ -215,6 +223,21 @@ class ByteLRU(Generic[K, V]):
     def clear(self) -> int:
         """Evict everything (on_evict runs for each entry)."""
         return self.evict_where(lambda _key: True)
+
+    def pin(self, key: K) -> None:
+        """Keep a resident entry for good (see the module docstring); KeyError if not resident."""
+        with self._lock:
+            if key not in self._entries:
+                raise KeyError(key)
+            self._pinned.add(key)
+
+    def unpin(self, key: K) -> None:
+        with self._lock:
+            self._pinned.discard(key)
+
+    def is_pinned(self, key: K) -> bool:
+        with self._lock:
+            return key in self._pinned
 
     def status(self, user: str | None = None, label: Callable[[K], str] = str) -> TierStatus:
         """Totals of the whole tier; entries most recent first.
@@ -232,7 +255,8 @@ class ByteLRU(Generic[K, V]):
                 mine.sort(key=lambda t: t[0], reverse=True)
                 entries = [EntryStatus(label(k), e.nbytes, max(0.0, now - at)) for at, k, e in mine]
             return TierStatus(self.name, self.capacity_bytes, self._used, self.max_entries, entries,
-                              self._hits, self._misses, self._evictions, self._loads)
+                              self._hits, self._misses, self._evictions, self._loads,
+                              frozenset(label(k) for k in self._pinned))
 
     @property
     def used_bytes(self) -> int:
@@ -302,7 +326,7 @@ class ByteLRU(Generic[K, V]):
         for victim in list(self._entries):
             if self._fits(nbytes):
                 break
-            if victim in protect:
+            if victim in protect or victim in self._pinned:
                 continue
             entry = self._entries.pop(victim)
             self._used -= entry.nbytes
@@ -319,7 +343,7 @@ class ByteLRU(Generic[K, V]):
 
     def _feasible(self, nbytes: int, protect: Collection[K]) -> bool:
         """Would evicting every unprotected entry make room for `nbytes`?"""
-        kept = [e.nbytes for k, e in self._entries.items() if k in protect]
+        kept = [e.nbytes for k, e in self._entries.items() if k in protect or k in self._pinned]
         entries_ok = self.max_entries <= 0 or len(kept) + 1 <= self.max_entries
         return entries_ok and sum(kept) + nbytes <= self.capacity_bytes
 

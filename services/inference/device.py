@@ -114,6 +114,21 @@ class DeviceState:
             merger.apply(mix, merge)
         return Prepared(base, target.pipe, bindings, (time.perf_counter() - started) * 1000)
 
+    def pin(self, base: BaseModel, uses: Sequence[AdapterUse]) -> Prepared:
+        """Attach `uses` to the base and pin them in the device tier (warm start, `pinned_adapters`).
+
+        Pins count against the tier's bounds: one that cannot fit next to the pins before it
+        raises ResourceExhausted here, so a replica with too many pins fails start-up.
+        """
+        if any(u.kind == "DREAMBOOTH" for u in uses):
+            raise FailedPrecondition("DreamBooth adapters cannot be pinned (only LoRA and textual inversion)",
+                                     field_name="pinned_adapters")
+        prepared = self.prepare(base, uses)
+        target = self._target(base, uses)
+        for use in uses:
+            self.adapters.pin((target.id if use.kind == "LORA" else target.text_owner, use.key))
+        return prepared
+
     def _target(self, base: BaseModel, uses: Sequence[AdapterUse]) -> Target:
         base_id = f"base:{base.name}"
         dreambooth = [u for u in uses if u.kind == "DREAMBOOTH"]
@@ -183,7 +198,7 @@ class DeviceState:
     def _evict_one_ti(self, slots: TiSlots, protect: set[DeviceKey]) -> bool:
         for key in list(self.adapters.keys()):
             entry = self.adapters.peek(key)
-            if key not in protect and entry is not None and entry.slots is slots:
+            if key not in protect and entry is not None and entry.slots is slots and not self.adapters.is_pinned(key):
                 return self.adapters.evict(key)
         return False
 

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.quotas import TenantRateLimiter
+from services.common.usage import UsageLedger, device_label
 from services.inference.adapters import AdapterKey, DiskTier, HostTier, RefKey, Resolver, open_adapter_tiers
 from services.inference.batcher import Batcher, WorkItem
 from services.inference.cache import TierStatus
@@ -57,6 +58,7 @@ class ItemOutput:
     attach_ms: float
     denoise_ms: float
     batch_size: int
+    device_seconds: float = 0.0  # this request's share of the batch's device time (accounting)
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -70,10 +72,13 @@ class InferenceEngine:
 
     def __init__(self, settings: Settings, registry: Registry, metrics_registry: CollectorRegistry | None = None,
                  *, exact_batching: bool | None = None, ref_ttl_seconds: float | None = None,
-                 io_threads: int = 8) -> None:
+                 io_threads: int = 8, usage: UsageLedger | None = None) -> None:
         self.settings = settings
         self.registry = registry
-        self.metrics = InferenceMetrics(metrics_registry or CollectorRegistry())
+        metrics_registry = metrics_registry or CollectorRegistry()
+        self.metrics = InferenceMetrics(metrics_registry)
+        self.usage = usage or UsageLedger.from_settings(settings, metrics_registry)
+        self.usage_device = device_label(settings.inference_device)
         self.pipelines = PipelinePool(settings, registry)
         self.resolver = Resolver(registry, settings.adapter_ref_ttl_seconds if ref_ttl_seconds is None
                                  else ref_ttl_seconds)
@@ -137,6 +142,7 @@ class InferenceEngine:
         finally:
             if not submitted:
                 self.batcher.release()
+        self.usage.record(tenant, "generation", self.usage_device, output.device_seconds)
         return await self._finish(item, output, manifests, request, base, started, load_ms)
 
     async def _finish(self, item: WorkItem, output: ItemOutput, manifests: Sequence[AdapterManifest],
@@ -175,9 +181,12 @@ class InferenceEngine:
             for item in batch:
                 item.fail(exc)
             return
+        device_seconds = (output.attach_ms + output.denoise_ms) / 1000  # split by images: each pays its share
+        images = sum(len(p) for p in output.images) or 1
         for pixels, item in zip(output.images, batch, strict=True):
             if not item.future.done():
-                item.future.set_result(ItemOutput(pixels, output.attach_ms, output.denoise_ms, len(batch)))
+                item.future.set_result(ItemOutput(pixels, output.attach_ms, output.denoise_ms, len(batch),
+                                                  device_seconds * len(pixels) / images))
 
     @staticmethod
     def _batch_key(job: Job) -> tuple[Any, ...]:
@@ -234,8 +243,8 @@ class InferenceEngine:
 
     # --- ops --------------------------------------------------------------------------
     async def preload(self, tenant: str, base_model: str, specs: Sequence[AdapterSpec],
-                      tier: str = "device") -> list[ResolvedAdapterInfo]:
-        """Bring adapters into `tier` (and every tier below it)."""
+                      tier: str = "device", pin: bool = False) -> list[ResolvedAdapterInfo]:
+        """Bring adapters into `tier` (and every tier below it); `pin`: and keep them attached for good."""
         base = await self.base_model(base_model)
         manifests = await self._resolve(tenant, specs, base, for_device=tier == "device")
         if tier == "disk":
@@ -244,7 +253,7 @@ class InferenceEngine:
         else:
             uses = await self._load(manifests, specs)
             if tier == "device":
-                await self.on_device(self.device_state.prepare, base, uses)
+                await self.on_device(self.device_state.pin if pin else self.device_state.prepare, base, uses)
         return [ResolvedAdapterInfo(m.name, m.version, m.kind, m.manifest_digest, s.weight)
                 for m, s in zip(manifests, specs, strict=True)]
 

@@ -23,6 +23,7 @@ from services.inference.cache import TierStatus
 from services.inference.engine import InferenceEngine
 from services.inference.types import GenerationResult, Progress
 from services.inference.validation import Violations, check_refs, parse_spec
+from services.inference.warm import warm_start
 
 SERVICE_NAME = "atelier.v1.InferenceService"
 KINDS = {
@@ -69,7 +70,8 @@ def tier_to_proto(status: TierStatus) -> inference_pb2.CacheTierStatus:
     return inference_pb2.CacheTierStatus(
         tier=TIER_KINDS[status.name], capacity_bytes=status.capacity_bytes, used_bytes=status.used_bytes,
         max_entries=status.max_entries, hits=status.hits, misses=status.misses, evictions=status.evictions,
-        entries=[inference_pb2.CacheEntry(key=e.key, bytes=e.nbytes, idle_seconds=e.idle_seconds)
+        entries=[inference_pb2.CacheEntry(key=e.key, bytes=e.nbytes, idle_seconds=e.idle_seconds,
+                                          pinned=e.key in status.pinned)
                  for e in status.entries],
     )
 
@@ -151,7 +153,7 @@ def inference_bindings(engine: InferenceEngine, **_: Any) -> list[ServiceBinding
     def register(server: grpc.aio.Server) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
 
-    return [ServiceBinding(SERVICE_NAME, register)]
+    return [ServiceBinding(SERVICE_NAME, register, warmup=lambda: warm_start(engine))]
 
 
 __all__ = ["SERVICE_NAME", "InferenceServicer", "inference_bindings"]

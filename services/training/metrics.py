@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from services.common.usage import UsageLedger
 from services.training.jobstore import JobStore
 from services.training.schema import STATES
 
@@ -48,9 +49,12 @@ class JobStoreCollector(Collector):
 
 
 class WorkerMetrics:
-    """Per-worker training metrics."""
+    """Per-worker training metrics, and the process's usage ledger (services/common/usage.py)."""
 
-    def __init__(self, registry: CollectorRegistry, namespace: str = "atelier") -> None:
+    def __init__(self, registry: CollectorRegistry, namespace: str = "atelier", *,
+                 usage: UsageLedger | None = None, device: str = "cpu") -> None:
+        self.usage = usage if usage is not None else UsageLedger(registry, namespace=namespace)
+        self.device = device  # usage label: "cpu" | "gpu"
         self.step_seconds = Histogram(
             f"{namespace}_training_step_seconds",
             "Wall time of one optimizer step.",
@@ -70,6 +74,11 @@ class WorkerMetrics:
             ["outcome"],
             registry=registry,
         )
+
+
+    def record_usage(self, tenant: str, seconds: float) -> None:
+        """Training device time: each step's wall time (the first one includes the attempt's set-up)."""
+        self.usage.record(tenant, "training", self.device, seconds)
 
 
 def register_store_metrics(registry: CollectorRegistry, store: JobStore) -> JobStoreCollector:
