@@ -9,11 +9,12 @@ import pytest
 
 from services.common.config import Settings
 from services.common.errors import DataLoss, InvalidInput, NotFound
+from services.registry.adapter_import import import_adapter_file
 from services.registry.manifests import BaseModelManifest
 from services.registry.names import parse_base_ref
 from services.registry.registry import Registry
 from services.registry.store import open_store
-from tests.fixtures.s3 import write_fake_pipeline
+from tests.fixtures.s3 import write_fake_pipeline, write_lora
 
 
 @pytest.fixture
@@ -126,3 +127,15 @@ def test_a_manifest_under_the_wrong_number_is_data_loss(registry: Registry, tmp_
     registry.store.put_bytes(registry.keys.base_model_version("tiny", 7), forged)
     with pytest.raises(DataLoss):
         registry.get_base_model("tiny@7")
+
+
+def test_adapter_import_against_a_pinned_version_records_name_and_that_digest(registry: Registry,
+                                                                               tmp_path: Path) -> None:
+    v1 = registry.import_base_model("tiny", pipe(tmp_path, 0))
+    registry.import_base_model("tiny", pipe(tmp_path, 1))
+    lora = import_adapter_file(registry, "acme", name="imp", base_model="tiny@1", kind_hint=None, format_hint="",
+                               filename="l.safetensors", path=write_lora(tmp_path / "l.safetensors"))
+    assert (lora.base_model, lora.base_model_digest) == ("tiny", v1.digest)
+    with pytest.raises(NotFound):
+        import_adapter_file(registry, "acme", name="imp", base_model="tiny@5", kind_hint=None, format_hint="",
+                            filename="l.safetensors", path=tmp_path / "l.safetensors")
