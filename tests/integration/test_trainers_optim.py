@@ -9,11 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from services.common.errors import FailedPrecondition
 from services.training.trainers import TrainImage
+from services.training.trainers.batches import PromptEncoder
+from services.training.trainers.captions import CaptionBuilder
+from services.training.trainers.models import load_components
 from tests.fixtures.models import make_concept_images
 from tests.integration.test_trainers import Recorder, _artifact_tensors, config, train
 
@@ -79,3 +83,19 @@ def test_eight_bit_adamw_on_a_cpu_run_fails_clearly(
     cfg = config("LORA", optimizer="adamw_8bit")
     with pytest.raises(FailedPrecondition, match=r"8-bit AdamW .*needs a CUDA device.*'cpu'"):
         train(cfg, tiny_random_pipeline_dir, concept, tmp_path / "w", Recorder(tmp_path))
+
+
+def test_shuffled_prompts_are_encoded_live_while_the_fixed_set_stays_cached(tiny_random_pipeline_dir: Path) -> None:
+    """Shuffled orders never enter the embedding cache; dropout's "" and the bases do."""
+    comps = load_components(tiny_random_pipeline_dir, "cpu", "no")
+    captions = CaptionBuilder("a photo of sks toy, {caption}", ["red, round, shiny", ""], dropout=0.5, shuffle=True)
+    encoder = PromptEncoder(comps, cached=True, open_ended=captions.open_ended)
+    encoder.warm(captions.variants())
+    assert encoder.cache is not None and set(captions.variants()) <= set(encoder.cache._cache)
+    warmed = len(encoder.cache._cache)
+    drawn = [captions.for_batch([0, 1], np.random.default_rng([3, step])) for step in range(12)]
+    assert any(p not in encoder.cache for batch in drawn for p in batch)  # some orders are new
+    for batch in drawn:
+        live = PromptEncoder(comps, cached=False)(batch)
+        torch.testing.assert_close(encoder(batch), live, rtol=1e-5, atol=1e-6)
+    assert len(encoder.cache._cache) == warmed
