@@ -34,6 +34,7 @@ from services.inference.device import AdapterUse, DeviceState
 from services.inference.metrics import InferenceMetrics
 from services.inference.pipelines import BaseModel, PipelinePool
 from services.inference.runner import BatchAborted, BatchOutput, Job, Runner, image_seeds
+from services.inference.safety import SafetyHook
 from services.inference.types import (
     AdapterSpec,
     GenerationRequest,
@@ -88,6 +89,7 @@ class InferenceEngine:
         self.device_state = DeviceState(settings, self.metrics, self.host.dreambooth_files)
         self.runner = Runner(self.device_state, self.metrics,
                              exact=settings.exact_batching if exact_batching is None else exact_batching)
+        self.safety = SafetyHook.from_settings(settings)  # a bad setting fails here, at start-up
         self._device = ThreadPoolExecutor(1, thread_name_prefix="atelier-device")
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="atelier-inference-io")
         self.batcher = Batcher(settings.queue_size, settings.max_batch_size, settings.batch_wait_ms / 1000,
@@ -151,12 +153,15 @@ class InferenceEngine:
         pixels = output.pixels
         if item.progress:
             item.progress(Progress("encoding", request.steps, request.steps, (time.perf_counter() - started) * 1000))
+        screened = (await self.on_io(self.safety.screen_all, pixels) if self.safety.enabled
+                    else [(p, False) for p in pixels])
         t0 = time.perf_counter()
-        pngs = await self.on_io(lambda: [encode_png(p) for p in pixels])
+        pngs = await self.on_io(lambda: [encode_png(p) for p, _flagged in screened])
         encode_ms = (time.perf_counter() - t0) * 1000
         job: Job = item.payload
-        images = [Image(png, seed, job.width, job.height) for png, seed in zip(pngs, image_seeds(request),
-                                                                                  strict=True)]
+        images = [Image(png, seed, job.width, job.height, flagged)
+                  for png, seed, (_p, flagged) in zip(pngs, image_seeds(request), screened, strict=True)]
+        self.metrics.safety_flagged.inc(sum(image.safety_flagged for image in images))
         self.metrics.images.inc(len(images))
         timings = Timings(
             queue_ms=max(0.0, (item.started_at - item.enqueued_at) * 1000),
@@ -193,7 +198,7 @@ class InferenceEngine:
         req = job.request
         adapters = tuple((u.key, u.kind, u.weight if u.kind == "LORA" else 1.0) for u in job.uses)
         return (job.base.name, adapters, job.width, job.height, req.steps, req.scheduler, req.guidance_scale,
-                req.merge)
+                req.merge, req.mode, req.strength)
 
     # --- adapters ---------------------------------------------------------------------
     async def base_model(self, name: str) -> BaseModel:

@@ -55,6 +55,8 @@ class InferenceMetrics:
         self.images = Counter(name("images_generated"), "Images returned to callers", registry=registry)
         self.rejected = Counter(name("requests_rejected"), "Requests refused because the queue was full",
                                 registry=registry)
+        self.safety_flagged = Counter(name("safety_flagged"), "Images the safety hook flagged and replaced",
+                                      registry=registry)
 
     def tier(self, tier: str) -> TierMetrics:
         """The labelled children for one tier ("disk", "host", "device", "dreambooth")."""

@@ -32,6 +32,7 @@ import torch
 
 from services.inference.batcher import WorkItem
 from services.inference.device import AdapterUse, DeviceState
+from services.inference.img2img import mode_kwargs, pipeline_for
 from services.inference.metrics import InferenceMetrics
 from services.inference.pipelines import BaseModel, encode
 from services.inference.textual_inversion import rewrite_prompts
@@ -74,6 +75,21 @@ def _take(value: Any, index: torch.Tensor, total: int) -> Any:
     return value
 
 
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _same_layout(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Rows gathered in the memory layout of the batch they came from, as the solo run sees them.
+
+    img2img latents come out of the VAE encoder channels-last; a gather would make them
+    contiguous, and oneDNN convolutions round differently per layout (measured ~1e-5).
+    """
+    return part.contiguous(memory_format=_layout(like))
+
+
 @contextlib.contextmanager
 def per_request_unet(unet: torch.nn.Module, groups: Sequence[Sequence[int]]) -> Iterator[None]:
     """Evaluate the UNet once per row group instead of on the whole batch (see module doc)."""
@@ -84,12 +100,13 @@ def per_request_unet(unet: torch.nn.Module, groups: Sequence[Sequence[int]]) -> 
         out: torch.Tensor | None = None
         for group in groups:
             index = torch.tensor(group, device=sample.device)
-            part = original(sample.index_select(0, index), _take(timestep, index, total),
+            part = original(_same_layout(sample.index_select(0, index), sample), _take(timestep, index, total),
                             *[_take(a, index, total) for a in args],
                             **{k: _take(v, index, total) for k, v in kwargs.items() if k != "return_dict"},
                             return_dict=False)[0]
             if out is None:
-                out = part.new_empty((total, *part.shape[1:]))
+                out = torch.empty((total, *part.shape[1:]), dtype=part.dtype, device=part.device,
+                                  memory_format=_layout(part))
             out[index] = part
         assert out is not None
         return (out,)
@@ -121,13 +138,16 @@ class Runner:
         kwargs = self._embeddings(jobs, prepared.base, pipe, prepared.ti, guidance)
         generators = [torch.Generator("cpu").manual_seed(s) for job in jobs for s in image_seeds(job.request)]
         pipe.scheduler = prepared.base.scheduler(req.scheduler)
+        call = pipeline_for(pipe, req.mode)  # img2img / inpaint share pipe's components
+        call.scheduler = pipe.scheduler
         pipe.vae.use_slicing = self._exact
         started = time.perf_counter()
         callback = self._callback(items, req.steps, started)
         with self._unet_mode(pipe, jobs, guidance):
-            output = pipe(
+            output = call(
                 **kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
-                width=first.width, height=first.height, generator=generators, output_type="np",
+                **mode_kwargs([job.request for job in jobs], first.width, first.height),
+                generator=generators, output_type="np",
                 callback_on_step_end=callback,
             )
         denoise_ms = (time.perf_counter() - started) * 1000

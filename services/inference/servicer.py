@@ -21,7 +21,7 @@ from services.common.auth import current_tenant
 from services.common.server import ServiceBinding
 from services.inference.cache import TierStatus
 from services.inference.engine import InferenceEngine
-from services.inference.types import GenerationResult, Progress
+from services.inference.types import GenerationRequest, GenerationResult, Progress
 from services.inference.validation import Violations, check_refs, parse_spec
 from services.inference.warm import warm_start
 
@@ -48,7 +48,8 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 def result_to_proto(result: GenerationResult) -> inference_pb2.GenerateResponse:
     t = result.timings
     return inference_pb2.GenerateResponse(
-        images=[inference_pb2.GeneratedImage(png=i.png, seed=i.seed, width=i.width, height=i.height)
+        images=[inference_pb2.GeneratedImage(png=i.png, seed=i.seed, width=i.width, height=i.height,
+                                             safety_flagged=i.safety_flagged)
                 for i in result.images],
         adapters=[inference_pb2.ResolvedAdapter(name=a.name, version=a.version, kind=KINDS[a.kind],
                                                 manifest_digest=a.manifest_digest, weight=a.weight)
@@ -83,15 +84,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._engine = engine
         self._settings = engine.settings
 
+    async def _parse(self, spec: inference_pb2.GenerationSpec) -> GenerationRequest:
+        """Specs carrying images are decoded on the I/O pool, not on the event loop."""
+        if spec.init_image or spec.mask_image:
+            return await self._engine.on_io(parse_spec, spec, self._settings)
+        return parse_spec(spec, self._settings)
+
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
-        spec = parse_spec(request.spec, self._settings)
+        spec = await self._parse(request.spec)
         result = await self._engine.generate(current_tenant(), spec, deadline=_deadline(context))
         return result_to_proto(result)
 
     async def GenerateStream(self, request: inference_pb2.GenerateStreamRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        spec = parse_spec(request.spec, self._settings)
+        spec = await self._parse(request.spec)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Progress] = asyncio.Queue()
 

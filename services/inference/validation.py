@@ -16,6 +16,7 @@ from atelier.v1 import common_pb2, inference_pb2
 
 from services.common.config import Settings
 from services.common.errors import FieldViolation, InvalidInput
+from services.inference.init_images import check_init_images
 from services.inference.merge_methods import DARE_LINEAR, DARE_TIES, LINEAR, TIES, MergeSpec
 from services.inference.textual_inversion import RESERVED_MARK
 from services.inference.types import AdapterSpec, GenerationRequest
@@ -157,6 +158,7 @@ def parse_spec(spec: inference_pb2.GenerationSpec, settings: Settings) -> Genera
     if scheduler is None:
         errors.add("spec.scheduler", f"unknown scheduler {spec.scheduler}")
     merge = _check_merge(spec, errors)
+    init = check_init_images(spec, spec.steps or DEFAULT_STEPS, settings, errors)
     errors.raise_if_any()
     seed = spec.seed if spec.HasField("seed") else random.SystemRandom().randrange(SEED_LIMIT)
     return GenerationRequest(
@@ -167,9 +169,12 @@ def parse_spec(spec: inference_pb2.GenerationSpec, settings: Settings) -> Genera
         num_images=spec.num_images or 1,
         steps=spec.steps or DEFAULT_STEPS,
         guidance_scale=float(guidance),
-        width=spec.width,
-        height=spec.height,
+        width=init.width or spec.width,
+        height=init.height or spec.height,
         seed=seed,
         scheduler=scheduler or "default",
         merge=merge,
+        init_image=init.image,
+        mask_image=init.mask,
+        strength=init.strength,
     )

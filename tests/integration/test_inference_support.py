@@ -4,7 +4,8 @@
 * `InferenceEnv`: a real InferenceService on loopback over a registry on moto S3, with the
   tiny base model, plus the engine object so tests can look at the UNet.
 * `spec(...)`: a GenerationSpec with tiny defaults (32 px, 3 steps).
-* `diffusers_reference(...)`: the same image produced by a plain StableDiffusionPipeline.
+* `diffusers_reference(...)`: the same image produced by a plain StableDiffusionPipeline;
+  `reference_pipeline(...)`: such a pipeline of any class (img2img, inpaint) with the adapters.
 """
 
 from __future__ import annotations
@@ -188,7 +189,18 @@ def diffusers_reference(pipeline_dir: Path, prompt: str = "a red box", seed: int
                         lora: tuple[Path, float] | None = None, fuse: bool = True,
                         ti: tuple[Path, str] | None = None, dreambooth: Path | None = None) -> np.ndarray:
     """The same generation with nothing but diffusers (no Atelier code)."""
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
+    pipe = reference_pipeline(pipeline_dir, lora, fuse, ti, dreambooth)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        image = pipe(prompt, num_inference_steps=steps, height=SIZE, width=SIZE, generator=generator).images[0]
+    return np.asarray(image).astype(np.int16)
+
+
+def reference_pipeline(pipeline_dir: Path, lora: tuple[Path, float] | None = None, fuse: bool = True,
+                       ti: tuple[Path, str] | None = None, dreambooth: Path | None = None,
+                       cls: Any = StableDiffusionPipeline) -> Any:
+    """A plain diffusers pipeline of `cls` (txt2img, img2img, inpaint) with the adapters loaded."""
+    pipe = cls.from_pretrained(pipeline_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     if dreambooth is not None:
         pipe.unet = UNet2DConditionModel.from_pretrained(dreambooth / "unet")
@@ -201,7 +213,4 @@ def diffusers_reference(pipeline_dir: Path, prompt: str = "a red box", seed: int
             pipe.fuse_lora(adapter_names=["ref"])
     if ti is not None:
         pipe.load_textual_inversion(str(ti[0]), token=ti[1])
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        image = pipe(prompt, num_inference_steps=steps, height=SIZE, width=SIZE, generator=generator).images[0]
-    return np.asarray(image).astype(np.int16)
+    return pipe

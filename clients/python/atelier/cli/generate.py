@@ -33,11 +33,15 @@ def generate(
     num_images: int = typer.Option(1, "--num-images"),
     guidance: float = typer.Option(0.0, "--guidance", help="Guidance scale; 0 = server default."),
     scheduler: str = typer.Option("", "--scheduler", help="ddim, euler, euler-ancestral, dpm-solver, pndm, lms."),
+    init_image: Path | None = typer.Option(None, "--init-image", help="img2img: start from this image (its size)."),
+    strength: float | None = typer.Option(None, "--strength", help="With --init-image: how much to repaint, (0, 1]."),
+    mask: Path | None = typer.Option(None, "--mask", help="Inpainting: white = repaint, black = keep."),
 ) -> None:
-    """Generate images, mixing any number of adapters with weights."""
+    """Generate images, mixing any number of adapters with weights (img2img / inpainting too)."""
     opts = options(ctx)
     kwargs = dict(base_model=base, adapters=list(adapter), negative_prompt=negative, seed=seed, steps=steps,
-                  width=size, height=size, num_images=num_images, guidance_scale=guidance, scheduler=scheduler)
+                  width=size, height=size, num_images=num_images, guidance_scale=guidance, scheduler=scheduler,
+                  init_image=init_image, strength=strength, mask_image=mask)
     with opts.client() as client:
         result = _run(client.generate_stream(prompt, **kwargs), opts.json)  # type: ignore[arg-type]
     paths = output_paths(output, len(result.images))
@@ -46,11 +50,14 @@ def generate(
         image.save(path)
     if opts.json:
         print_json({"files": [str(p) for p in paths], "response": to_dict(result.raw)
-                    | {"images": [{"seed": s} for s in result.seeds]}})
+                    | {"images": [{"seed": s, "safety_flagged": f}
+                                  for s, f in zip(result.seeds, result.safety_flagged, strict=True)]}})
     else:
         used = ", ".join(f"{a.name}@{a.version}={a.weight:g}" for a in result.adapters) or "none"
+        flagged = sum(result.safety_flagged)
+        note = f"; {flagged} replaced by the safety check" if flagged else ""
         console.print(f"wrote {', '.join(map(str, paths))} (seeds {result.seeds}; adapters {used}; "
-                      f"{result.timings.total_ms:.0f} ms)")
+                      f"{result.timings.total_ms:.0f} ms{note})")
 
 
 def _run(events: object, json_mode: bool) -> GenerationResult:
