@@ -10,7 +10,8 @@ from services.common.config import Settings
 Manifest = dict[str, Any]
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
-# The three Atelier processes and the gRPC port setting each one serves on (None: no gRPC).
+# The three Atelier processes and the API port setting each one serves on (None: no API; the
+# worker serves only grpc.health.v1 on worker_health_port, see test_deploy_manifests.py).
 ATELIER_COMPONENTS = {"training-api": "training_port", "inference": "inference_port", "training-worker": None}
 PREFIX = str(Settings.model_config.get("env_prefix", "ATELIER_")).upper()
 SETTING_ENV_NAMES = {PREFIX + name.upper() for name in Settings.model_fields}
