@@ -21,6 +21,7 @@ from services.common.process import apply_torch_threads
 from services.common.server import RunningServer, serve_until_signalled, start_server
 from services.common.telemetry import RpcMetrics, configure_logging, start_metrics_http
 from services.common.usage import UsageLedger
+from services.common.usage_service import usage_bindings
 from services.inference.pipelines import parse_model_paths
 from services.registry.registry import Registry
 from services.training.embedded import EmbeddedTraining
@@ -71,7 +72,8 @@ async def start_runtime(settings: Settings, role: str = "all",
             local_base_models=parse_model_paths(settings.base_model_paths), usage=usage,
         )
         runtime.servers["training"] = await start_server(
-            settings, runtime.training.bindings(), settings.training_port, authenticator, rpc_metrics)
+            settings, [*runtime.training.bindings(), *usage_bindings(usage)], settings.training_port, authenticator,
+            rpc_metrics)
     if role in ("all", "inference"):
         from services.inference.engine import InferenceEngine
         from services.inference.servicer import inference_bindings
@@ -79,7 +81,8 @@ async def start_runtime(settings: Settings, role: str = "all",
         engine = InferenceEngine(settings, registry, metrics_registry, usage=usage)
         runtime.closers.append(engine.close)
         runtime.servers["inference"] = await start_server(
-            settings, inference_bindings(engine), settings.inference_port, authenticator, rpc_metrics)
+            settings, [*inference_bindings(engine), *usage_bindings(usage)], settings.inference_port, authenticator,
+            rpc_metrics)
     if runtime.training is not None:
         runtime.training.start_workers()
     metrics_http = start_metrics_http(metrics_registry, settings.metrics_port, settings.host)

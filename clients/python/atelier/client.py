@@ -25,6 +25,7 @@ from atelier.requests import (
 )
 from atelier.retry import RetryPolicy, call_with_retry
 from atelier.transport import call_metadata, channel_credentials, channel_options
+from atelier.usage import TimeLike, usage_request
 from atelier.v1 import (
     common_pb2,
     inference_pb2,
@@ -33,6 +34,8 @@ from atelier.v1 import (
     registry_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -68,6 +71,8 @@ class Client:
         self.adapters = Adapters(self)
         self.base_models = BaseModels(self)
         self.jobs = Jobs(self)
+        self._usage = {"training": usage_pb2_grpc.UsageServiceStub(self._channel),
+                       "inference": usage_pb2_grpc.UsageServiceStub(self._inference_channel)}
 
     # --- plumbing ---------------------------------------------------------------------
     def call(
@@ -173,6 +178,17 @@ class Client:
                 yield GenerationResult.from_proto(event.result)
             else:
                 yield event.progress
+
+
+    # --- accounting -------------------------------------------------------------------
+    def usage(self, start: TimeLike = None, end: TimeLike = None, *, all_tenants: bool = False,
+              via: str = "inference") -> usage_pb2.GetUsageResponse:
+        """Device seconds per tenant, kind and device for [start, end), from the UsageService of the
+        inference (default) or training server; each answers for its own process (the embedded
+        `atelier serve` covers both kinds). `all_tenants` needs an admin key."""
+        if via not in self._usage:
+            raise ValueError(f"via must be one of {sorted(self._usage)}, got {via!r}")
+        return self.call(self._usage[via].GetUsage, usage_request(start, end, all_tenants))
 
 
 def _routing(spec: inference_pb2.GenerationSpec) -> list[tuple[str, str]]:

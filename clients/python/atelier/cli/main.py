@@ -7,6 +7,7 @@ import typer
 from atelier.cli import adapters, base_models, dataset, generate, jobs, train
 from atelier.cli import registry as registry_cli
 from atelier.cli import serve as serve_cli
+from atelier.cli import usage as usage_cli
 from atelier.cli import worker as worker_cli
 from atelier.cli.base_model import app as base_model_app
 from atelier.cli.context import root_callback
@@ -23,5 +24,6 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(adapters.app, name="adapters")
 app.add_typer(registry_cli.app, name="registry")
 app.command("generate")(generate.generate)
+app.command("usage")(usage_cli.usage)
 app.command("worker")(worker_cli.worker)
 app.command("serve")(serve_cli.serve)

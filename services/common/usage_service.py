@@ -1,0 +1,62 @@
+"""UsageService over gRPC: the caller's device seconds per window, from this process's ledger.
+
+Hosted by every Atelier server next to its own service, backed by the process's one
+`UsageLedger` (services/common/usage.py): in the embedded `atelier serve` that covers training
+and generation; in a cluster each server answers for its own process, and the Prometheus
+counter is the fleet-wide sum. A tenant sees its own usage; `all_tenants` needs an admin key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from atelier.v1 import usage_pb2, usage_pb2_grpc
+from google.protobuf import timestamp_pb2
+
+from services.common.auth import current_tenant, require_admin
+from services.common.errors import InvalidInput
+from services.common.server import ServiceBinding
+from services.common.usage import UsageLedger
+
+SERVICE_NAME = "atelier.v1.UsageService"
+KINDS = {"training": usage_pb2.USAGE_KIND_TRAINING, "generation": usage_pb2.USAGE_KIND_GENERATION}
+
+
+def _seconds(ts: timestamp_pb2.Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
+    def __init__(self, ledger: UsageLedger) -> None:
+        self._ledger = ledger
+
+    async def GetUsage(self, request: usage_pb2.GetUsageRequest,
+                       context: grpc.aio.ServicerContext) -> usage_pb2.GetUsageResponse:
+        start = _seconds(request.start_time) if request.HasField("start_time") else None
+        end = _seconds(request.end_time) if request.HasField("end_time") else None
+        if start is not None and end is not None and end <= start:
+            raise InvalidInput("end_time", "must be after start_time")
+        if request.all_tenants:
+            require_admin("usage of every tenant")
+        report = self._ledger.report(start, end, None if request.all_tenants else current_tenant())
+        return usage_pb2.GetUsageResponse(
+            totals=[usage_pb2.UsageTotal(tenant=t.tenant, kind=KINDS[t.kind], device=t.device, seconds=t.seconds)
+                    for t in report.totals],
+            start_time=_timestamp(report.start), end_time=_timestamp(report.end),
+        )
+
+
+def usage_bindings(ledger: UsageLedger, **_: Any) -> list[ServiceBinding]:
+    servicer = UsageServicer(ledger)
+
+    def register(server: grpc.aio.Server) -> None:
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(servicer, server)
+
+    return [ServiceBinding(SERVICE_NAME, register)]
