@@ -164,13 +164,16 @@ class LoraMerger:
                         layer.set_scale(name, weight)
                     layer.merge(adapter_names=present)
                 elif present:
-                    self._merge_full(layer, [(n, w) for n, w in mix if n in layer.lora_A], merge)
+                    self._merge_full(layer, tuple((n, w) for n, w in mix if n in layer.lora_A), merge)
             self._current = mix
             self._merge = merge
         self.strip()
 
-    def _merge_full(self, layer: LoraLayer, mix: Mix, merge: MergeSpec) -> None:
-        """Add one layer's TIES/DARE delta to its base weight (restore() copies it back)."""
+    def _merge_full(self, layer: Any, mix: Mix, merge: MergeSpec) -> None:
+        """Add one layer's TIES/DARE delta to its base weight (restore() copies it back).
+
+        `layer` is a peft LoRA layer (Linear/Conv...: the subclasses define get_delta_weight).
+        """
         base: Any = layer.get_base_layer()
         deltas = []
         for name, _w in mix:
