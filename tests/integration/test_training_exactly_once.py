@@ -85,3 +85,50 @@ def test_a_publish_from_a_crashed_attempt_is_adopted_not_repeated(stack: Trainin
         messages = conn.execute(sa.text("SELECT message FROM training_job_events WHERE job_id = :j"),
                                 {"j": job.id}).scalars().all()
     assert any("adopted" in m for m in messages)
+
+
+def test_a_worker_stalled_inside_its_publish_past_its_lease_adds_no_second_version(stack: TrainingStack) -> None:
+    """Worker A stalls between its publish marker and its manifest; its lease expires and is
+    reaped; worker B claims, retrains and publishes; then A wakes up. One version, B's."""
+    import threading
+
+    from services.registry.registry import Registry
+    from services.training.worker import Worker
+    from tests.integration.test_registry_exactly_once import GatedStore
+
+    stack.embedded.stop(timeout=10)
+    ds = stack.upload(concept_images()).dataset.id
+    job = stack.create(lora_spec(ds, output="stall", steps=2)).job
+    gated = GatedStore(stack.registry.store)
+    reached, released = threading.Event(), threading.Event()
+
+    def stall() -> None:
+        reached.set()
+        assert released.wait(120)
+
+    gated.gates["stall/versions/"] = stall
+    stalled = Worker(stack.settings, stack.store, Registry(gated), worker_id="stalled")  # type: ignore[arg-type]
+    first = threading.Thread(target=stalled.run_once, name="stalled-worker")
+    first.start()
+    try:
+        assert reached.wait(120), "worker A never reached its manifest write"
+        # A's heartbeat keeps renewing; expire the lease and reap until the reaper takes it.
+        wait_for(lambda: _expire_and_reap(stack, job.id), lambda reaped: reaped, timeout=30)
+        successor = Worker(stack.settings, stack.store, stack.registry, worker_id="successor")
+        assert successor.run_once()
+    finally:
+        released.set()
+        first.join(120)
+    done = stack.get(job.id)
+    assert done.state == training_pb2.JOB_STATE_SUCCEEDED and done.worker_id == "successor"
+    versions, _ = stack.registry.list_versions("default", "stall")
+    assert [v.version for v in versions] == [done.output.version]
+    assert versions[0].source_job_id == job.id
+    assert stack.registry.job_version("default", "stall", job.id) == versions[0]
+
+
+def _expire_and_reap(stack: TrainingStack, job_id: str) -> bool:
+    with stack.store.engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.state == "RUNNING")
+                     .values(lease_expires_at=0.0))
+    return any(reaped_id == job_id for reaped_id, _ in stack.store.reap_expired())
