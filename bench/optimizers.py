@@ -15,6 +15,8 @@ to the mean of the last 10 step losses. 8-bit AdamW joins only on CUDA with bits
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import sys
 import tempfile
@@ -117,7 +119,8 @@ def optimizer_step_ms(names: list[Optimizer], shapes: list[tuple[int, ...]], arg
         for name in names:  # a fresh optimizer per sample: fixed grads would make Prodigy's d overflow
             config = TrainConfig(method="LORA", base_model="b", dataset_id="d", output_name="o",
                                  instance_prompt="p", optimizer=name, resolution=None)
-            opt = build_optimizer(config, [{"params": params[name], "lr": LEARNING_RATES[name]}], device)
+            with contextlib.redirect_stdout(io.StringIO()):  # Prodigy prints a line per construction
+                opt = build_optimizer(config, [{"params": params[name], "lr": LEARNING_RATES[name]}], device)
             opt.step()  # allocates the state; not timed
             _sync(args.device)
             start = time.perf_counter()
