@@ -100,11 +100,15 @@ def _still_old(registry: Registry, info: ObjectInfo, cutoff: float) -> bool:
 
 def _mark(registry: Registry, report: GcReport) -> set[str]:
     keys = registry.keys
-    sources: list[tuple[str, Callable[[str], bool], type[BaseModel]]] = [
-        (keys.adapters_prefix(), lambda k: "/versions/" in k, AdapterManifest),
-        (keys.base_models_prefix(), lambda k: "/deleted/" not in k and k.endswith(".json"), BaseModelManifest),
-        (keys.datasets_root(), lambda k: k.endswith(".json"), DatasetManifest),
-        (keys.checkpoints_root(), lambda k: k.endswith(".json"), CheckpointManifest),
+    # Which keys under each prefix are manifests, judged by position in the layout (an adapter
+    # may be *named* "versions"): <tenant>/<name>/versions/<n>.json, <name>/versions/<n>.json
+    # or the legacy <name>/manifest.json, <tenant>/<id>.json, <tenant>/<job>/<step>.json.
+    sources: list[tuple[str, Callable[[list[str]], bool], type[BaseModel]]] = [
+        (keys.adapters_prefix(), lambda p: len(p) == 4 and p[2] == "versions", AdapterManifest),
+        (keys.base_models_prefix(), lambda p: (len(p) == 3 and p[1] == "versions") or p[1:] == ["manifest.json"],
+         BaseModelManifest),
+        (keys.datasets_root(), lambda p: len(p) == 2, DatasetManifest),
+        (keys.checkpoints_root(), lambda p: len(p) == 3, CheckpointManifest),
     ]
     referenced: set[str] = set()
     for prefix, wanted, model in sources:
@@ -114,10 +118,10 @@ def _mark(registry: Registry, report: GcReport) -> set[str]:
     return referenced
 
 
-def _documents(registry: Registry, prefix: str, wanted: Callable[[str], bool],
+def _documents(registry: Registry, prefix: str, wanted: Callable[[list[str]], bool],
                model: type[BaseModel]) -> Iterator[BaseModel]:
     for key in registry.store.list_keys(prefix):
-        if not wanted(key):
+        if not wanted(key[len(prefix):].split("/")):
             continue
         try:
             doc, _, _ = read_doc(registry.store, key, model)  # DataLoss aborts the whole run

@@ -125,6 +125,22 @@ def test_a_blob_shared_with_a_live_version_survives_its_deleted_twin(registry_se
     assert first.files[0].sha256 in _blob_keys(registry)
 
 
+def test_documents_that_are_not_manifests_are_never_parsed_as_such(registry_settings: Settings,
+                                                                   tmp_path: Path) -> None:
+    """Claims, publish markers, aliases and tombstones, also of an adapter *named* "versions"."""
+    registry = Registry(open_store(registry_settings))
+    lora = write_lora(tmp_path / "w.safetensors")
+    registry.publish_adapter("acme", "versions", kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: lora},
+                             source_job_id="job-1")
+    registry.set_alias("acme", "versions", "prod", 1)
+    doomed = registry.publish_adapter("acme", "deleted", kind="LORA", base_model="tiny",
+                                      files={LORA_WEIGHTS_FILE: write_lora(tmp_path / "d.safetensors", seed=3)})
+    registry.delete_version("acme", "deleted", doomed.version)
+    report = collect_garbage(registry, grace_seconds=GRACE, clock=ahead)
+    assert [i.key.rsplit("/", 1)[-1] for i in report.deleted] == [doomed.files[0].sha256]
+    assert report.manifests == 1
+
+
 def test_an_unreadable_manifest_aborts_before_deleting_anything(registry_settings: Settings,
                                                                 tmp_path: Path) -> None:
     registry = Registry(open_store(registry_settings))
