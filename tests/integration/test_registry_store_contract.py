@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -193,3 +194,19 @@ def test_open_store_urls(tmp_path: Path) -> None:
     for bad in ("s3://", "http://x", "r"):
         with pytest.raises(ValueError):
             open_store(Settings(registry_url=bad))
+
+
+def test_stat_list_objects_and_touch(store: ObjectStore) -> None:
+    store.put_bytes("g/a", b"12345")
+    store.put_bytes("g/b", b"1")
+    before = store.stat("g/a")
+    assert (before.key, before.size) == ("g/a", 5) and abs(before.last_modified - time.time()) < 120
+    assert [(i.key, i.size) for i in store.list_objects("g/")] == [("g/a", 5), ("g/b", 1)]
+    time.sleep(1.1)  # S3 Last-Modified has one-second resolution
+    store.touch("g/a")
+    after = store.stat("g/a")
+    assert after.last_modified > before.last_modified and store.get_bytes("g/a")[0] == b"12345"
+    with pytest.raises(ObjectNotFound):
+        store.stat("g/missing")
+    with pytest.raises(ObjectNotFound):
+        store.touch("g/missing")
