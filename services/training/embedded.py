@@ -81,6 +81,7 @@ class EmbeddedTraining:
                 self.registry,
                 local_base_models=self._local_base_models,
                 work_dir=Path(self.settings.data_dir) / "tmp",
+                stored_bytes_quota=self.settings.quota_stored_bytes,
             ),
         ]
 

@@ -30,6 +30,7 @@ from services.registry.blobs import sha256_file
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE, AdapterManifest, FileRecord
 from services.registry.names import validate_relpath
 from services.registry.registry import Registry
+from services.training.quotas import check_stored_bytes
 
 SERVICE_NAME = "atelier.v1.RegistryService"
 EXPORT_CHUNK_BYTES = 1024 * 1024
@@ -45,8 +46,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         local_base_models: LocalBaseModels = (),
         work_dir: Path | None = None,
         max_upload_bytes: int = 8 * GiB,
+        stored_bytes_quota: int = 0,
     ) -> None:
         self._registry = registry
+        self._stored_bytes_quota = stored_bytes_quota  # per tenant, 0 = unlimited (training/quotas.py)
         # A name -> folder mapping lets imports and exports validate against local base models.
         self._local_base_models: LocalBaseModels = (
             dict(local_base_models) if isinstance(local_base_models, Mapping) else frozenset(local_base_models)
@@ -120,6 +123,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         tenant = current_tenant()
         with self._tempdir() as tmp:
             header, path = await self._receive_adapter(request_iterator, Path(tmp))
+            await asyncio.to_thread(check_stored_bytes, self._registry, self._stored_bytes_quota, tenant,
+                                    path.stat().st_size)
             manifest = await asyncio.to_thread(
                 import_adapter_file,
                 self._registry,

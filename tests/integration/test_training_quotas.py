@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from atelier.v1 import training_pb2
+from atelier.v1 import registry_pb2, training_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -115,3 +115,10 @@ def test_stored_bytes_quota_refuses_uploads_and_jobs_per_tenant(make_stack: Any,
                                    files={"pytorch_lora_weights.safetensors": weights})
     assert stack.registry.stored_bytes("bob") == bob_ds.total_bytes + weights.stat().st_size
     assert_quota_refusal(rpc_error(lambda: create(stack, BOB, bob_ds.id)), "bob", "stored bytes")
+    # ImportAdapter (RegistryService) is an upload too: refused before anything is stored
+    header = registry_pb2.ImportAdapterHeader(name="cat", base_model="tiny", filename=weights.name)
+    messages = [registry_pb2.ImportAdapterRequest(header=header),
+                registry_pb2.ImportAdapterRequest(chunk=weights.read_bytes())]
+    err = rpc_error(lambda: stack.registry_stub.ImportAdapter(iter(messages), metadata=ALICE, timeout=30))
+    assert_quota_refusal(err, "alice", "stored bytes")
+    assert stack.registry.stored_bytes("alice") == dataset_bytes
