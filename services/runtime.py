@@ -29,6 +29,17 @@ from services.training.embedded import EmbeddedTraining
 log = logging.getLogger(__name__)
 
 ROLES = ("all", "training-api", "inference")
+STOP_RESERVE_SECONDS = 2.0
+
+
+def stop_reserve(grace: float) -> float:
+    """The part of the grace period kept for stopping device work and the process after the RPCs.
+
+    `shutdown_grace_seconds` bounds signal-to-exit: in-flight RPCs drain for the grace minus
+    this reserve (at most 2 s, a quarter of short graces), then are cancelled, which aborts
+    their device work within one forward block (services/inference/abort.py).
+    """
+    return min(STOP_RESERVE_SECONDS, grace / 4)
 
 
 @dataclass
@@ -79,7 +90,8 @@ async def start_runtime(settings: Settings, role: str = "all",
         from services.inference.servicer import inference_bindings
 
         engine = InferenceEngine(settings, registry, metrics_registry, usage=usage)
-        runtime.closers.append(engine.close)
+        device_timeout = stop_reserve(settings.shutdown_grace_seconds) / 2
+        runtime.closers.append(lambda: engine.close(device_timeout))
         runtime.servers["inference"] = await start_server(
             settings, [*inference_bindings(engine), *usage_bindings(usage)], settings.inference_port, authenticator,
             rpc_metrics)
@@ -102,6 +114,7 @@ async def serve(settings: Settings, role: str, announce: Callable[[str], None] =
     if settings.metrics_port:
         announce(f"metrics on http://{settings.host}:{settings.metrics_port}/metrics")
     try:
-        await serve_until_signalled(list(runtime.servers.values()), settings.shutdown_grace_seconds)
+        grace = settings.shutdown_grace_seconds
+        await serve_until_signalled(list(runtime.servers.values()), grace - stop_reserve(grace))
     finally:
         await runtime.shutdown_parts()

@@ -4,7 +4,9 @@
 brings its `ServiceBinding`:
 
 * grpc.health.v1: overall ("") and one entry per binding, SERVING once started and
-  NOT_SERVING from the moment shutdown begins (so Kubernetes stops routing first);
+  NOT_SERVING from the moment shutdown begins (so Kubernetes stops routing first); a binding's
+  `on_start` gets the RunningServer and may report its own health later (the inference
+  service goes NOT_SERVING while its device is stuck on abandoned work);
 * a binding's `warmup` is awaited once the port is bound, with health NOT_SERVING meanwhile (the
   inference server attaches its pinned and preloaded adapters); if it fails the server stops
   and the error propagates, so a process that cannot warm up never reports SERVING;
@@ -59,6 +61,7 @@ class ServiceBinding:
 
     name: str
     register: Callable[[aio.Server], None]
+    on_start: Callable[[RunningServer], None] | None = None  # called once the server is SERVING
     warmup: Callable[[], Awaitable[None]] | None = None  # awaited before SERVING (warm start)
 
 
@@ -163,7 +166,11 @@ async def start_server(settings: Settings, bindings: list[ServiceBinding], port:
         await health.set(name, SERVING)
     log.info("grpc server started", extra={"grpc_port": bound, "services": ",".join(names),
                                            "tls": credentials is not None, "auth": auth.enabled})
-    return RunningServer(server, bound, health, rpc_metrics, names, credentials is not None)
+    running = RunningServer(server, bound, health, rpc_metrics, names, credentials is not None)
+    for binding in bindings:
+        if binding.on_start is not None:
+            binding.on_start(running)
+    return running
 
 
 async def shutdown_servers(servers: Sequence[RunningServer], grace: float | None) -> None:

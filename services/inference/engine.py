@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import io
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +25,15 @@ from PIL import Image as PILImage
 from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
-from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.errors import Cancelled, FailedPrecondition, InvalidInput
 from services.common.quotas import TenantRateLimiter
 from services.common.usage import UsageLedger, device_label
+from services.inference.abort import AbortGuard
 from services.inference.adapters import AdapterKey, DiskTier, HostTier, RefKey, Resolver, open_adapter_tiers
 from services.inference.batcher import Batcher, WorkItem
 from services.inference.cache import TierStatus
 from services.inference.device import AdapterUse, DeviceState
+from services.inference.device_thread import DeviceThread, DeviceWatchdog, Report
 from services.inference.metrics import InferenceMetrics
 from services.inference.pipelines import BaseModel, PipelinePool
 from services.inference.runner import BatchAborted, BatchOutput, Job, Runner, image_seeds
@@ -44,10 +47,12 @@ from services.inference.types import (
     ResolvedAdapterInfo,
     Timings,
 )
+from services.inference.validation import check_latent_area
 from services.registry.manifests import AdapterManifest
 from services.registry.registry import Registry
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 TIERS = ("disk", "host", "device")
 
 
@@ -88,9 +93,11 @@ class InferenceEngine:
         self.disk, self.host = open_adapter_tiers(settings, registry, self.metrics)
         self.device_state = DeviceState(settings, self.metrics, self.host.dreambooth_files)
         self.runner = Runner(self.device_state, self.metrics,
-                             exact=settings.exact_batching if exact_batching is None else exact_batching)
+                             exact=settings.exact_batching if exact_batching is None else exact_batching,
+                             guard=AbortGuard(settings.attention_chunk_elements))
+        self.watchdog: DeviceWatchdog | None = None
         self.safety = SafetyHook.from_settings(settings)  # a bad setting fails here, at start-up
-        self._device = ThreadPoolExecutor(1, thread_name_prefix="atelier-device")
+        self._device = DeviceThread("atelier-device")
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="atelier-inference-io")
         self.batcher = Batcher(settings.queue_size, settings.max_batch_size, settings.batch_wait_ms / 1000,
                                self._execute, self.metrics)
@@ -107,9 +114,22 @@ class InferenceEngine:
         ctx = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self._io, ctx.run, fn, *args)
 
-    async def close(self) -> None:
+    def watch_device(self, report: Report) -> None:
+        """Start the stuck-device watchdog (server start-up); `report(serving)` updates health."""
+        if self.settings.device_stuck_seconds > 0 and self.watchdog is None:
+            self.watchdog = DeviceWatchdog(self.runner.guard, self.settings.device_stuck_seconds, report)
+            self.watchdog.start()
+
+    async def close(self, device_timeout: float = 5.0) -> None:
+        """Abort the device's work, fail what waits, then wait up to `device_timeout` s for the
+        device thread (a daemon: if a kernel never returns, the process can still exit)."""
+        self.runner.guard.stop()
+        if self.watchdog is not None:
+            await self.watchdog.close()
         await self.batcher.close()
         self._device.shutdown(wait=False, cancel_futures=True)
+        if not await asyncio.to_thread(self._device.join, device_timeout):
+            log.warning("device thread still busy at shutdown", extra={"waited_seconds": device_timeout})
         self._io.shutdown(wait=False, cancel_futures=True)
 
     # --- generation -------------------------------------------------------------------
@@ -127,6 +147,8 @@ class InferenceEngine:
             manifests = await self._resolve(tenant, request.adapters, base)
             uses = await self._load(manifests, request.adapters)
             width, height = request.width or base.default_size, request.height or base.default_size
+            check_latent_area(request, width, height, int(base.pipe.vae_scale_factor),
+                              self.settings.max_latent_pixels, request.base_model)
             job = Job(request, base, uses, width, height)
             loop = asyncio.get_running_loop()
             item = WorkItem(self._batch_key(job), job, loop.create_future(), deadline, progress, tenant=tenant)
@@ -180,7 +202,7 @@ class InferenceEngine:
             output: BatchOutput = await self.on_device(self.runner.run, batch)
         except BatchAborted:
             for item in batch:
-                item.fail(item.why_dead())
+                item.fail(item.why_dead() if item.dead() else Cancelled("the server is shutting down"))
             return
         except Exception as exc:
             for item in batch:

@@ -14,9 +14,11 @@ layout the request has alone) and the VAE decodes image by image. A request's pi
 depend on its companions. `exact=False` runs the UNet on the whole batch (more throughput on a
 GPU; results may differ from an unbatched run in the last bit).
 
-Cancellation: a step callback drops nothing mid-call, but when every request of the batch is
-dead (cancelled or past its deadline) it raises `BatchAborted`, which ends the call between
-two denoising steps and frees the device.
+Cancellation: nothing is dropped mid-call, but once every request of the batch is dead
+(cancelled or past its deadline), or the engine shuts down, `BatchAborted` ends the call: from
+the step callback between denoising steps, and from the `AbortGuard`'s hooks inside the UNet,
+VAE (decode and encode) and text-encoder forwards (see abort.py), so the device is free again
+within one convolution or attention block, not one step.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.inference.abort import AbortGuard, BatchAborted
 from services.inference.batcher import WorkItem
 from services.inference.device import AdapterUse, DeviceState
 from services.inference.img2img import mode_kwargs, pipeline_for
@@ -39,10 +42,6 @@ from services.inference.textual_inversion import rewrite_prompts
 from services.inference.types import GenerationRequest, Progress
 
 SEED_MODULUS = 2**64
-
-
-class BatchAborted(Exception):
-    """Every request of the running batch is gone; stop between steps."""
 
 
 @dataclass(frozen=True)
@@ -121,18 +120,24 @@ def per_request_unet(unet: torch.nn.Module, groups: Sequence[Sequence[int]]) -> 
 class Runner:
     """Runs batches: prepare adapters, encode, denoise, decode (device thread only)."""
 
-    def __init__(self, device: DeviceState, metrics: InferenceMetrics, exact: bool = True) -> None:
+    def __init__(self, device: DeviceState, metrics: InferenceMetrics, exact: bool = True,
+                 guard: AbortGuard | None = None) -> None:
         self._device = device
         self._metrics = metrics
         self._exact = exact
+        self.guard = guard or AbortGuard()
 
     def run(self, items: list[WorkItem]) -> BatchOutput:
+        """The batch's pipeline call; BatchAborted once all its requests are dead (any time)."""
+        with self.guard.running(items):
+            return self._run(items)
+
+    def _run(self, items: list[WorkItem]) -> BatchOutput:
         jobs: list[Job] = [item.payload for item in items]
         first = jobs[0]
-        if all(item.dead() for item in items):
-            raise BatchAborted()
         prepared = self._device.prepare(first.base, first.uses, first.request.merge)
         pipe = prepared.pipe
+        self.guard.hook(pipe)
         req = first.request
         guidance = req.guidance_scale > 1.0
         kwargs = self._embeddings(jobs, prepared.base, pipe, prepared.ti, guidance)

@@ -18,7 +18,7 @@ import grpc
 from atelier.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 from services.common.auth import current_tenant
-from services.common.server import ServiceBinding
+from services.common.server import RunningServer, ServiceBinding
 from services.inference.cache import TierStatus
 from services.inference.engine import InferenceEngine
 from services.inference.types import GenerationRequest, GenerationResult, Progress
@@ -160,7 +160,14 @@ def inference_bindings(engine: InferenceEngine, **_: Any) -> list[ServiceBinding
     def register(server: grpc.aio.Server) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
 
-    return [ServiceBinding(SERVICE_NAME, register, warmup=lambda: warm_start(engine))]
+    def on_start(running: RunningServer) -> None:
+        async def report(serving: bool) -> None:  # the service and the server as a whole
+            for name in (SERVICE_NAME, ""):
+                await running.set_serving(name, serving)
+
+        engine.watch_device(report)
+
+    return [ServiceBinding(SERVICE_NAME, register, on_start, warmup=lambda: warm_start(engine))]
 
 
 __all__ = ["SERVICE_NAME", "InferenceServicer", "inference_bindings"]

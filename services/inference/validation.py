@@ -126,6 +126,24 @@ def _check_side(value: int, field: str, settings: Settings, errors: Violations) 
         errors.add(field, f"at most {settings.max_image_side} pixels, got {value}")
 
 
+def check_latent_area(request: GenerationRequest, width: int, height: int, scale: int, budget: int,
+                      base: str) -> None:
+    """The size limit that tracks compute: latent pixels, so it follows the base model's VAE.
+
+    Checked once the base model is known (parse_spec cannot know its scale factor); names the
+    sides the caller set (both when neither was: the base's own default is too large).
+    """
+    area = (width // scale) * (height // scale)
+    if area <= budget:
+        return
+    side = math.isqrt(budget) * scale
+    message = (f"{width}x{height} px is {area} latent pixels on base model {base!r} (VAE scale factor {scale}); "
+               f"at most {budget} latent pixels, {budget * scale * scale} px in all (e.g. {side}x{side})")
+    fields = [name for name, value in (("spec.width", request.width), ("spec.height", request.height)) if value]
+    first, *more = fields or ["spec.width", "spec.height"]
+    raise InvalidInput(first, message, *[FieldViolation(name, message) for name in more])
+
+
 def _check_merge(spec: inference_pb2.GenerationSpec, errors: Violations) -> MergeSpec:
     """merge_method / merge_density / merge_seed; density in (0, 1], 1 and seed 0 when unset."""
     method = MERGE_NAMES.get(spec.merge_method)
