@@ -2,7 +2,8 @@
 
 Queued jobs and stored bytes refuse with RESOURCE_EXHAUSTED carrying QuotaFailure and
 RetryInfo, per tenant, and the refusal stores nothing; the concurrent-jobs quota (which defers
-instead of refusing) is covered on both databases by tests/unit/test_job_quotas.py.
+instead of refusing) is covered on both databases by tests/unit/test_job_quotas.py and with real
+workers by tests/integration/test_training_webhooks.py.
 """
 
 from __future__ import annotations

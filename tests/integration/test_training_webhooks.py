@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from atelier.v1 import training_pb2
 from services.common.config import Settings
 from services.training import webhook_outbox as outbox
 from services.training.webhooks import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, WebhookDispatcher, verify
+from tests.fixtures.grpc_servers import bearer
 from tests.fixtures.s3 import write_fake_pipeline
 from tests.integration.test_training_support import (
     TrainingStack,
@@ -29,6 +31,7 @@ from tests.integration.test_training_support import (
     lora_spec,
     rpc_error,
     stack_settings,
+    upload_messages,
     violation_fields,
     wait_for,
 )
@@ -176,3 +179,46 @@ def test_bad_webhooks_are_refused_naming_the_field(stack: TrainingStack, url: st
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violation_fields(err) == [field_name]
     assert stack.training.ListTrainingJobs(training_pb2.ListTrainingJobsRequest()).jobs == []
+
+
+def test_real_workers_honour_the_concurrent_quota_and_deliver_success(
+        tmp_path: Path, local_settings: Settings, sqlite_url: str, tiny_random_pipeline_dir: Path,
+        receiver: Receiver) -> None:
+    """Two in-process workers, quota_concurrent_jobs=1: alice's second job waits while bob's
+    runs, nothing is dropped, and alice's SUCCEEDED webhooks arrive (after 2 failures each)."""
+    settings = stack_settings(tmp_path, local_settings, sqlite_url, auth_enabled=True,
+                              api_keys="key-a=alice,key-b=bob", quota_concurrent_jobs=1,
+                              webhook_backoff_seconds=0.05, webhook_poll_seconds=0.05)
+    alice, bob = bearer("key-a"), bearer("key-b")
+    with TrainingStack(settings, workers=2) as stack:
+        stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+
+        def start(who: Any, url: str = "") -> str:
+            ds = stack.training.UploadDataset(iter(upload_messages(concept_images(2), "d", 4096)),
+                                              metadata=who, timeout=30).dataset.id
+            request = training_pb2.CreateTrainingJobRequest(spec=lora_spec(ds, steps=3), webhook_url=url,
+                                                            webhook_secret=SECRET if url else "")
+            return stack.training.CreateTrainingJob(request, metadata=who, timeout=30).job.id
+
+        a1, a2 = start(alice, receiver.url), start(alice, receiver.url)
+        b1 = start(bob)
+        most_running = 0
+        jobs: dict[str, training_pb2.TrainingJob] = {}
+        while len(jobs) < 3 or any(j.state != training_pb2.JOB_STATE_SUCCEEDED for j in jobs.values()):
+            for who in (alice, bob):
+                listed = stack.training.ListTrainingJobs(training_pb2.ListTrainingJobsRequest(), metadata=who,
+                                                         timeout=10).jobs
+                jobs.update({j.id: j for j in listed})
+            most_running = max(most_running, sum(1 for j in jobs.values() if j.id in (a1, a2)
+                                                 and j.state == training_pb2.JOB_STATE_RUNNING))
+            assert not any(j.state == training_pb2.JOB_STATE_FAILED for j in jobs.values()), jobs
+            time.sleep(0.05)
+        assert most_running == 1
+        assert jobs[b1].started_at.ToNanoseconds() < jobs[a2].started_at.ToNanoseconds()  # bob did not wait
+        assert jobs[a2].started_at.ToNanoseconds() >= jobs[a1].finished_at.ToNanoseconds()
+        for job_id in (a1, a2):
+            rows = delivered(stack, job_id)
+            assert [(r["status"], r["attempts"]) for r in rows] == [("DELIVERED", 3)]
+            body = json.loads(receiver.for_key(f"{job_id}:SUCCEEDED")[-1]["body"])
+            assert body["job"]["output_version"] == jobs[job_id].output.version
+        assert outbox.deliveries_of(stack.store.engine, b1) == []  # no webhook, no delivery
