@@ -22,54 +22,63 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from atelier.v1 import common_pb2 as atelier_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61telier/v1/inference.proto\x12\natelier.v1\x1a\x17\x61telier/v1/common.proto\"D\n\rAdapterWeight\x12#\n\x03ref\x18\x01 \x01(\x0b\x32\x16.atelier.v1.AdapterRef\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xef\x03\n\x0eGenerationSpec\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12+\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x19.atelier.v1.AdapterWeight\x12\x12\n\nnum_images\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\r\n\x05width\x18\x08 \x01(\r\x12\x0e\n\x06height\x18\t \x01(\r\x12\x11\n\x04seed\x18\n \x01(\x04H\x00\x88\x01\x01\x12,\n\tscheduler\x18\x0b \x01(\x0e\x32\x19.atelier.v1.SchedulerKind\x12-\n\x0cmerge_method\x18Z \x01(\x0e\x32\x17.atelier.v1.MergeMethod\x12\x1a\n\rmerge_density\x18[ \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmerge_seed\x18\\ \x01(\x04H\x02\x88\x01\x01\x12\x12\n\ninit_image\x18P \x01(\x0c\x12\x15\n\x08strength\x18Q \x01(\x02H\x03\x88\x01\x01\x12\x12\n\nmask_image\x18R \x01(\x0c\x42\x07\n\x05_seedB\x10\n\x0e_merge_densityB\r\n\x0b_merge_seedB\x0b\n\t_strength\";\n\x0fGenerateRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.atelier.v1.GenerationSpec\"b\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x16\n\x0esafety_flagged\x18P \x01(\x08\"\x80\x01\n\x0fResolvedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.atelier.v1.AdapterKind\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\x12\x0e\n\x06weight\x18\x05 \x01(\x02\"m\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_load_ms\x18\x02 \x01(\x01\x12\x12\n\ndenoise_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\xc2\x01\n\x10GenerateResponse\x12*\n\x06images\x18\x01 \x03(\x0b\x32\x1a.atelier.v1.GeneratedImage\x12-\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1b.atelier.v1.ResolvedAdapter\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.atelier.v1.Timings\x12\x19\n\x11\x62\x61se_model_digest\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"A\n\x15GenerateStreamRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.atelier.v1.GenerationSpec\"Z\n\x12GenerationProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\x12\r\n\x05stage\x18\x04 \x01(\t\"\x85\x01\n\x16GenerateStreamResponse\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.atelier.v1.GenerationProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.atelier.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x7f\n\x16PreloadAdaptersRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12(\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x16.atelier.v1.AdapterRef\x12\'\n\x04tier\x18\x03 \x01(\x0e\x32\x19.atelier.v1.CacheTierKind\"Y\n\x17PreloadAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.atelier.v1.ResolvedAdapter\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\"\x17\n\x15GetCacheStatusRequest\"N\n\nCacheEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06pinned\x18Z \x01(\x08\"\xd5\x01\n\x0f\x43\x61\x63heTierStatus\x12\'\n\x04tier\x18\x01 \x01(\x0e\x32\x19.atelier.v1.CacheTierKind\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bmax_entries\x18\x04 \x01(\r\x12\'\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x16.atelier.v1.CacheEntry\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\"\x8d\x01\n\x16GetCacheStatusResponse\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.atelier.v1.CacheTierStatus\x12\x1a\n\x12loaded_base_models\x18\x02 \x03(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x04 \x01(\r*\xe0\x01\n\rSchedulerKind\x12\x1e\n\x1aSCHEDULER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SCHEDULER_KIND_DDIM\x10\x01\x12\x18\n\x14SCHEDULER_KIND_EULER\x10\x02\x12\"\n\x1eSCHEDULER_KIND_EULER_ANCESTRAL\x10\x03\x12\'\n#SCHEDULER_KIND_DPM_SOLVER_MULTISTEP\x10\x04\x12\x17\n\x13SCHEDULER_KIND_PNDM\x10\x05\x12\x16\n\x12SCHEDULER_KIND_LMS\x10\x06*\x95\x01\n\x0bMergeMethod\x12\x1c\n\x18MERGE_METHOD_UNSPECIFIED\x10\x00\x12\x17\n\x13MERGE_METHOD_LINEAR\x10\x01\x12\x15\n\x11MERGE_METHOD_TIES\x10\x02\x12\x1c\n\x18MERGE_METHOD_DARE_LINEAR\x10\x03\x12\x1a\n\x16MERGE_METHOD_DARE_TIES\x10\x04*\x80\x01\n\rCacheTierKind\x12\x1f\n\x1b\x43\x41\x43HE_TIER_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41\x43HE_TIER_KIND_DISK\x10\x01\x12\x18\n\x14\x43\x41\x43HE_TIER_KIND_HOST\x10\x02\x12\x1a\n\x16\x43\x41\x43HE_TIER_KIND_DEVICE\x10\x03\x32\xe9\x02\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1b.atelier.v1.GenerateRequest\x1a\x1c.atelier.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12!.atelier.v1.GenerateStreamRequest\x1a\".atelier.v1.GenerateStreamResponse0\x01\x12Z\n\x0fPreloadAdapters\x12\".atelier.v1.PreloadAdaptersRequest\x1a#.atelier.v1.PreloadAdaptersResponse\x12W\n\x0eGetCacheStatus\x12!.atelier.v1.GetCacheStatusRequest\x1a\".atelier.v1.GetCacheStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61telier/v1/inference.proto\x12\natelier.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17\x61telier/v1/common.proto\"D\n\rAdapterWeight\x12#\n\x03ref\x18\x01 \x01(\x0b\x32\x16.atelier.v1.AdapterRef\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xef\x03\n\x0eGenerationSpec\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12+\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x19.atelier.v1.AdapterWeight\x12\x12\n\nnum_images\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\r\n\x05width\x18\x08 \x01(\r\x12\x0e\n\x06height\x18\t \x01(\r\x12\x11\n\x04seed\x18\n \x01(\x04H\x00\x88\x01\x01\x12,\n\tscheduler\x18\x0b \x01(\x0e\x32\x19.atelier.v1.SchedulerKind\x12-\n\x0cmerge_method\x18Z \x01(\x0e\x32\x17.atelier.v1.MergeMethod\x12\x1a\n\rmerge_density\x18[ \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmerge_seed\x18\\ \x01(\x04H\x02\x88\x01\x01\x12\x12\n\ninit_image\x18P \x01(\x0c\x12\x15\n\x08strength\x18Q \x01(\x02H\x03\x88\x01\x01\x12\x12\n\nmask_image\x18R \x01(\x0c\x42\x07\n\x05_seedB\x10\n\x0e_merge_densityB\r\n\x0b_merge_seedB\x0b\n\t_strength\";\n\x0fGenerateRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.atelier.v1.GenerationSpec\"b\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x16\n\x0esafety_flagged\x18P \x01(\x08\"\x80\x01\n\x0fResolvedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.atelier.v1.AdapterKind\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\x12\x0e\n\x06weight\x18\x05 \x01(\x02\"m\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0f\x61\x64\x61pter_load_ms\x18\x02 \x01(\x01\x12\x12\n\ndenoise_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\xc2\x01\n\x10GenerateResponse\x12*\n\x06images\x18\x01 \x03(\x0b\x32\x1a.atelier.v1.GeneratedImage\x12-\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1b.atelier.v1.ResolvedAdapter\x12$\n\x07timings\x18\x03 \x01(\x0b\x32\x13.atelier.v1.Timings\x12\x19\n\x11\x62\x61se_model_digest\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"A\n\x15GenerateStreamRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.atelier.v1.GenerationSpec\"Z\n\x12GenerationProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\x12\r\n\x05stage\x18\x04 \x01(\t\"\x85\x01\n\x16GenerateStreamResponse\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.atelier.v1.GenerationProgressH\x00\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.atelier.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x7f\n\x16PreloadAdaptersRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12(\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x16.atelier.v1.AdapterRef\x12\'\n\x04tier\x18\x03 \x01(\x0e\x32\x19.atelier.v1.CacheTierKind\"Y\n\x17PreloadAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.atelier.v1.ResolvedAdapter\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\"\x17\n\x15GetCacheStatusRequest\"N\n\nCacheEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x14\n\x0cidle_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06pinned\x18Z \x01(\x08\"\xd5\x01\n\x0f\x43\x61\x63heTierStatus\x12\'\n\x04tier\x18\x01 \x01(\x0e\x32\x19.atelier.v1.CacheTierKind\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bmax_entries\x18\x04 \x01(\r\x12\'\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x16.atelier.v1.CacheEntry\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\"\x8d\x01\n\x16GetCacheStatusResponse\x12*\n\x05tiers\x18\x01 \x03(\x0b\x32\x1b.atelier.v1.CacheTierStatus\x12\x1a\n\x12loaded_base_models\x18\x02 \x03(\t\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x04 \x01(\r*\xe0\x01\n\rSchedulerKind\x12\x1e\n\x1aSCHEDULER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SCHEDULER_KIND_DDIM\x10\x01\x12\x18\n\x14SCHEDULER_KIND_EULER\x10\x02\x12\"\n\x1eSCHEDULER_KIND_EULER_ANCESTRAL\x10\x03\x12\'\n#SCHEDULER_KIND_DPM_SOLVER_MULTISTEP\x10\x04\x12\x17\n\x13SCHEDULER_KIND_PNDM\x10\x05\x12\x16\n\x12SCHEDULER_KIND_LMS\x10\x06*\x95\x01\n\x0bMergeMethod\x12\x1c\n\x18MERGE_METHOD_UNSPECIFIED\x10\x00\x12\x17\n\x13MERGE_METHOD_LINEAR\x10\x01\x12\x15\n\x11MERGE_METHOD_TIES\x10\x02\x12\x1c\n\x18MERGE_METHOD_DARE_LINEAR\x10\x03\x12\x1a\n\x16MERGE_METHOD_DARE_TIES\x10\x04*\x80\x01\n\rCacheTierKind\x12\x1f\n\x1b\x43\x41\x43HE_TIER_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41\x43HE_TIER_KIND_DISK\x10\x01\x12\x18\n\x14\x43\x41\x43HE_TIER_KIND_HOST\x10\x02\x12\x1a\n\x16\x43\x41\x43HE_TIER_KIND_DEVICE\x10\x03\x32\xd3\x03\n\x10InferenceService\x12^\n\x08Generate\x12\x1b.atelier.v1.GenerateRequest\x1a\x1c.atelier.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12y\n\x0eGenerateStream\x12!.atelier.v1.GenerateStreamRequest\x1a\".atelier.v1.GenerateStreamResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate:stream:\x01*0\x01\x12x\n\x0fPreloadAdapters\x12\".atelier.v1.PreloadAdaptersRequest\x1a#.atelier.v1.PreloadAdaptersResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/cache:preload:\x01*\x12j\n\x0eGetCacheStatus\x12!.atelier.v1.GetCacheStatusRequest\x1a\".atelier.v1.GetCacheStatusResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/cacheb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atelier.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCHEDULERKIND']._serialized_start=2216
-  _globals['_SCHEDULERKIND']._serialized_end=2440
-  _globals['_MERGEMETHOD']._serialized_start=2443
-  _globals['_MERGEMETHOD']._serialized_end=2592
-  _globals['_CACHETIERKIND']._serialized_start=2595
-  _globals['_CACHETIERKIND']._serialized_end=2723
-  _globals['_ADAPTERWEIGHT']._serialized_start=67
-  _globals['_ADAPTERWEIGHT']._serialized_end=135
-  _globals['_GENERATIONSPEC']._serialized_start=138
-  _globals['_GENERATIONSPEC']._serialized_end=633
-  _globals['_GENERATEREQUEST']._serialized_start=635
-  _globals['_GENERATEREQUEST']._serialized_end=694
-  _globals['_GENERATEDIMAGE']._serialized_start=696
-  _globals['_GENERATEDIMAGE']._serialized_end=794
-  _globals['_RESOLVEDADAPTER']._serialized_start=797
-  _globals['_RESOLVEDADAPTER']._serialized_end=925
-  _globals['_TIMINGS']._serialized_start=927
-  _globals['_TIMINGS']._serialized_end=1036
-  _globals['_GENERATERESPONSE']._serialized_start=1039
-  _globals['_GENERATERESPONSE']._serialized_end=1233
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1235
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1300
-  _globals['_GENERATIONPROGRESS']._serialized_start=1302
-  _globals['_GENERATIONPROGRESS']._serialized_end=1392
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1395
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1528
-  _globals['_PRELOADADAPTERSREQUEST']._serialized_start=1530
-  _globals['_PRELOADADAPTERSREQUEST']._serialized_end=1657
-  _globals['_PRELOADADAPTERSRESPONSE']._serialized_start=1659
-  _globals['_PRELOADADAPTERSRESPONSE']._serialized_end=1748
-  _globals['_GETCACHESTATUSREQUEST']._serialized_start=1750
-  _globals['_GETCACHESTATUSREQUEST']._serialized_end=1773
-  _globals['_CACHEENTRY']._serialized_start=1775
-  _globals['_CACHEENTRY']._serialized_end=1853
-  _globals['_CACHETIERSTATUS']._serialized_start=1856
-  _globals['_CACHETIERSTATUS']._serialized_end=2069
-  _globals['_GETCACHESTATUSRESPONSE']._serialized_start=2072
-  _globals['_GETCACHESTATUSRESPONSE']._serialized_end=2213
-  _globals['_INFERENCESERVICE']._serialized_start=2726
-  _globals['_INFERENCESERVICE']._serialized_end=3087
+  _globals['_INFERENCESERVICE'].methods_by_name['Generate']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/generate:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['GenerateStream']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['GenerateStream']._serialized_options = b'\202\323\344\223\002\030\"\023/v1/generate:stream:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['PreloadAdapters']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['PreloadAdapters']._serialized_options = b'\202\323\344\223\002\026\"\021/v1/cache:preload:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['GetCacheStatus']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['GetCacheStatus']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/cache'
+  _globals['_SCHEDULERKIND']._serialized_start=2246
+  _globals['_SCHEDULERKIND']._serialized_end=2470
+  _globals['_MERGEMETHOD']._serialized_start=2473
+  _globals['_MERGEMETHOD']._serialized_end=2622
+  _globals['_CACHETIERKIND']._serialized_start=2625
+  _globals['_CACHETIERKIND']._serialized_end=2753
+  _globals['_ADAPTERWEIGHT']._serialized_start=97
+  _globals['_ADAPTERWEIGHT']._serialized_end=165
+  _globals['_GENERATIONSPEC']._serialized_start=168
+  _globals['_GENERATIONSPEC']._serialized_end=663
+  _globals['_GENERATEREQUEST']._serialized_start=665
+  _globals['_GENERATEREQUEST']._serialized_end=724
+  _globals['_GENERATEDIMAGE']._serialized_start=726
+  _globals['_GENERATEDIMAGE']._serialized_end=824
+  _globals['_RESOLVEDADAPTER']._serialized_start=827
+  _globals['_RESOLVEDADAPTER']._serialized_end=955
+  _globals['_TIMINGS']._serialized_start=957
+  _globals['_TIMINGS']._serialized_end=1066
+  _globals['_GENERATERESPONSE']._serialized_start=1069
+  _globals['_GENERATERESPONSE']._serialized_end=1263
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1265
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1330
+  _globals['_GENERATIONPROGRESS']._serialized_start=1332
+  _globals['_GENERATIONPROGRESS']._serialized_end=1422
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1425
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1558
+  _globals['_PRELOADADAPTERSREQUEST']._serialized_start=1560
+  _globals['_PRELOADADAPTERSREQUEST']._serialized_end=1687
+  _globals['_PRELOADADAPTERSRESPONSE']._serialized_start=1689
+  _globals['_PRELOADADAPTERSRESPONSE']._serialized_end=1778
+  _globals['_GETCACHESTATUSREQUEST']._serialized_start=1780
+  _globals['_GETCACHESTATUSREQUEST']._serialized_end=1803
+  _globals['_CACHEENTRY']._serialized_start=1805
+  _globals['_CACHEENTRY']._serialized_end=1883
+  _globals['_CACHETIERSTATUS']._serialized_start=1886
+  _globals['_CACHETIERSTATUS']._serialized_end=2099
+  _globals['_GETCACHESTATUSRESPONSE']._serialized_start=2102
+  _globals['_GETCACHESTATUSRESPONSE']._serialized_end=2243
+  _globals['_INFERENCESERVICE']._serialized_start=2756
+  _globals['_INFERENCESERVICE']._serialized_end=3223
 # @@protoc_insertion_point(module_scope)

@@ -22,24 +22,27 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61telier/v1/usage.proto\x12\natelier.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x01\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x61ll_tenants\x18\x03 \x01(\x08\"b\n\nUsageTotal\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.atelier.v1.UsageKind\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x98\x01\n\x10GetUsageResponse\x12&\n\x06totals\x18\x01 \x03(\x0b\x32\x16.atelier.v1.UsageTotal\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*[\n\tUsageKind\x12\x1a\n\x16USAGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13USAGE_KIND_TRAINING\x10\x01\x12\x19\n\x15USAGE_KIND_GENERATION\x10\x02\x32U\n\x0cUsageService\x12\x45\n\x08GetUsage\x12\x1b.atelier.v1.GetUsageRequest\x1a\x1c.atelier.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61telier/v1/usage.proto\x12\natelier.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x01\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x61ll_tenants\x18\x03 \x01(\x08\"b\n\nUsageTotal\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.atelier.v1.UsageKind\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x98\x01\n\x10GetUsageResponse\x12&\n\x06totals\x18\x01 \x03(\x0b\x32\x16.atelier.v1.UsageTotal\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*[\n\tUsageKind\x12\x1a\n\x16USAGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13USAGE_KIND_TRAINING\x10\x01\x12\x19\n\x15USAGE_KIND_GENERATION\x10\x02\x32h\n\x0cUsageService\x12X\n\x08GetUsage\x12\x1b.atelier.v1.GetUsageRequest\x1a\x1c.atelier.v1.GetUsageResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/usageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atelier.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USAGEKIND']._serialized_start=461
-  _globals['_USAGEKIND']._serialized_end=552
-  _globals['_GETUSAGEREQUEST']._serialized_start=72
-  _globals['_GETUSAGEREQUEST']._serialized_end=204
-  _globals['_USAGETOTAL']._serialized_start=206
-  _globals['_USAGETOTAL']._serialized_end=304
-  _globals['_GETUSAGERESPONSE']._serialized_start=307
-  _globals['_GETUSAGERESPONSE']._serialized_end=459
-  _globals['_USAGESERVICE']._serialized_start=554
-  _globals['_USAGESERVICE']._serialized_end=639
+  _globals['_USAGESERVICE'].methods_by_name['GetUsage']._loaded_options = None
+  _globals['_USAGESERVICE'].methods_by_name['GetUsage']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/usage'
+  _globals['_USAGEKIND']._serialized_start=491
+  _globals['_USAGEKIND']._serialized_end=582
+  _globals['_GETUSAGEREQUEST']._serialized_start=102
+  _globals['_GETUSAGEREQUEST']._serialized_end=234
+  _globals['_USAGETOTAL']._serialized_start=236
+  _globals['_USAGETOTAL']._serialized_end=334
+  _globals['_GETUSAGERESPONSE']._serialized_start=337
+  _globals['_GETUSAGERESPONSE']._serialized_end=489
+  _globals['_USAGESERVICE']._serialized_start=584
+  _globals['_USAGESERVICE']._serialized_end=688
 # @@protoc_insertion_point(module_scope)
