@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROTO_OUT := clients/python
 
-.PHONY: install proto proto-check lint typecheck test bench demo deploy-check clean
+.PHONY: install proto proto-check lint typecheck test bench demo deploy-check browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,12 @@ lint: $(STAMP)
 deploy-check: $(STAMP)
 	$(BIN)/python tools/deploy_check.py
 
-test: $(STAMP) proto-check lint deploy-check
+# Headless Chromium + chromedriver from Debian's packages for tests/browser (no browser download).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: $(STAMP) proto-check lint deploy-check browser
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)
