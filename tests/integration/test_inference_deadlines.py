@@ -29,7 +29,7 @@ from tests.integration.test_inference_support import InferenceEnv, details, engi
 
 SERVICE = "atelier.v1.InferenceService"
 LARGE = 256  # px: 128x128 latents on the tiny model
-SMALL = {"size": 64, "steps": 4}  # ~1 s alone on one thread
+SMALL = {"size": 64, "steps": 8}  # ~1 s alone on one thread
 LATENT_BUDGET = 128 * 128  # the tiny model's largest square is then 256 px
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
