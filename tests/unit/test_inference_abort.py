@@ -159,3 +159,34 @@ def test_latent_area_follows_the_vae_scale_factor() -> None:
     with pytest.raises(InvalidInput) as default:  # neither side set: the base's own size is too big
         check_latent_area(request(), 1024, 1024, 2, 65536, "tiny")
     assert [v.field for v in default.value.violations] == ["spec.width", "spec.height"]
+
+
+class DiesAfter:
+    """A request that dies after `n` liveness checks (i.e. somewhere inside a forward)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def dead(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+@pytest.mark.parametrize("direction", ["decode", "encode"])
+def test_guard_aborts_inside_vae_decode_and_encode(direction: str) -> None:
+    from services.tinymodel.pipeline import make_vae
+
+    vae = make_vae().eval()
+    guard = AbortGuard()
+
+    class VaePipe:
+        components = {"vae": vae}
+
+    guard.hook(VaePipe)
+    counter = DiesAfter(10**9)
+    with guard.running([counter]), torch.no_grad():
+        (vae.decode(torch.zeros(1, 4, 16, 16)) if direction == "decode" else vae.encode(torch.zeros(1, 3, 32, 32)))
+    checks = 10**9 - counter.left
+    with pytest.raises(BatchAborted), guard.running([DiesAfter(checks // 2)]), torch.no_grad():
+        (vae.decode(torch.zeros(1, 4, 16, 16)) if direction == "decode" else vae.encode(torch.zeros(1, 3, 32, 32)))
+    assert checks > 10  # checked all the way through, not only at the start
