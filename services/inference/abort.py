@@ -120,15 +120,15 @@ def _install_sdpa_split() -> None:
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-          dropout_p: float = 0.0, is_causal: bool = False, **kwargs: Any) -> torch.Tensor:
+          dropout_p: float = 0.0, is_causal: bool = False, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Split only plain unmasked CPU attention on an armed thread; anything else passes through."""
     assert _original_sdpa is not None
     guard: AbortGuard | None = getattr(_active, "guard", None)
     plain = (guard is None or guard.chunk_elements <= 0 or query.device.type != "cpu" or attn_mask is not None
-             or dropout_p or is_causal or kwargs or query.dim() < 3
+             or dropout_p or is_causal or args or kwargs or query.dim() < 3
              or query.shape[:-2] != key.shape[:-2] or key.shape[:-2] != value.shape[:-2])
     if plain or query.numel() // query.shape[-1] * key.shape[-2] <= guard.chunk_elements:  # type: ignore[union-attr]
-        return _original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                              **kwargs)
+        return _original_sdpa(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
     assert guard is not None
     return split_attention(query, key, value, guard.chunk_elements, guard.check, _original_sdpa)
 

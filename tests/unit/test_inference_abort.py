@@ -190,3 +190,20 @@ def test_guard_aborts_inside_vae_decode_and_encode(direction: str) -> None:
     with pytest.raises(BatchAborted), guard.running([DiesAfter(checks // 2)]), torch.no_grad():
         (vae.decode(torch.zeros(1, 4, 16, 16)) if direction == "decode" else vae.encode(torch.zeros(1, 3, 32, 32)))
     assert checks > 10  # checked all the way through, not only at the start
+
+
+def test_patched_sdpa_splits_only_on_the_armed_thread() -> None:
+    from services.inference import abort
+
+    guard = AbortGuard(chunk_elements=2**12)
+    assert abort._original_sdpa is not None and F.scaled_dot_product_attention is not abort._original_sdpa
+    q = torch.randn(1, 2, 256, 8)
+    whole = abort._original_sdpa(q, q, q)
+    assert torch.equal(F.scaled_dot_product_attention(q, q, q), whole)  # not armed: passes through
+    with guard.running([Item()]):
+        assert torch.equal(F.scaled_dot_product_attention(q, q, q), whole)
+        mask = torch.zeros(256, 256, dtype=torch.bool).fill_(True)
+        assert torch.equal(F.scaled_dot_product_attention(q, q, q, mask, scale=None), whole)  # masked: one call
+    dying = DiesAfter(3)
+    with pytest.raises(BatchAborted), guard.running([dying]):
+        F.scaled_dot_product_attention(q, q, q)  # 131k scores in parts of 4k: dies part-way
