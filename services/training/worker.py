@@ -25,7 +25,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from atelier.v1 import training_pb2
 from google.protobuf import json_format
@@ -35,6 +35,7 @@ from services.common.errors import DataLoss, FailedPrecondition, InvalidInput, N
 from services.registry.manifests import AdapterManifest, BaseModelManifest
 from services.registry.registry import Registry
 from services.registry.safety import first_non_finite
+from services.training.db_retry import retry_transient
 from services.training.job_run import JobCallbacks, LeaseKeeper
 from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics
@@ -49,6 +50,7 @@ from services.training.trainers import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Errors that another attempt cannot fix: the job FAILS at once instead of retrying.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (InvalidInput, NotFound, FailedPrecondition, DataLoss)
@@ -162,10 +164,10 @@ class Worker:
         resume_dir, resumed = self._fetch_checkpoint(job, work_dir / "resume")
         log.info("inputs ready; training",
                  extra={"job_id": job.id, "prepare_seconds": round(callbacks.wall_seconds, 3)})
-        lease.observe(self.store.start_attempt(
+        lease.observe(self._fenced("start_attempt", lambda: self.store.start_attempt(
             job.id, self.worker_id, resumed_from_step=resumed, total_steps=config.max_train_steps,
             config=config.model_dump(mode="json"),
-        ))
+        )))
         if lease.should_stop:
             self._stopped(job, lease)
             return
@@ -215,7 +217,7 @@ class Worker:
         self, job: JobRecord, lease: LeaseKeeper, config: TrainConfig, base: BaseModelManifest,
         result: TrainResult, wall_seconds: float, resumed: int,
     ) -> None:
-        status = self.store.prepare_publish(job.id, self.worker_id)
+        status = self._fenced("prepare_publish", lambda: self.store.prepare_publish(job.id, self.worker_id))
         lease.observe(status)
         if not status.owned or status.cancel_requested:
             self._stopped(job, lease)
@@ -242,7 +244,8 @@ class Worker:
 
     def _complete(self, job: JobRecord, lease: LeaseKeeper, version: int, metrics: dict[str, float],
                   message: str) -> None:
-        if self.store.complete(job.id, self.worker_id, output_version=version, metrics=metrics, message=message):
+        if self._fenced("complete", lambda: self.store.complete(job.id, self.worker_id, output_version=version,
+                                                               metrics=metrics, message=message)):
             self._count("succeeded")
             self._drop_checkpoints(job)
             log.info(message, extra={"job_id": job.id})
@@ -269,13 +272,18 @@ class Worker:
             self._stopped(job, lease)
             return
         try:
-            state = self.store.fail(job.id, self.worker_id, error, retryable=retryable)
+            state = self._fenced("fail", lambda: self.store.fail(job.id, self.worker_id, error, retryable=retryable))
         except Exception:
             log.exception("could not record the failure; the lease will expire", extra={"job_id": job.id})
             return
         self._count("failed" if state == "FAILED" else "retry")
         if state in ("FAILED", "CANCELLED"):
             self._drop_checkpoints(job)
+
+    def _fenced(self, what: str, call: Callable[[], T]) -> T:
+        """A fenced job-store write, retried through a short database outage (db_retry.py);
+        the lease bounds the wait, since past it another worker may own the job."""
+        return retry_transient(call, budget_s=self.settings.lease_seconds, what=what)
 
     def _drop_checkpoints(self, job: JobRecord) -> None:
         try:
