@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -25,6 +26,9 @@ from services.common.usage_service import usage_bindings
 from services.inference.pipelines import parse_model_paths
 from services.registry.registry import Registry
 from services.training.embedded import EmbeddedTraining
+
+if TYPE_CHECKING:
+    from services.gateway.server import RunningGateway
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class Runtime:
     servers: dict[str, RunningServer] = field(default_factory=dict)
     training: EmbeddedTraining | None = None
     closers: list[Callable[[], object]] = field(default_factory=list)
+    gateway: RunningGateway | None = None
 
     async def close(self, grace: float | None = None) -> None:
         for running in self.servers.values():
@@ -100,7 +105,23 @@ async def start_runtime(settings: Settings, role: str = "all",
     metrics_http = start_metrics_http(metrics_registry, settings.metrics_port, settings.host)
     if metrics_http is not None:
         runtime.closers.append(metrics_http.close)
+    if settings.http_port:
+        await _start_http_gateway(runtime)
     return runtime
+
+
+async def _start_http_gateway(runtime: Runtime) -> None:
+    """HTTP/JSON + console on `http_port`, dialling this process's own gRPC servers (first server
+    wins for a service both host, e.g. UsageService: the embedded process has one ledger)."""
+    from services.gateway.server import dial_host, start_gateway
+
+    settings = runtime.settings
+    targets: dict[str, str] = {}
+    for running in runtime.servers.values():
+        for name in running.service_names:
+            targets.setdefault(name, f"{dial_host(settings)}:{running.port}")
+    runtime.gateway = await start_gateway(settings, targets, settings.http_port)
+    runtime.closers.append(runtime.gateway.close)  # closers run in reverse: the gateway closes first
 
 
 async def serve(settings: Settings, role: str, announce: Callable[[str], None] = print) -> None:
@@ -113,6 +134,8 @@ async def serve(settings: Settings, role: str, announce: Callable[[str], None] =
         announce(f"{name} API listening on {settings.host}:{running.port} ({', '.join(running.service_names)})")
     if settings.metrics_port:
         announce(f"metrics on http://{settings.host}:{settings.metrics_port}/metrics")
+    if runtime.gateway is not None:
+        announce(f"HTTP/JSON API and console on http://{settings.host}:{runtime.gateway.port}/ (/openapi.json)")
     try:
         grace = settings.shutdown_grace_seconds
         await serve_until_signalled(list(runtime.servers.values()), grace - stop_reserve(grace))

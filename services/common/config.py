@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     training_port: int = Field(50051, description="TrainingService + RegistryService gRPC port.")
     inference_port: int = Field(50052, description="InferenceService gRPC port.")
     metrics_port: int = Field(9090, description="Prometheus /metrics HTTP port; 0 disables it.")
+    http_port: int = Field(
+        8080, description="HTTP/JSON gateway + web console port of `atelier serve` (every annotated RPC); 0 disables it."
+    )
     grpc_max_message_bytes: int = Field(64 * MiB, description="Max gRPC message size, both ways.")
     shutdown_grace_seconds: float = Field(30.0, description="In-flight work allowed on SIGTERM.")
     tls_cert_file: Path | None = Field(None, description="PEM certificate; TLS is on when set.")

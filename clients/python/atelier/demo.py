@@ -64,6 +64,7 @@ def demo_env(state: Path) -> dict[str, str]:
         "ATELIER_TRAINING_PORT": str(free_port()),
         "ATELIER_INFERENCE_PORT": str(free_port()),
         "ATELIER_METRICS_PORT": "0",
+        "ATELIER_HTTP_PORT": "0",
         "ATELIER_AUTH_ENABLED": "false",
         "ATELIER_LOG_JSON": "false",
         "ATELIER_LOG_LEVEL": "WARNING",
