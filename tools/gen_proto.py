@@ -1,4 +1,5 @@
-"""Generate Python stubs (protobuf, gRPC, mypy) from protos/ into clients/python/atelier/v1.
+"""Generate Python stubs (protobuf, gRPC, mypy) from protos/ into clients/python/atelier/v1,
+and the descriptor set Envoy's gRPC-JSON transcoder reads (deploy/k8s/components/http-gateway).
 
 `--check` regenerates into a temporary folder and fails when the committed files differ,
 so CI catches a contract edit whose stubs were not regenerated.
@@ -14,12 +15,16 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from google.rpc import status_pb2
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT_ROOT = ROOT / "clients" / "python"
 PACKAGE_DIR = Path("atelier") / "v1"
+# Shipped to Envoy (deploy/k8s/components/http-gateway) in a ConfigMap; checked for drift like the stubs.
+DESCRIPTOR_SET = ROOT / "deploy" / "k8s" / "components" / "http-gateway" / "atelier.pb"
+RPC_PROTOS = ("google/rpc/status.proto", "google/rpc/error_details.proto")
 
 
 def generate(out_root: Path) -> None:
@@ -44,6 +49,19 @@ def generate(out_root: Path) -> None:
     (out_root / PACKAGE_DIR / "__init__.py").touch()
 
 
+def write_descriptor_set(path: Path) -> None:
+    """The binary FileDescriptorSet Envoy's gRPC-JSON transcoder reads (the same protos, their
+    imports, and google.rpc.Status + error details so `convert_grpc_status` can print them)."""
+    well_known = str(resources.files("grpc_tools") / "_proto")
+    googleapis = str(Path(status_pb2.__file__).resolve().parents[2])
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{googleapis}", f"-I{well_known}", "--include_imports",
+            f"--descriptor_set_out={path}", *protos, *RPC_PROTOS]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc (descriptor set) failed")
+
+
 def generated_files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in (root / PACKAGE_DIR).glob("*") if p.is_file()}
 
@@ -55,6 +73,9 @@ def check() -> int:
         want, have = generated_files(fresh), generated_files(OUT_ROOT)
         drift = sorted(want ^ have)
         drift += [f for f in sorted(want & have) if not filecmp.cmp(fresh / f, OUT_ROOT / f, shallow=False)]
+        write_descriptor_set(fresh / "atelier.pb")
+        if not DESCRIPTOR_SET.exists() or not filecmp.cmp(fresh / "atelier.pb", DESCRIPTOR_SET, shallow=False):
+            drift.append(str(DESCRIPTOR_SET.relative_to(ROOT)))
         if drift:
             print("generated stubs are stale; run `make proto`:", *drift, sep="\n  ")
             return 1
@@ -71,6 +92,7 @@ def main() -> int:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     generate(OUT_ROOT)
+    write_descriptor_set(DESCRIPTOR_SET)
     return 0
 
 
