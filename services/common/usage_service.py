@@ -8,6 +8,7 @@ counter is the fleet-wide sum. A tenant sees its own usage; `all_tenants` needs 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import grpc
@@ -23,14 +24,24 @@ SERVICE_NAME = "atelier.v1.UsageService"
 KINDS = {"training": usage_pb2.USAGE_KIND_TRAINING, "generation": usage_pb2.USAGE_KIND_GENERATION}
 
 
-def _seconds(ts: timestamp_pb2.Timestamp) -> float:
+# google.protobuf.Timestamp's own valid range (0001-01-01 .. 9999-12-31): anything outside it
+# cannot be echoed back as a Timestamp, so it is refused up front rather than failing the reply.
+_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
+
+
+def _seconds(ts: timestamp_pb2.Timestamp, field: str) -> float:
+    if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS or not 0 <= ts.nanos <= 999_999_999:
+        raise InvalidInput(field, "must be a valid timestamp between years 1 and 9999")
     return ts.seconds + ts.nanos / 1e9
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+    """Split without a float nanosecond product, clamped to the valid range: a float cannot hold
+    9999-12-31T23:59:59.999999999 and rounds it one second past the end."""
+    whole = math.floor(seconds)
+    if whole > _MAX_SECONDS:
+        return timestamp_pb2.Timestamp(seconds=_MAX_SECONDS, nanos=999_999_999)
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=min(999_999_999, int((seconds - whole) * 1e9)))
 
 
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
@@ -39,8 +50,8 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
 
     async def GetUsage(self, request: usage_pb2.GetUsageRequest,
                        context: grpc.aio.ServicerContext) -> usage_pb2.GetUsageResponse:
-        start = _seconds(request.start_time) if request.HasField("start_time") else None
-        end = _seconds(request.end_time) if request.HasField("end_time") else None
+        start = _seconds(request.start_time, "start_time") if request.HasField("start_time") else None
+        end = _seconds(request.end_time, "end_time") if request.HasField("end_time") else None
         if start is not None and end is not None and end <= start:
             raise InvalidInput("end_time", "must be after start_time")
         if request.all_tenants:
