@@ -136,9 +136,25 @@ def export_lora(stored: Path, shapes: BaseModelShapes, fmt: str, dest: Path, tit
         return dest
     if fmt not in (FMT_KOHYA, FMT_A1111):
         raise _unsupported(KIND_LORA, fmt)
-    tensors, meta = export_kohya(load_stored(stored), shapes, title, description, trigger)
+    tensors, meta = export_kohya(_stored_modules(stored, shapes, fmt), shapes, title, description, trigger)
     save_file(tensors, str(dest), metadata=meta)
     return dest
+
+
+def _stored_modules(stored: Path, shapes: BaseModelShapes, fmt: str) -> list[ModuleLora]:
+    """The stored LoRA's modules. A version kept in diffusers' older key spelling (`lora.down`,
+    attention processors: published as uploaded, e.g. imported while the base model's configs
+    were unreadable) is renamed as an import would; one that still holds no LoRA module cannot
+    be converted, which is the stored version's state, not the caller's input."""
+    mods = load_stored(stored)
+    if mods:
+        return mods
+    with safe_open(str(stored), framework="pt") as f:
+        metadata = f.metadata() or {}
+    try:
+        return normalise(load_file(str(stored)), metadata, shapes)
+    except InvalidInput as exc:
+        raise FailedPrecondition(f"this LoRA version cannot be exported as {fmt!r}: {exc}", "format") from None
 
 
 def export_embedding(stored: Path, shapes: BaseModelShapes, fmt: str, dest: Path, title: str,
