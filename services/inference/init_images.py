@@ -23,7 +23,7 @@ from atelier.v1 import inference_pb2
 
 from services.common.config import Settings
 from services.common.errors import InvalidInput
-from services.training.datasets import decode_image
+from services.training.datasets import convert_pixels, decode_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PilImage
@@ -91,4 +91,4 @@ def _decode(data: bytes, field: str, mode: str, max_pixels: int, errors: Violati
             errors.add(violation.field, violation.description)
         return None
     with decoded:
-        return decoded.convert(mode)
+        return convert_pixels(decoded, mode)

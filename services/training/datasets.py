@@ -103,6 +103,20 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
     return img
 
 
+_WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def convert_pixels(img: Image.Image, mode: str) -> Image.Image:
+    """`img.convert(mode)`, except that 16-bit (and 32-bit integer) greyscale is scaled to 8
+    bits first: PIL's own conversion clips every sample above 255 to white, so a 16-bit PNG
+    would train on (or start img2img from) a washed-out picture. CMYK, palette and alpha
+    modes convert with PIL's standard formulas."""
+    if img.mode in _WIDE_MODES:
+        top = 65535 if img.mode != "I" or (img.getextrema()[1] or 0) <= 65535 else 2**31 - 1
+        img = img.convert("I").point(lambda value: value * (255 / top)).convert("L")
+    return img.convert(mode)
+
+
 def validate_image(image: UploadedImage, settings: Settings) -> ValidImage:
     """Run the per-image checks and return the decoded dimensions."""
     field = _field(image.index)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from services.training.datasets import convert_pixels
+
 MAX_CROP_POSITIONS = 8
 
 
@@ -33,7 +35,7 @@ class View:
 def load_rgb(path: Path) -> Image.Image:
     """Decode, apply EXIF orientation (as the recipe does) and convert to RGB."""
     with Image.open(path) as raw:
-        return ImageOps.exif_transpose(raw).convert("RGB")
+        return convert_pixels(ImageOps.exif_transpose(raw), "RGB")
 
 
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
