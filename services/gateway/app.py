@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 FORWARDED_HEADERS = ("authorization", "x-request-id")
 RPC_HEADER = "X-Atelier-Rpc"
 REQUEST_ID_KEY = "x-request-id"
+CHUNK = "chunk"  # the bytes member of a download stream (ExportAdapterResponse)
 
 
 def is_download(route: Route) -> bool:
@@ -240,7 +241,7 @@ async def _download(call: Any, request: web.Request, rpc: str) -> web.StreamResp
     await response.prepare(request)
     try:
         async for message in iterator:
-            await response.write(message.chunk)
+            await response.write(getattr(message, CHUNK))
         await response.write_eof()
     finally:
         call.cancel()

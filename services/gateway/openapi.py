@@ -104,6 +104,7 @@ def _query_parameters(schemas: _Schemas, message: Descriptor, bound: set[str], p
 
 def _upload_body(schemas: _Schemas, route: Route) -> dict[str, Any]:
     header = route.method.input_type.fields_by_name["header"].message_type
+    assert header is not None, route.grpc_path  # every upload request has a `header` message
     props: dict[str, Any] = {f.name: schemas.field(f) for f in header.fields}
     props["file"] = {"type": "array", "items": {"type": "string", "format": "binary"}}
     return {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": props}}}}

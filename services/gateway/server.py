@@ -9,9 +9,11 @@ answers 501.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import grpc
 from aiohttp import web
@@ -37,7 +39,7 @@ class RunningGateway:
     async def close(self) -> None:
         await self.runner.cleanup()
         for channel in self.channels:
-            await channel.close()
+            await channel.close(None)
 
 
 def dial_host(settings: Settings) -> str:
@@ -77,6 +79,6 @@ async def start_gateway(settings: Settings, targets: Mapping[str, str], port: in
     await runner.setup()
     site = web.TCPSite(runner, settings.host, port, reuse_port=False)
     await site.start()
-    server = site._server  # aiohttp exposes the bound sockets only here
+    server = cast(asyncio.Server | None, site._server)  # aiohttp exposes the bound sockets only here
     bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
     return RunningGateway(runner, bound, list(by_target.values()))

@@ -11,7 +11,7 @@ and enum names rather than absent keys, spelled as in the .proto files.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import json_format
@@ -98,10 +98,11 @@ def build_request(cls: type[Message], body: Mapping[str, Any] | None,
     grouped: dict[str, list[str]] = {}
     for key, value in query:
         grouped.setdefault(key, []).append(value)
+    descriptor = cast(Descriptor, cls.DESCRIPTOR)
     for key, values in grouped.items():
-        _assign(data, cls.DESCRIPTOR, key, values)
+        _assign(data, descriptor, key, values)
     for key, value in variables.items():
-        _assign(data, cls.DESCRIPTOR, key, [value])
+        _assign(data, descriptor, key, [value])
     message = cls()
     try:
         json_format.ParseDict(data, message)
@@ -128,7 +129,8 @@ def status_body(code: grpc.StatusCode, message: str, details: list[Message] | No
 def rpc_error_body(error: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any], float | None]:
     """(HTTP status, Status JSON, Retry-After seconds) for a failed call, keeping its details."""
     status = status_pb2.Status(code=error.code().value[0], message=error.details() or "")
-    for key, value in error.trailing_metadata() or ():
+    trailers: Any = error.trailing_metadata() or ()
+    for key, value in trailers:
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)
     body = to_json(status)

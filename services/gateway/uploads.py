@@ -29,6 +29,8 @@ from google.protobuf.message import Message
 from services.gateway.transcode import BadHttpRequest
 
 CHUNK_BYTES = 1024 * 1024
+HEADER = "header"  # the oneof member every upload request starts with
+HEADER = "header"  # the oneof member every upload request starts with
 
 FileEmitter = Callable[[Message, BodyPartReader, "UploadState"], AsyncIterator[Message]]
 
@@ -85,7 +87,7 @@ UPLOADS: dict[str, FileEmitter] = {
 
 def _header_message(request_cls: type[Message], fields: dict[str, Any], first: BodyPartReader | None) -> Message:
     """The header from the text fields; an unset `filename` takes the first file's name."""
-    header = type(request_cls().header)()
+    header: Any = getattr(request_cls(), HEADER).__class__()
     try:
         json_format.ParseDict(fields, header)
     except json_format.ParseError as exc:

@@ -244,6 +244,48 @@ def test_generate_and_generate_stream_with_the_trained_adapter(env: Env, trained
     assert results[0]["images"][0]["png"] == generated.json()["images"][0]["png"]  # same seed, same image
 
 
+def test_adapter_import_round_trips_an_exported_file(env: Env, trained: Trained) -> None:
+    exported = env.get("/v1/adapters/toy:export", params={"ref.version": "1"})
+    form = [("name", (None, "toy-copy")), ("base_model", (None, "tiny")),
+            ("file", (exported.headers["Content-Disposition"].split('"')[1], exported.content))]
+    imported = env.send("POST", "/v1/adapters:import", files=form)
+    assert imported.status_code == 200, imported.text
+    version = imported.json()["version"]
+    assert (version["name"], version["version"], version["kind"]) == ("toy-copy", 1, "ADAPTER_KIND_LORA")
+    two_files = [*form, ("file", ("again.safetensors", exported.content))]
+    assert_status(env.send("POST", "/v1/adapters:import", files=two_files), 400, 3)
+    assert [v["version"] for v in env.get("/v1/adapters/toy-copy/versions").json()["versions"]] == [1]
+
+
+def test_base_model_folder_import_is_multipart_with_relative_paths(env: Env, tiny_random_pipeline_dir: Path) -> None:
+    form: list[tuple[str, Any]] = [("name", (None, "tiny-http")), ("description", (None, "via HTTP"))]
+    form += [("file", (str(p.relative_to(tiny_random_pipeline_dir)), p.read_bytes()))
+             for p in sorted(tiny_random_pipeline_dir.rglob("*")) if p.is_file()]
+    assert_status(env.send("POST", "/v1/base-models", files=form), 403, 7)  # admins only
+    imported = env.send("POST", "/v1/base-models", files=form, headers={"Authorization": "Bearer key-ops"})
+    assert imported.status_code == 200, imported.text
+    assert imported.json()["base_model"]["name"] == "tiny-http"
+    names = [m["name"] for m in env.get("/v1/base-models").json()["base_models"]]
+    assert {"tiny", "tiny-http"} <= set(names)
+    assert env.get("/v1/base-models/tiny-http").json()["base_model"]["description"] == "via HTTP"
+
+
+def test_stream_errors_keep_the_status_shape(env: Env) -> None:
+    """A stream that fails after its first message ends with `event: error` carrying a Status;
+    one that fails before any message is a plain HTTP error, not a 200 stream."""
+    spec = {"base_model": "tiny", "prompt": "x", "adapters": [{"ref": {"name": "missing"}}], "steps": 1,
+            "width": 32, "height": 32}
+    with requests.post(env.url("/v1/generate:stream"), json={"spec": spec}, headers=ACME, stream=True,
+                       timeout=120) as response:
+        assert response.status_code == 200  # the server reports "queued" progress before resolving adapters
+        events = sse_events(response)
+    kind, data = events[-1]
+    assert kind == "error" and data["code"] == 5 and "ResourceInfo" in detail_types(data), events
+    assert {k for k, _ in events[:-1]} == {"message"}
+    with env.get("/v1/jobs/nope:watch", stream=True) as watch:
+        assert_status(watch, 404, 5)
+
+
 # -- errors and auth ------------------------------------------------------------------------
 def test_errors_are_status_json_with_the_matching_http_status(env: Env, trained: Trained) -> None:
     missing = assert_status(env.get("/v1/jobs/does-not-exist"), 404, 5)
