@@ -17,7 +17,7 @@ import pytest
 
 from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
-from tests.fixtures.chaos import overload, rss_bytes
+from tests.fixtures.chaos import overload, rss_bytes, sustained_overload
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.fixtures.s3 import MotoServer
 from tests.integration.test_inference_support import InferenceEnv, details, engine_settings, rpc_error, start_env
@@ -50,17 +50,17 @@ def proxied_env(moto_server: MotoServer, tiny_random_pipeline_dir: Path,
 
 def test_r2_overload_rejects_the_excess_fast_and_memory_stays_bounded(env: InferenceEnv) -> None:
     env.generate(steps=2)  # base model loaded
-    first = overload(env.stub, 4 * QUEUE, steps=8)
+    burst = overload(env.stub, 4 * QUEUE, steps=8)  # all at once; also warms the allocations
     before = rss_bytes()
-    rounds = [overload(env.stub, 4 * QUEUE, steps=8) for _ in range(2)]
+    sustained = sustained_overload(env.stub, 4 * QUEUE, seconds=3.0, steps=8)
     after = rss_bytes()
-    for result in [first, *rounds]:
-        assert result.other == [], result.other  # only OK or RESOURCE_EXHAUSTED
+    for result in (burst, sustained):
+        assert result.other == [], result.other  # only OK or RESOURCE_EXHAUSTED, never a crash or a hang
         assert result.ok >= 1 and len(result.rejected_ms) >= QUEUE, result
         assert result.missing_retry_info == 0
-        # The loopback round trip of a refusal; the bench holds it to 50 ms, a busy CI to 500.
-        assert sorted(result.rejected_ms)[len(result.rejected_ms) // 2] < 500, result.rejected_ms
-    assert after - before < 150 * 2**20, (before, after)  # repeated overload does not accumulate memory
+    # Refusal latency of a saturated server; the bench (own process) holds p99 to 50 ms, a busy CI to 250 ms p50.
+    assert sorted(sustained.rejected_ms)[len(sustained.rejected_ms) // 2] < 250, sustained.rejected_ms
+    assert after - before < 150 * 2**20, (before, after)  # sustained overload does not accumulate memory
     assert len(env.generate(steps=2).images) == 1
 
 
