@@ -133,9 +133,11 @@ class Corruptor:
         status = self.inference.GetCacheStatus(inference_pb2.GetCacheStatusRequest(), metadata=a, timeout=30)
         cached = [e.key for t in status.tiers for e in t.entries if victim in e.key or record.sha256 in e.key]
         self._record("cache tiers hold nothing of it", f"{cached}", not cached)
-        self.run.bystanders_ok &= self.generate(self.tenant, bystander) == "OK"
-        self.run.bystanders_ok &= self.generate(self.other, victim) == "OK"
-        self.run.bystanders_ok &= self.generate(self.other, None) == "OK"
+        for who, adapter in ((self.tenant, bystander), (self.other, victim), (self.other, None)):
+            code = self.generate(who, adapter)
+            if code != "OK":
+                self.run.bystanders_ok = False
+                self.run.problems.append(f"{self.store}: bystander Generate by {who} with {adapter} -> {code}")
 
     def dataset_path(self) -> None:
         from bench.chaos_inputs import png_bytes

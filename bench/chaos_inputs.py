@@ -286,7 +286,8 @@ def tenants_row(ctx: ChaosContext, findings: Findings) -> dict[str, str]:
     lora = ctx.tmp_dir / "tenant-b-import.safetensors"
     lora_bytes = _lora_file(ctx, lora)
     rounds = 3 if ctx.quick else ROUNDS
-    probes = TenantProbes(stubs, ctx.metadata(TENANT_B), owned, ctx.base_model, lora_bytes, rounds).run()
+    probes = TenantProbes(stubs, ctx.metadata(TENANT_B), owned, ctx.base_model, lora_bytes, png_bytes(),
+                          rounds).run()
     findings.problems += [f"{p.method} [{p.label}]: {p.detail}" for p in probes if not p.ok]
     findings.problems += [f"{name}: no probe and no reason" for name in coverage()]
     findings.problems += untouched(ctx, owned)

@@ -139,6 +139,7 @@ class TenantProbes:
     owned: Owned
     base_model: str
     lora_bytes: bytes
+    png: bytes
     rounds: int = ROUNDS
     results: list[Probe] = field(default_factory=list)
 
@@ -186,13 +187,16 @@ class TenantProbes:
                                        metadata=self.b, timeout=30)
 
         self._pair(m, "spec.dataset_id", create, self.owned.dataset_id)
-        # The idempotency key is per tenant: B reusing A's request id must never get A's job back.
-        try:
-            got = create(self.owned.dataset_id, self.owned.job_request_id)
-            self.results.append(check(m, "request_id of A", got.job.id != self.owned.job_id, "returned A's job"))
-        except grpc.RpcError as error:
-            self.results.append(check(m, "request_id of A", error.code() == grpc.StatusCode.NOT_FOUND,
-                                      f"{error.code().name}: {error.details()}"))
+        # The idempotency key is per tenant: B reusing A's request id (on a dataset of its own)
+        # gets a new job of its own, never A's job back.
+        upload = [training_pb2.UploadDatasetRequest(header=training_pb2.DatasetHeader(name="b-own")),
+                  training_pb2.UploadDatasetRequest(image=training_pb2.DatasetImageChunk(
+                      index=0, filename="b.png", caption="a photo", data=self.png))]
+        own = t.UploadDataset(iter(upload), metadata=self.b, timeout=60).dataset.id
+        got = create(own, self.owned.job_request_id)
+        self.results.append(check(m, "request_id of A", got.created and got.job.id != self.owned.job_id,
+                                  f"returned job {got.job.id} (created={got.created})"))
+        t.CancelTrainingJob(training_pb2.CancelTrainingJobRequest(id=got.job.id), metadata=self.b, timeout=30)
 
     def probe_GetTrainingJob(self, m: str) -> None:
         t = self.stubs.training

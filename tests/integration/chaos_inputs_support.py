@@ -45,7 +45,8 @@ def chaos_context(settings: Settings, pipeline_dir: Path, tmp: Path) -> Iterator
     seeds = iter(range(1000))
 
     def make_lora(tenant: str, name: str) -> int:
-        path = factory.write(tmp / "loras" / f"{tenant}-{name}-{next(seeds)}", seed=len(name))
+        seed = next(seeds)  # bytes of its own: blobs are content addressed, shared by identical files
+        path = factory.write(tmp / "loras" / f"{tenant}-{name}-{seed}", seed=seed)
         return registry.publish_adapter(tenant, name, kind="LORA", base_model=BASE,
                                         files={LORA_WEIGHTS_FILE: path}).version
 
