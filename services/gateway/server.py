@@ -75,7 +75,10 @@ async def start_gateway(settings: Settings, targets: Mapping[str, str], port: in
         by_target[target] = _channel(settings, target)
     channels = {service: by_target[target] for service, target in targets.items()}
     # The gRPC servers have drained by the time the gateway closes, so its handlers end at once.
-    runner = web.AppRunner(build_app(settings, channels, console_dir), access_log=None, shutdown_timeout=2.0)
+    # handler_cancellation: a client that hangs up cancels its handler, and so its RPC (a watch
+    # or a generation stream stops at once, not at its next message).
+    runner = web.AppRunner(build_app(settings, channels, console_dir), access_log=None, shutdown_timeout=2.0,
+                           handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, port, reuse_port=False)
     await site.start()

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 from atelier.demo_images import concept_images
+from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
 from services.gateway.routes import load_routes, public_files
@@ -40,6 +42,7 @@ class Env:
     base: str
     settings: Settings
     loop: asyncio.AbstractEventLoop
+    metrics: CollectorRegistry
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -92,10 +95,11 @@ def env(tiny_random_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    runtime: Runtime = asyncio.run_coroutine_threadsafe(start_runtime(settings, "all"), loop).result(120)
+    metrics = CollectorRegistry()
+    runtime: Runtime = asyncio.run_coroutine_threadsafe(start_runtime(settings, "all", metrics), loop).result(120)
     try:
         assert runtime.gateway is not None
-        yield Env(f"http://127.0.0.1:{runtime.gateway.port}", settings, loop)
+        yield Env(f"http://127.0.0.1:{runtime.gateway.port}", settings, loop, metrics)
     finally:
         asyncio.run_coroutine_threadsafe(runtime.close(0), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
@@ -284,6 +288,40 @@ def test_stream_errors_keep_the_status_shape(env: Env) -> None:
     assert {k for k, _ in events[:-1]} == {"message"}
     with env.get("/v1/jobs/nope:watch", stream=True) as watch:
         assert_status(watch, 404, 5)
+
+
+def _streams_in_flight(env: Env) -> float:
+    value = env.metrics.get_sample_value("grpc_server_in_flight",
+                                         {"method": "/atelier.v1.InferenceService/GenerateStream"})
+    return value or 0.0
+
+
+def _time_stream(env: Env, spec: dict[str, Any], hang_up: bool) -> float:
+    """Seconds from the first SSE event until no GenerateStream RPC is in flight."""
+    ops = {"Authorization": "Bearer key-ops"}
+    response = requests.post(env.url("/v1/generate:stream"), json={"spec": spec}, headers=ops, stream=True,
+                             timeout=120)
+    assert response.status_code == 200, response.text
+    lines = response.iter_lines()
+    while not next(lines):  # the first event's data line
+        pass
+    start = time.monotonic()
+    if hang_up:
+        response.close()
+    else:
+        for _ in lines:
+            pass
+    while _streams_in_flight(env) > 0:
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_hanging_up_an_event_stream_cancels_its_rpc(env: Env) -> None:
+    """Closing the connection ends the RPC long before the generation would have finished."""
+    spec = {"base_model": "tiny", "prompt": "a cat", "steps": 40, "width": 32, "height": 32}
+    full = _time_stream(env, spec, hang_up=False)
+    hung_up = _time_stream(env, spec, hang_up=True)
+    assert hung_up < full / 3, (hung_up, full)
 
 
 # -- errors and auth ------------------------------------------------------------------------
