@@ -40,10 +40,10 @@ def stop_reserve(grace: float) -> float:
     """The part of the grace period kept for stopping device work and the process after the RPCs.
 
     `shutdown_grace_seconds` bounds signal-to-exit: in-flight RPCs drain for the grace minus
-    this reserve (at most 2 s, a quarter of short graces), then are cancelled, which aborts
+    this reserve (at most 2 s, a third of short graces), then are cancelled, which aborts
     their device work within one forward block (services/inference/abort.py).
     """
-    return min(STOP_RESERVE_SECONDS, grace / 4)
+    return min(STOP_RESERVE_SECONDS, grace / 3)
 
 
 @dataclass

@@ -52,18 +52,23 @@ def make_env(moto_server: MotoServer, tiny_random_pipeline_dir: Path, tmp_path: 
         env.close()
 
 
-def solo_seconds(env: InferenceEnv) -> float:
-    """The small request alone, after one warm-up run (base model loaded, kernels warm)."""
-    env.generate(**SMALL)
-    started = time.monotonic()
-    env.generate(**SMALL)
-    return time.monotonic() - started
-
-
 def timed_small(env: InferenceEnv) -> float:
     started = time.monotonic()
     assert len(env.generate(**SMALL).images) == 1
     return time.monotonic() - started
+
+
+def solo_seconds(env: InferenceEnv) -> float:
+    """The small request alone, after one warm-up run (base model loaded, kernels warm)."""
+    env.generate(**SMALL)
+    return timed_small(env)
+
+
+def assert_device_was_free(env: InferenceEnv, before: float, after: float, what: str) -> None:
+    """`after` (right after `what`) under 2x the solo time: the mean of solo runs before and after,
+    as the load of a shared machine drifts (the abort itself takes ~10-120 ms, measured)."""
+    solo = (before + timed_small(env)) / 2
+    assert after < 2 * solo, f"small request took {after:.2f} s after the {what}, {solo:.2f} s alone"
 
 
 def test_a_timed_out_large_request_frees_the_device(make_env: callable) -> None:  # type: ignore[valid-type]
@@ -73,8 +78,7 @@ def test_a_timed_out_large_request_frees_the_device(make_env: callable) -> None:
     err = rpc_error(lambda: env.generate(size=LARGE, steps=1, timeout=1.0))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 3.0
-    after = timed_small(env)
-    assert after < 2 * solo, f"small request took {after:.2f} s after the timeout, {solo:.2f} s alone"
+    assert_device_was_free(env, solo, timed_small(env), "timeout")
 
 
 def test_a_cancelled_large_stream_frees_the_device(make_env: callable) -> None:  # type: ignore[valid-type]
@@ -86,8 +90,7 @@ def test_a_cancelled_large_stream_frees_the_device(make_env: callable) -> None: 
             break
     time.sleep(0.5)  # inside the first UNet forward by now
     call.cancel()
-    after = timed_small(env)
-    assert after < 2 * solo, f"small request took {after:.2f} s after the cancel, {solo:.2f} s alone"
+    assert_device_was_free(env, solo, timed_small(env), "cancel")
 
 
 def test_latent_area_over_the_budget_is_invalid_argument_naming_the_sides(make_env: callable) -> None:  # type: ignore[valid-type]
@@ -172,25 +175,34 @@ def test_sigterm_during_a_huge_request_exits_within_the_grace_period(tiny_random
     output: list[str] = []
     proc, target = start_serve(tmp_path, tiny_random_pipeline_dir, output)
     try:
-        wait_until_serving(target, timeout=60)
-        with grpc.insecure_channel(target) as channel:
-            stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            stub.Generate(inference_pb2.GenerateRequest(spec=spec(steps=1)), timeout=60)  # base model loaded
-            huge = stub.GenerateStream(inference_pb2.GenerateStreamRequest(spec=spec(size=LARGE, steps=50)))
-            stages = [event.progress.stage for event, _ in zip(huge, range(2), strict=False)]
-            assert stages == ["loading_adapters", "queued"]
-            time.sleep(0.5)  # on the device: ~12 minutes of work on one thread
-            signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=60)
-            took = time.monotonic() - signalled
-            with pytest.raises(grpc.RpcError) as info:
-                list(huge)
-            assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-        log = "".join(output)[-3000:]
-        assert code == 0, log
-        assert took <= GRACE, f"exited {took:.2f} s after SIGTERM; grace {GRACE} s\n{log}"
+        took, code, stream_code = sigterm_during_huge_request(proc, target)
+    except Exception as exc:
+        raise AssertionError(f"{exc!r}\nserver output:\n{''.join(output)[-3000:]}") from exc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    log = "".join(output)[-3000:]
+    assert code == 0, log
+    assert stream_code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), log
+    assert took <= GRACE, f"exited {took:.2f} s after SIGTERM; grace {GRACE} s\n{log}"
+
+
+def sigterm_during_huge_request(proc: subprocess.Popen[str], target: str) -> tuple[float, int, grpc.StatusCode]:
+    """Start a ~12 minute request, SIGTERM once it is on the device; (seconds to exit, exit code,
+    the stream's status)."""
+    wait_until_serving(target, timeout=60)
+    with grpc.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        stub.Generate(inference_pb2.GenerateRequest(spec=spec(steps=1)), timeout=60)  # base model loaded
+        huge = stub.GenerateStream(inference_pb2.GenerateStreamRequest(spec=spec(size=LARGE, steps=50)))
+        stages = [event.progress.stage for event, _ in zip(huge, range(2), strict=False)]
+        assert stages == ["loading_adapters", "queued"], stages
+        time.sleep(0.5)  # on the device now
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - signalled
+        with pytest.raises(grpc.RpcError) as info:
+            list(huge)
+    return took, code, info.value.code()
