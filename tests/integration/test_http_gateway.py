@@ -24,11 +24,13 @@ from atelier.demo_images import concept_images
 from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
+from services.common.usage import UsageLedger
+from services.common.usage_service import usage_bindings
 from services.gateway.routes import load_routes, public_files
 from services.gateway.server import CONSOLE_DIR, RunningGateway, start_gateway
 from services.registry.registry import Registry
 from services.runtime import Runtime, start_runtime
-from tests.fixtures.grpc_servers import loopback_settings
+from tests.fixtures.grpc_servers import ServerThread, loopback_settings, make_self_signed_cert
 from tests.fixtures.s3 import free_port
 
 pytestmark = pytest.mark.slow
@@ -378,6 +380,21 @@ def test_an_unreachable_backend_is_503(env: Env) -> None:
         assert_status(requests.get(f"http://127.0.0.1:{gateway.port}/", timeout=60), 404, 5)  # no console
     finally:
         asyncio.run_coroutine_threadsafe(gateway.close(), env.loop).result(30)
+
+
+def test_gateway_dials_tls_servers_with_the_configured_certificate(tmp_path: Path) -> None:
+    """With TLS on, the loopback channel trusts tls_cert_file (the same plumbing as any gRPC client)."""
+    cert, key = make_self_signed_cert(tmp_path)
+    settings = loopback_settings(tls_cert_file=cert, tls_key_file=key)
+    ledger = UsageLedger.from_settings(settings, CollectorRegistry())
+    with ServerThread(settings, lambda: usage_bindings(ledger)) as server:
+        gateway = server.run(start_gateway(settings, {"atelier.v1.UsageService": server.target}, 0, None))
+        try:
+            response = requests.get(f"http://127.0.0.1:{gateway.port}/v1/usage", timeout=60)
+            assert response.status_code == 200, response.text
+            assert response.json()["totals"] == [] and response.headers["X-Request-Id"]
+        finally:
+            server.run(gateway.close())
 
 
 def test_console_files_are_served_at_the_root(env: Env) -> None:
