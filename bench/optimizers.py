@@ -56,7 +56,7 @@ class Clock:
     def save_checkpoint(self, step: int, state_dir: Path) -> None:
         pass
 
-    def on_validation(self, step: int, images: list[tuple[str, bytes]]) -> None:
+    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None) -> None:
         pass
 
 

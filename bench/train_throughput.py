@@ -69,7 +69,7 @@ def run_ours(args: argparse.Namespace, images: list[Path]) -> dict[str, float]:
         def save_checkpoint(self, step: int, state_dir: Path) -> None:
             pass
 
-        def on_validation(self, step: int, images: list[tuple[str, bytes]]) -> None:
+        def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None) -> None:
             pass
 
     config = TrainConfig(

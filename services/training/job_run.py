@@ -158,10 +158,10 @@ class JobCallbacks:
         self.checkpoint_steps.append(step)
         log.info("checkpoint saved", extra={"job_id": self._job.id, "step": step})
 
-    def on_validation(self, step: int, images: list[tuple[str, bytes]]) -> None:
+    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None) -> None:
         previews = [ValidationPreview(step, prompt, png) for prompt, png in images]
         try:
-            self._lease.observe(self._store.record_validation(self._job.id, self._worker_id, previews))
+            self._lease.observe(self._store.record_validation(self._job.id, self._worker_id, previews, loss))
         except Exception:
             log.warning("validation event failed", exc_info=True, extra={"job_id": self._job.id})
 

@@ -138,10 +138,14 @@ class LeaseOps:
                                   "eta_seconds": eta_seconds}) if emit_event else None
         return self._owned_update(job_id, worker_id, values, event=event)
 
-    def record_validation(self, job_id: str, worker_id: str, previews: list[ValidationPreview]) -> LeaseStatus:
+    def record_validation(self, job_id: str, worker_id: str, previews: list[ValidationPreview],
+                          loss: float | None = None) -> LeaseStatus:
+        """A validation event; its loss goes into the running job's metrics (`validation_loss`,
+        `validation_step`) so each Watch event carries the newest one (complete() replaces them)."""
         step = max((p.step for p in previews), default=0)
+        values = {"metrics": {"validation_loss": loss, "validation_step": float(step)}} if loss is not None else {}
         return self._owned_update(
-            job_id, worker_id, {},
+            job_id, worker_id, values,
             event=("validation", "validation images", {"step": step, "payload": previews_payload(previews)}),
         )
 

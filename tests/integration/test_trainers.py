@@ -48,6 +48,7 @@ class Recorder:
         self.steps: list[tuple[int, int, float, float]] = []
         self.checkpoints: dict[int, Path] = {}
         self.validations: list[tuple[int, list[tuple[str, bytes]]]] = []
+        self.validation_losses: list[float | None] = []
         self.stop_checks = 0
 
     def on_step(self, step: int, total: int, loss: float, lr: float) -> None:
@@ -62,8 +63,9 @@ class Recorder:
         shutil.copytree(state_dir, target)
         self.checkpoints[step] = target
 
-    def on_validation(self, step: int, images: list[tuple[str, bytes]]) -> None:
+    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None) -> None:
         self.validations.append((step, images))
+        self.validation_losses.append(loss)
 
 
 def config(method: str, **overrides: Any) -> TrainConfig:
@@ -116,6 +118,8 @@ def test_each_method_trains_and_its_artifact_loads_in_plain_diffusers(
     assert {"final_loss", "wall_seconds", "steps", "eval_loss_initial", "eval_loss_final"} <= set(result.metrics)
     assert result.config["resolution"] == 32 and result.config["mixed_precision"] == "no"
     assert [v[0] for v in rec.validations] == [2, 3]
+    assert all(loss is not None and 0 < loss < 10 for loss in rec.validation_losses)  # the live validation loss
+    assert rec.validation_losses[-1] == pytest.approx(result.metrics["eval_loss_final"], rel=1e-4)
     assert rec.validations[0][1][0][0] == PROMPT[method] and rec.validations[0][1][0][1][:4] == b"\x89PNG"
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_random_pipeline_dir, safety_checker=None)

@@ -122,7 +122,7 @@ class Quiet:
     def save_checkpoint(self, step: int, state_dir: Path) -> None:
         pass
 
-    def on_validation(self, step: int, images: list[tuple[str, bytes]]) -> None:
+    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None) -> None:
         pass
 
 

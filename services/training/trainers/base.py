@@ -35,8 +35,9 @@ class TrainerCallbacks(Protocol):
     def save_checkpoint(self, step: int, state_dir: Path) -> None:
         """Persist `state_dir` (a complete resumable state) every `checkpointing_steps` steps."""
 
-    def on_validation(self, step: int, images: list[tuple[str, bytes]]) -> None:
-        """Validation previews at `validation_steps`: (prompt, PNG bytes) pairs."""
+    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None) -> None:
+        """Validation previews at `validation_steps`: (prompt, PNG bytes) pairs, and the validation
+        loss then (the fixed-noise denoising loss of `eval_loss_initial`/`eval_loss_final`)."""
 
 
 @dataclass

@@ -258,8 +258,9 @@ class TrainingRun:
         c = self.config
         if c.validation_prompts and (step % c.validation_steps == 0 or step == c.max_train_steps):
             images = validation_images(self.comps, c.validation_prompts, self.resolution, c.seed)
+            loss = self._eval_loss()  # draws no global randomness: resume stays exact
             self.method.train_mode()
-            self.callbacks.on_validation(step, images)
+            self.callbacks.on_validation(step, images, loss)
 
     def _checkpoint(self, step: int) -> None:
         root = self.work_dir / "checkpoints"

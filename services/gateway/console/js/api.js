@@ -58,14 +58,28 @@ function codeName(status, body) {
   return "";
 }
 
-/** Status body -> one or more sentences: the lead for the code, the server's message, details. */
+/** Status body -> sentences: the lead for the code, then the server's message and its details,
+ * each said once (servers often repeat the message in a BadRequest or PreconditionFailure). */
 export function plainWords(status, body) {
   const name = codeName(status, body);
-  const parts = [LEADS[name] || `The server answered ${status || "nothing"}.`];
-  const message = body && body.message;
-  if (message && !parts[0].includes(message)) parts.push(capitalise(message.trim()) + ".");
-  for (const detail of (body && body.details) || []) parts.push(...describeDetail(detail));
-  return parts.join(" ").replace(/\.\.+/g, ".");
+  const lead = LEADS[name] || `The server answered ${status || "nothing"}.`;
+  const details = [...((body && body.details) || [])]
+    .sort((a, b) => Number(!String(a["@type"]).endsWith("BadRequest")) - Number(!String(b["@type"]).endsWith("BadRequest")));
+  const sentences = [];
+  const cores = [];
+  for (const sentence of details.flatMap(describeDetail)) {
+    const core = sentence.replace(/^[^:]*: /, "").replace(/\.$/, "").toLowerCase();
+    if (!cores.some((seen) => seen.includes(core))) {
+      sentences.push(sentence);
+      cores.push(core);
+    }
+  }
+  const message = ((body && body.message) || "").trim();
+  const plain = message.replace(/^[^:\s]*: /, "").toLowerCase();
+  if (message && !cores.some((core) => core.includes(plain)) && !lead.includes(message)) {
+    sentences.unshift(capitalise(message) + ".");
+  }
+  return [lead, ...sentences].join(" ").replace(/\.\.+/g, ".");
 }
 
 function describeDetail(detail) {

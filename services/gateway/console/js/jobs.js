@@ -122,13 +122,15 @@ class JobView {
     this.render();
   }
 
-  /** Validation loss: the job's metrics (eval loss before training and at the end, and the
-   * live `validation_loss` where a trainer reports it at validation steps). */
+  /** Validation loss from the job's metrics: `validation_loss` at `validation_step` while it runs
+   * (the newest validation), then `eval_loss_initial` (step 0) and `eval_loss_final` once done. */
   addValidationLoss(step) {
     const metrics = this.job.metrics || {};
     const start = Number(this.job.resumed_from_step || 0);
     if (metrics.eval_loss_initial !== undefined && start === 0) this.loss.add("val", 0, Number(metrics.eval_loss_initial));
-    if (metrics.validation_loss !== undefined && step > 0) this.loss.add("val", step, Number(metrics.validation_loss));
+    if (metrics.validation_loss !== undefined) {
+      this.loss.add("val", Number(metrics.validation_step || step), Number(metrics.validation_loss));
+    }
     if (metrics.eval_loss_final !== undefined) {
       this.loss.add("val", Number(metrics.steps || this.job.step || step), Number(metrics.eval_loss_final));
     }

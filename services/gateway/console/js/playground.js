@@ -122,7 +122,7 @@ class Playground {
   }
 
   showResult(result) {
-    const used = (result.adapters || []).map((a) => `${a.name} v${a.version} × ${Number(a.weight).toFixed(2)}`).join(", ");
+    const used = (result.adapters || []).map((a) => `${a.name} v${a.version} at weight ${Number(a.weight).toFixed(2)}`).join(", ");
     const prompt = this.prompt.value;
     const card = h("section.result", { "aria-label": "Generated images" },
       h("div.images", {}, (result.images || []).map((image) => h("figure", {},
