@@ -112,8 +112,10 @@ def convert_pixels(img: Image.Image, mode: str) -> Image.Image:
     would train on (or start img2img from) a washed-out picture. CMYK, palette and alpha
     modes convert with PIL's standard formulas."""
     if img.mode in _WIDE_MODES:
-        top = 65535 if img.mode != "I" or (img.getextrema()[1] or 0) <= 65535 else 2**31 - 1
-        img = img.convert("I").point(lambda value: value * (255 / top)).convert("L")
+        wide = img.convert("I")
+        high = wide.getextrema()[1]
+        top = 65535 if isinstance(high, int | float) and high <= 65535 else 2**31 - 1
+        img = wide.point(lambda value: value * (255 / top)).convert("L")
     return img.convert(mode)
 
 
