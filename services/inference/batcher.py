@@ -8,8 +8,10 @@
   turn), so a tenant flooding the queue delays another tenant's request by at most one batch,
   not by its whole backlog. Within a tenant, requests go in arrival order.
 * Batching: once the lead request has waited `batch_wait` seconds (or enough companions are
-  there), every other waiting request with the same `BatchKey` (base model, adapters with
-  weights, size, steps, scheduler, guidance) joins, up to `max_batch`, taken round robin
+  there), every other waiting request with the same `BatchKey` (base model, DreamBooth weights,
+  TIES/DARE mixes, size, steps, scheduler, guidance; LINEAR LoRA sets and TI differ freely
+  within a batch) joins, up to `max_batch` and while the batch's distinct adapters stay within
+  `max_adapters` (the device tier attaches them together), taken round robin
   across tenants (the lead's tenant first) and in arrival order within each. Every tenant
   in a batch counts as served. Requests whose caller went away or whose deadline passed are
   dropped here.
@@ -48,6 +50,7 @@ class WorkItem:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     tenant: str = ""  # fair queueing unit
+    adapters: frozenset[Hashable] = frozenset()  # what it attaches on the device (LoRA/TI keys)
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -70,8 +73,10 @@ class Batcher:
     """See the module docstring."""
 
     def __init__(self, capacity: int, max_batch: int, batch_wait_s: float,
-                 execute: Callable[[list[WorkItem]], Awaitable[None]], metrics: InferenceMetrics) -> None:
+                 execute: Callable[[list[WorkItem]], Awaitable[None]], metrics: InferenceMetrics,
+                 max_adapters: int = 0) -> None:
         self.capacity = capacity
+        self._max_adapters = max_adapters  # bound on a batch's distinct adapters (0: none)
         self._max_batch = max(1, max_batch)
         self._wait = max(0.0, batch_wait_s)
         self._execute = execute
@@ -135,6 +140,9 @@ class Batcher:
             batch = await self._next_batch()
             if batch:
                 self._metrics.batch_size.observe(len(batch))
+                self._metrics.adapters_per_batch.observe(len(frozenset().union(*(i.adapters for i in batch))))
+                for item in batch:
+                    self._metrics.queue_wait.observe(max(0.0, item.started_at - item.enqueued_at))
                 await self._execute(batch)
 
     async def _next_batch(self) -> list[WorkItem]:
@@ -177,11 +185,20 @@ class Batcher:
         lanes = [by_tenant.pop(first.tenant), *sorted(by_tenant.values(),
                                                        key=lambda v: self._served.get(v[0].tenant, -1))]
         batch: list[WorkItem] = []
+        union: set[Hashable] = set()
         depth = 0
         while len(batch) < self._max_batch and any(depth < len(lane) for lane in lanes):
-            batch.extend(lane[depth] for lane in lanes if depth < len(lane))
+            for item in (lane[depth] for lane in lanes if depth < len(lane)):
+                if len(batch) < self._max_batch and self._fits(union, item, not batch):
+                    batch.append(item)
+                    union |= item.adapters
             depth += 1
-        return batch[: self._max_batch]
+        return batch
+
+    def _fits(self, union: set[Hashable], item: WorkItem, lead: bool) -> bool:
+        """The lead always goes; a companion only while the batch's distinct adapters stay within
+        the device tier's entry bound (they are attached together)."""
+        return lead or not self._max_adapters or len(union | item.adapters) <= self._max_adapters
 
     def _mark_served(self, batch: list[WorkItem]) -> None:
         """Record this turn for the batch's tenants. Turns are kept for idle tenants too: if an

@@ -29,7 +29,7 @@ from services.common.errors import FailedPrecondition, ResourceExhausted
 from services.inference.adapters import AdapterKey
 from services.inference.cache import ByteLRU, CapacityError
 from services.inference.dreambooth import Variant, build_variant
-from services.inference.lora import LoraMergers, attach_lora, detach_lora, lora_nbytes
+from services.inference.lora import LoraMerger, LoraMergers, Mix, attach_lora, detach_lora, lora_nbytes
 from services.inference.merge_methods import LINEAR_MERGE, MergeSpec
 from services.inference.metrics import InferenceMetrics
 from services.inference.payloads import DreamBoothPayload, LoraPayload, Payload, TiPayload
@@ -75,6 +75,17 @@ class Prepared:
     attach_ms: float
 
 
+@dataclass
+class PreparedBatch:
+    """A batch's adapters attached on its target: each request's LoRA mix and TI bindings."""
+
+    pipe: Pipeline
+    mixes: list[Mix]
+    ti: list[list[TiBinding]]
+    mergers: list[LoraMerger]
+    attach_ms: float
+
+
 DeviceKey = tuple[str, AdapterKey]
 
 
@@ -100,19 +111,33 @@ class DeviceState:
     # --- preparing a batch ------------------------------------------------------------
     def prepare(self, base: BaseModel, uses: Sequence[AdapterUse], merge: MergeSpec = LINEAR_MERGE) -> Prepared:
         """Attach what is missing, then merge the batch's LoRA mix into the target's weights."""
+        batch = self.attach(base, [uses])
+        for merger in batch.mergers:
+            merger.apply(batch.mixes[0], merge)
+        return Prepared(base, batch.pipe, batch.ti[0], batch.attach_ms)
+
+    def attach(self, base: BaseModel, jobs: Sequence[Sequence[AdapterUse]]) -> PreparedBatch:
+        """Attach every adapter of a batch's requests (all on one target: the batch key holds the
+        DreamBooth adapter) and say each request's mix and TI bindings; nothing is merged yet.
+        The whole union is protected while it attaches, so it fits the tier's bounds or fails."""
         started = time.perf_counter()
-        target = self._target(base, uses)
-        loras = [u for u in uses if u.kind == "LORA"]
-        tis = [u for u in uses if u.kind == "TEXTUAL_INVERSION"]
-        keys = {(target.id, u.key) for u in loras} | {(target.text_owner, u.key) for u in tis}
+        target = self._target(base, jobs[0])
+        keys = {(target.id if u.kind == "LORA" else target.text_owner, u.key)
+                for uses in jobs for u in uses if u.kind != "DREAMBOOTH"}
+        names: dict[AdapterKey, str] = {}
         try:
-            mix = tuple((self._lora(target, u, keys).peft_name, u.weight) for u in loras)
-            bindings = [self._ti(target, u, keys) for u in tis]
+            for use in (u for uses in jobs for u in uses if u.kind == "LORA" and u.key not in names):
+                names[use.key] = self._lora(target, use, keys).peft_name
+            bindings: dict[AdapterKey, TiBinding] = {}
+            for use in (u for uses in jobs for u in uses if u.kind == "TEXTUAL_INVERSION"):
+                if use.key not in bindings:
+                    bindings[use.key] = self._ti(target, use, keys)
         except (CapacityError, SlotsExhausted) as exc:
             raise ResourceExhausted(f"the adapters of this request do not fit on the device: {exc}") from None
-        for merger in self.mergers.for_pipeline(target.pipe):
-            merger.apply(mix, merge)
-        return Prepared(base, target.pipe, bindings, (time.perf_counter() - started) * 1000)
+        mixes = [tuple((names[u.key], u.weight) for u in uses if u.kind == "LORA") for uses in jobs]
+        ti = [[bindings[u.key] for u in uses if u.kind == "TEXTUAL_INVERSION"] for uses in jobs]
+        return PreparedBatch(target.pipe, mixes, ti, self.mergers.for_pipeline(target.pipe),
+                             (time.perf_counter() - started) * 1000)
 
     def pin(self, base: BaseModel, uses: Sequence[AdapterUse]) -> Prepared:
         """Attach `uses` to the base and pin them in the device tier (warm start, `pinned_adapters`).

@@ -34,6 +34,7 @@ from services.inference.batcher import Batcher, WorkItem
 from services.inference.cache import TierStatus
 from services.inference.device import AdapterUse, DeviceState
 from services.inference.device_thread import DeviceThread, DeviceWatchdog, Report
+from services.inference.merge_methods import LINEAR
 from services.inference.metrics import InferenceMetrics
 from services.inference.pipelines import BaseModel, PipelinePool
 from services.inference.runner import BatchAborted, BatchOutput, Job, Runner, image_seeds
@@ -100,7 +101,7 @@ class InferenceEngine:
         self._device = DeviceThread("atelier-device")
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="atelier-inference-io")
         self.batcher = Batcher(settings.queue_size, settings.max_batch_size, settings.batch_wait_ms / 1000,
-                               self._execute, self.metrics)
+                               self._execute, self.metrics, max_adapters=settings.device_cache_max_adapters)
         self.rate_limit = TenantRateLimiter(settings.quota_generate_rps, settings.quota_generate_burst,
                                             "Generate requests")
 
@@ -151,7 +152,8 @@ class InferenceEngine:
                               self.settings.max_latent_pixels, request.base_model)
             job = Job(request, base, uses, width, height)
             loop = asyncio.get_running_loop()
-            item = WorkItem(self._batch_key(job), job, loop.create_future(), deadline, progress, tenant=tenant)
+            item = WorkItem(self._batch_key(job), job, loop.create_future(), deadline, progress, tenant=tenant,
+                            adapters=frozenset(u.key for u in uses if u.kind != "DREAMBOOTH"))
             load_ms = (time.perf_counter() - started) * 1000
             if progress:
                 progress(Progress("queued", 0, request.steps, load_ms))
@@ -210,15 +212,23 @@ class InferenceEngine:
             return
         device_seconds = (output.attach_ms + output.denoise_ms) / 1000  # split by images: each pays its share
         images = sum(len(p) for p in output.images) or 1
-        for pixels, item in zip(output.images, batch, strict=True):
-            if not item.future.done():
+        errors = output.errors or [None] * len(batch)
+        for pixels, item, error in zip(output.images, batch, errors, strict=True):
+            if error is not None:
+                item.fail(error)
+            elif not item.future.done():
                 item.future.set_result(ItemOutput(pixels, output.attach_ms, output.denoise_ms, len(batch),
                                                   device_seconds * len(pixels) / images))
 
     @staticmethod
     def _batch_key(job: Job) -> tuple[Any, ...]:
+        """LINEAR LoRA mixes and TI batch together (per-sample deltas, per-request prompts: see
+        runner.py); a DreamBooth adapter swaps weights, and a TIES/DARE mix is full rank, so
+        those batch only with requests for the same weights / the same mix."""
         req = job.request
         adapters = tuple((u.key, u.kind, u.weight if u.kind == "LORA" else 1.0) for u in job.uses)
+        if req.merge.normalised().method == LINEAR:
+            adapters = tuple((u.key, u.kind, 1.0) for u in job.uses if u.kind == "DREAMBOOTH")
         return (job.base.name, adapters, job.width, job.height, req.steps, req.scheduler, req.guidance_scale,
                 req.merge, req.mode, req.strength)
 

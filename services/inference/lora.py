@@ -192,6 +192,10 @@ class LoraMerger:
         if isinstance(peft_config, dict):
             peft_config.pop(name, None)
 
+    def layers(self) -> list[Any]:
+        """The tracked peft wrappers (their base layers are what runs while stripped)."""
+        return list(self._tracked)
+
     def wrappers(self) -> dict[str, LoraLayer]:
         """Module path -> wrapper, for the fast attach path."""
         return {tracked.path: layer for layer, tracked in self._tracked.items()}

@@ -50,6 +50,13 @@ class InferenceMetrics:
                                  registry=registry)
         self.batch_size = Histogram(name("batch_size"), "Requests merged into one pipeline call",
                                     buckets=BATCH_BUCKETS, registry=registry)
+        self.adapters_per_batch = Histogram(name("adapters_per_batch"),
+                                            "Distinct LoRA/TI adapters attached for one batch",
+                                            buckets=BATCH_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(name("queue_wait_seconds"), "Time from queueing to entering a batch",
+                                    buckets=LOAD_BUCKETS, registry=registry)
+        self.step_batch_size = Histogram(name("step_batch_size"), "Live requests in one denoising step",
+                                         buckets=BATCH_BUCKETS, registry=registry)
         self.step_seconds = Histogram(name("denoise_step_seconds"), "Wall time of one denoising step",
                                       buckets=STEP_BUCKETS, registry=registry)
         self.images = Counter(name("images_generated"), "Images returned to callers", registry=registry)

@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from services.common.errors import AtelierError
 from services.inference.abort import AbortGuard, BatchAborted
 from services.inference.batcher import WorkItem
-from services.inference.device import AdapterUse, DeviceState
+from services.inference.device import AdapterUse, DeviceState, PreparedBatch
+from services.inference.hetero import per_sample_deltas, row_plan, supported
 from services.inference.img2img import mode_kwargs, pipeline_for
 from services.inference.metrics import InferenceMetrics
 from services.inference.pipelines import BaseModel, encode
@@ -42,6 +45,7 @@ from services.inference.textual_inversion import rewrite_prompts
 from services.inference.types import GenerationRequest, Progress
 
 SEED_MODULUS = 2**64
+UNET_PREFIXES = ("unet", "transformer")
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,16 @@ class Job:
 
 @dataclass
 class BatchOutput:
-    images: list[list[np.ndarray]]  # per item, uint8 HxWx3
+    images: list[list[np.ndarray]]  # per item, uint8 HxWx3 (empty where errors[i] is set)
     attach_ms: float
     denoise_ms: float
+    errors: list[BaseException | None] = field(default_factory=list)  # per item; [] = none failed
+    path: str = "merged"  # "merged" (one mix in the weights), "hetero" (per-sample deltas), "groups"
+
+
+def mix_key(job: Job) -> tuple[Any, ...]:
+    """A request's LoRA mix as the batch sees it (zero weights contribute nothing)."""
+    return tuple((u.key, u.weight) for u in job.uses if u.kind == "LORA" and u.weight != 0.0)
 
 
 def image_seeds(request: GenerationRequest) -> list[int]:
@@ -126,29 +137,74 @@ class Runner:
         self._metrics = metrics
         self._exact = exact
         self.guard = guard or AbortGuard()
+        self.paths: Counter[str] = Counter()  # batches per path taken (merged/hetero/groups)
 
     def run(self, items: list[WorkItem]) -> BatchOutput:
         """The batch's pipeline call; BatchAborted once all its requests are dead (any time)."""
         with self.guard.running(items):
-            return self._run(items)
+            output = self._run(items)
+        self.paths[output.path] += 1
+        return output
 
     def _run(self, items: list[WorkItem]) -> BatchOutput:
+        """One mix: merged into the weights. Several (LINEAR only, by the batch key): per-sample
+        deltas in one UNet forward (hetero.py), or, when the union cannot attach or a layer is
+        not plain, one pipeline call per mix so a failure stays with its own requests."""
+        jobs: list[Job] = [item.payload for item in items]
+        if len({mix_key(job) for job in jobs}) == 1:
+            return self._call(items, self._device.attach(jobs[0].base, [j.uses for j in jobs]), hetero=False)
+        try:
+            prepared = self._device.attach(jobs[0].base, [j.uses for j in jobs])
+        except AtelierError:
+            return self._groups(items)
+        names = {name for mix in prepared.mixes for name, _w in mix}
+        if not supported([m for m in prepared.mergers if m.prefix in UNET_PREFIXES], names):
+            return self._groups(items)
+        return self._call(items, prepared, hetero=True)
+
+    def _groups(self, items: list[WorkItem]) -> BatchOutput:
+        """One merged pipeline call per distinct mix; errors stay with their group's requests."""
+        by_mix: dict[tuple[Any, ...], list[int]] = {}
+        for i, item in enumerate(items):
+            by_mix.setdefault(mix_key(item.payload), []).append(i)
+        images: list[list[np.ndarray]] = [[] for _ in items]
+        errors: list[BaseException | None] = [None] * len(items)
+        attach_ms = denoise_ms = 0.0
+        for indices in by_mix.values():
+            group = [items[i] for i in indices]
+            try:
+                jobs = [item.payload for item in group]
+                out = self._call(group, self._device.attach(jobs[0].base, [j.uses for j in jobs]), hetero=False)
+            except AtelierError as exc:
+                for i in indices:
+                    errors[i] = exc
+                continue
+            attach_ms, denoise_ms = attach_ms + out.attach_ms, denoise_ms + out.denoise_ms
+            for i, pixels in zip(indices, out.images, strict=True):
+                images[i] = pixels
+        return BatchOutput(images, attach_ms, denoise_ms, errors, path="groups")
+
+    def _call(self, items: list[WorkItem], prepared: PreparedBatch, hetero: bool) -> BatchOutput:
         jobs: list[Job] = [item.payload for item in items]
         first = jobs[0]
-        prepared = self._device.prepare(first.base, first.uses, first.request.merge)
         pipe = prepared.pipe
+        if not hetero:
+            for merger in prepared.mergers:
+                merger.apply(prepared.mixes[0], first.request.merge)
         self.guard.hook(pipe)
         req = first.request
         guidance = req.guidance_scale > 1.0
-        kwargs = self._embeddings(jobs, prepared.base, pipe, prepared.ti, guidance)
+        text = [m for m in prepared.mergers if m.prefix not in UNET_PREFIXES] if hetero else []
+        kwargs = self._embeddings(jobs, first.base, pipe, prepared.ti, guidance,
+                                  lambda j: [m.apply(prepared.mixes[j]) for m in text])
         generators = [torch.Generator("cpu").manual_seed(s) for job in jobs for s in image_seeds(job.request)]
-        pipe.scheduler = prepared.base.scheduler(req.scheduler)
+        pipe.scheduler = first.base.scheduler(req.scheduler)
         call = pipeline_for(pipe, req.mode)  # img2img / inpaint share pipe's components
         call.scheduler = pipe.scheduler
         pipe.vae.use_slicing = self._exact
         started = time.perf_counter()
         callback = self._callback(items, req.steps, started)
-        with self._unet_mode(pipe, jobs, guidance):
+        with self._unet_mode(pipe, jobs, guidance, prepared if hetero else None):
             output = call(
                 **kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
                 **mode_kwargs([job.request for job in jobs], first.width, first.height),
@@ -163,21 +219,25 @@ class Runner:
             n = job.request.num_images
             result.append([pixels[offset + i] for i in range(n)])
             offset += n
-        return BatchOutput(result, prepared.attach_ms, denoise_ms)
+        return BatchOutput(result, prepared.attach_ms, denoise_ms, path="hetero" if hetero else "merged")
 
     @staticmethod
-    def _embeddings(jobs: Sequence[Job], base: BaseModel, pipe: Any, ti: Sequence[Any],
-                    guidance: bool) -> dict[str, torch.Tensor]:
+    def _embeddings(jobs: Sequence[Job], base: BaseModel, pipe: Any, ti: Sequence[Sequence[Any]],
+                    guidance: bool, before: Callable[[int], Any]) -> dict[str, torch.Tensor]:
+        """Prompts encoded request by request, each with its own TI bindings; `before(j)` puts
+        request j's LoRA mix into the text encoders on the hetero path."""
         parts: dict[str, list[torch.Tensor]] = {}
-        for job in jobs:
-            prompt, negative = rewrite_prompts(job.request.prompt, job.request.negative_prompt, ti)
+        for j, job in enumerate(jobs):
+            before(j)
+            prompt, negative = rewrite_prompts(job.request.prompt, job.request.negative_prompt, ti[j])
             for name, tensor in encode(base, pipe, prompt, negative, job.request.num_images, guidance).items():
                 parts.setdefault(name, []).append(tensor)
         return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
-    def _unet_mode(self, pipe: Any, jobs: Sequence[Job], guidance: bool) -> contextlib.AbstractContextManager[None]:
-        if not self._exact or len(jobs) == 1:
-            return contextlib.nullcontext()
+    def _unet_mode(self, pipe: Any, jobs: Sequence[Job], guidance: bool,
+                   hetero: PreparedBatch | None) -> contextlib.AbstractContextManager[Any]:
+        """Hetero: the whole batch in one forward with per-row deltas. Merged: exact mode runs
+        the UNet per request (module doc), else on the whole batch."""
         total = sum(job.request.num_images for job in jobs)
         groups: list[list[int]] = []
         offset = 0
@@ -185,6 +245,14 @@ class Runner:
             rows = list(range(offset, offset + job.request.num_images))
             groups.append(rows + [total + r for r in rows] if guidance else rows)
             offset += job.request.num_images
+        if hetero is not None:
+            unet = [m for m in hetero.mergers if m.prefix in UNET_PREFIXES]
+            stack = contextlib.ExitStack()
+            for merger in unet:
+                stack.enter_context(per_sample_deltas(merger, row_plan(groups, hetero.mixes)))
+            return stack
+        if not self._exact or len(jobs) == 1:
+            return contextlib.nullcontext()
         return per_request_unet(pipe.unet, groups)
 
     def _callback(self, items: list[WorkItem], steps: int, started: float) -> Any:
@@ -197,6 +265,7 @@ class Runner:
             alive = [item for item in items if not item.dead()]
             if not alive:
                 raise BatchAborted()
+            self._metrics.step_batch_size.observe(len(alive))
             # Some schedulers run more model evaluations than requested steps (PNDM: steps + 1).
             total = int(getattr(pipe, "num_timesteps", 0) or steps)
             for item in alive:

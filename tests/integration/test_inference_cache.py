@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from atelier.v1 import inference_pb2
@@ -20,7 +21,7 @@ from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.grpc_servers import bearer
 from tests.fixtures.s3 import MotoServer
-from tests.integration.test_inference_support import BASE, InferenceEnv, engine_settings, ref, start_env
+from tests.integration.test_inference_support import BASE, InferenceEnv, engine_settings, pixels, ref, start_env
 
 ADAPTERS = [f"style-{i}" for i in range(8)]
 DEVICE_MAX = 3
@@ -98,14 +99,16 @@ def test_32_concurrent_requests_over_8_adapters(env: InferenceEnv) -> None:
     device = next(t for t in samples[-1].tiers if t.tier == inference_pb2.CACHE_TIER_KIND_DEVICE)
     host = next(t for t in samples[-1].tiers if t.tier == inference_pb2.CACHE_TIER_KIND_HOST)
     assert len(device.entries) == DEVICE_MAX and device.evictions > 0 and host.evictions > 0
-    # Correct: every image equals the same request run alone afterwards (adapters re-attached).
+    # Correct: every image equals the same request run alone afterwards (adapters re-attached),
+    # within the hetero-batching tolerance (different LoRAs share one UNet forward: max 2 levels).
     pngs: dict[str, set[bytes]] = {}
     for name, result in zip(jobs, results, strict=True):
         assert [a.name for a in result.adapters] == [name]
         pngs.setdefault(name, set()).add(result.images[0].png)
+    solo = {name: pixels(env.generate(adapters=[(name, 1.0)], seed=3, steps=2).images[0].png) for name in pngs}
     for name, images in pngs.items():
-        assert images == {env.generate(adapters=[(name, 1.0)], seed=3, steps=2).images[0].png}, name
-    assert len({next(iter(images)) for images in pngs.values()}) == 8
+        assert max(int(np.abs(pixels(png) - solo[name]).max()) for png in images) <= 2, name
+    assert len({s.tobytes() for s in solo.values()}) == 8
 
 
 def test_evicting_every_adapter_restores_the_unet_exactly(env: InferenceEnv) -> None:

@@ -110,6 +110,7 @@ def test_batch_key_covers_what_changes_the_pipeline_call_and_nothing_else() -> N
     from services.inference.adapters import AdapterKey
     from services.inference.device import AdapterUse
     from services.inference.engine import InferenceEngine
+    from services.inference.merge_methods import MergeSpec
     from services.inference.payloads import LoraPayload
     from services.inference.pipelines import BaseModel
     from services.inference.runner import Job
@@ -124,15 +125,41 @@ def test_batch_key_covers_what_changes_the_pipeline_call_and_nothing_else() -> N
         return InferenceEngine._batch_key(Job(request, base, adapters, size, size))
 
     same = key()
-    # prompt, negative prompt, seed and image count do not split a batch...
+    # prompt, negative prompt, seed and image count do not split a batch, nor (LINEAR merge:
+    # per-sample deltas) which LoRAs and weights...
     assert key(prompt="other", negative_prompt="n", seed=9, num_images=3) == same
-    # ...adapters, their weights and order, size, steps, scheduler and guidance do
-    assert key(adapters=(use("a", 0.5),)) != same
-    assert key(adapters=(use("a", 1.0), use("b", 1.0))) != key(adapters=(use("b", 1.0), use("a", 1.0)))
+    assert key(adapters=(use("a", 0.5),)) == same == key(adapters=())
+    assert key(adapters=(use("a", 1.0), use("b", 1.0))) == key(adapters=(use("b", 1.0), use("a", 1.0)))
+    # ...but a full-rank TIES/DARE mix does (it batches only with the same mix)
+    ties = MergeSpec("TIES", 0.5, 0)
+    assert key(adapters=(use("a", 0.5),), merge=ties) != key(adapters=(use("a", 1.0),), merge=ties)
+    assert key(adapters=(use("a", 0.5),), merge=ties) == key(adapters=(use("a", 0.5),), merge=ties)
+    # ...as does a DreamBooth adapter, and size, steps, scheduler and guidance
+    dreambooth = AdapterUse(AdapterKey("t", "db", 1, "x"), "DREAMBOOTH", 1.0, LoraPayload({}))
+    assert key(adapters=(dreambooth,)) != same
     assert key(size=64) != same
     assert key(steps=10) != same
     assert key(scheduler="ddim") != same
     assert key(guidance_scale=3.0) != same
+
+
+async def _test_companions_stay_within_the_adapter_bound() -> None:
+    recorder = Recorder()
+    batcher = Batcher(16, 8, 0.05, recorder, InferenceMetrics(CollectorRegistry()), max_adapters=3)
+    sets = {"p": {"a"}, "q": {"b"}, "r": {"a", "c"}, "s": {"d"}, "t": {"b", "c"}, "u": set()}
+    items = []
+    for name, adapters in sets.items():
+        work = item("k", name)
+        work.adapters = frozenset(adapters)
+        items.append(submit(batcher, work))
+    await asyncio.gather(*(i.future for i in items))
+    # {a, b, c} fills the bound: "s" (d) waits for the next batch, "u" (none) still fits.
+    assert recorder.batches == [["p", "q", "r", "t", "u"], ["s"]]
+    await batcher.close()
+
+
+def test_companions_stay_within_the_adapter_bound() -> None:
+    asyncio.run(_test_companions_stay_within_the_adapter_bound())
 
 
 def tenant_item(tenant: str, key: str, name: str) -> WorkItem:
