@@ -35,7 +35,7 @@ from bench.chaos_fuzz import all_methods
 ROUNDS = 5
 # Medians of B->A and B->missing may differ by this much before it counts as a timing leak:
 # generous, since both run beside other work on a shared machine.
-TIMING_RATIO, TIMING_SLACK_S = 2.0, 0.025
+TIMING_RATIO, TIMING_SLACK_S = 2.0, 0.05
 NOT_ADDRESSABLE = {
     "UploadDataset": "creates a dataset in the caller's tenant only; ids are server-chosen",
     "ListBaseModels": "base models are shared by every tenant (admin-managed)",
