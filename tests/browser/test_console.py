@@ -94,12 +94,17 @@ def sdk_adapter(console_server: ConsoleServer) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def signed_in(browser: Any, console_server: ConsoleServer) -> Any:
-    """Open the console: the first API call is refused, the key dialog opens, the key goes in."""
+    """Open the console: the first API call is refused, the key dialog opens; a wrong key is
+    refused in plain words, the right one goes in."""
     browser.get(console_server.url)
     dialog = wait_for(lambda: css(browser, "#key-dialog[open]"), 30, "the API key dialog")
-    assert "API key was not accepted" in css(browser, "#key-reason").text
-    assert "not accepted" in visible_text(browser, "main .error")
+    assert "This server needs an API key" in css(browser, "#key-reason").text
+    assert "needs an API key" in visible_text(browser, "main .error")
     shot(browser, "01-api-key")
+    set_value(browser, "#key-input", "not-the-key")
+    css(browser, "#key-save").click()
+    wait_for(lambda: "was not accepted" in css(browser, "#key-reason").text and dialog.get_attribute("open"), 30,
+             "the wrong key to be refused")
     set_value(browser, "#key-input", API_KEY)
     css(browser, "#key-save").click()
     wait_for(lambda: not dialog.get_attribute("open"), 10, "the dialog to close")
@@ -156,10 +161,20 @@ def test_upload_train_and_watch_the_curve_grow(signed_in: Any, tmp_path: Path, s
     assert Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).format == "PNG"
     assert css(driver, "#job-step").text == f"{TRAIN_STEPS} / {TRAIN_STEPS}"
     shot(driver, "04-job-done")
+    job_id = driver.current_url.rsplit("/", 1)[1]
+    driver.get(driver.current_url.split("#")[0] + "#/jobs?state=SUCCEEDED")
+    wait_for(lambda: job_id in css(driver, "main table.list").text, 30, "the job under 'succeeded'")
+    assert css(driver, 'nav.filters a[aria-current="page"]').text == "succeeded"
+    shot(driver, "04b-jobs-succeeded")
+    driver.get(driver.current_url.split("#")[0] + "#/jobs?state=FAILED")
+    wait_for(lambda: "No failed jobs." in css(driver, "main").text, 30, "an empty 'failed' filter")
 
 
 def test_adapter_page_downloads_and_alias_conflict(signed_in: Any, sdk_adapter: str) -> None:
     driver = signed_in
+    driver.get(driver.current_url.split("#")[0] + "#/adapters")
+    listed = wait_for(lambda: css(driver, "main table.list").text, 30, "the adapter list")
+    assert sdk_adapter in listed
     driver.get(driver.current_url.split("#")[0] + f"#/adapters/{sdk_adapter}")
     wait_for(lambda: css(driver, "table.versions tbody tr"), 30, "the versions table")
     row = css(driver, "table.versions tbody tr").text
@@ -245,7 +260,8 @@ def test_error_sentences_say_each_thing_once(signed_in: Any) -> None:
           details: [{"@type": "type.googleapis.com/google.rpc.PreconditionFailure",
                      violations: [{subject: "expected_version", description: "alias 'a' was not changed: expected 7"}]},
                     {"@type": "type.googleapis.com/google.rpc.BadRequest",
-                     fieldViolations: [{field: "expected_version", description: "alias 'a' was not changed: expected 7"}]}]}),
+                     fieldViolations: [{field: "expected_version",
+                                        description: "alias 'a' was not changed: expected 7"}]}]}),
         api.plainWords(429, {code: 8, message: "queue full",
           details: [{"@type": "type.googleapis.com/google.rpc.RetryInfo", retryDelay: "2s"}]}),
         api.plainWords(0, {message: "could not reach the server (Failed to fetch)"}),

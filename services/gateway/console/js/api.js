@@ -31,7 +31,7 @@ const CODE_NAMES = {
 };
 
 const LEADS = {
-  UNAUTHENTICATED: "The API key was not accepted. Enter a valid key (Key button, top right).",
+  UNAUTHENTICATED: "The API key was not accepted: check it (API key button, top right).",
   PERMISSION_DENIED: "This API key is not allowed to do that.",
   NOT_FOUND: "Not found.",
   INVALID_ARGUMENT: "The request was not valid.",
@@ -62,7 +62,9 @@ function codeName(status, body) {
  * each said once (servers often repeat the message in a BadRequest or PreconditionFailure). */
 export function plainWords(status, body) {
   const name = codeName(status, body);
-  const lead = LEADS[name] || `The server answered ${status || "nothing"}.`;
+  const lead = name === "UNAUTHENTICATED" && !apiKey()
+    ? "This server needs an API key: enter yours (API key button, top right)."
+    : LEADS[name] || `The server answered ${status || "nothing"}.`;
   const details = [...((body && body.details) || [])]
     .sort((a, b) => Number(!String(a["@type"]).endsWith("BadRequest")) - Number(!String(b["@type"]).endsWith("BadRequest")));
   const sentences = [];

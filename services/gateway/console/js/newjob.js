@@ -28,7 +28,7 @@ export async function newJobPage(main) {
     h("img", { src: URL.createObjectURL(f), alt: f.name, width: 64, height: 64 }))));
   const form = h("form.stack", { onsubmit: (e) => { e.preventDefault(); start(el, status, submit); } },
     h("fieldset", {}, h("legend", {}, "1. Training images"),
-      field("Images (3-20 PNG, JPEG or WebP)", el.files), thumbs,
+      field("Images (PNG, JPEG or WebP, at least 64 px a side)", el.files), thumbs,
       h("div.row", {}, field("Dataset name", el.dataset), field("Caption", el.caption))),
     h("fieldset", {}, h("legend", {}, "2. LoRA job"),
       h("div.row", {}, field("Base model", el.model), field("Adapter name", el.output), field("Alias on success", el.alias)),
