@@ -53,6 +53,11 @@ def test_only_the_owner_heartbeats_and_writes(store: JobStore) -> None:
     assert store.record_validation(job_id, "w1", [ValidationPreview(3, "a dog", b"\x89PNG")]).owned
     last = store.events_after(job_id, 0)[-1]
     assert last.kind == "validation" and last.previews[0].png == b"\x89PNG"
+    assert store.get_job(job_id).metrics == {}  # no loss reported: metrics untouched
+    assert store.record_validation(job_id, "w1", [ValidationPreview(6, "a dog", b"\x89PNG")], loss=0.25).owned
+    assert store.get_job(job_id).metrics == {"validation_loss": 0.25, "validation_step": 6.0}
+    assert not store.record_validation(job_id, "w2", [], loss=9.0).owned
+    assert store.get_job(job_id).metrics["validation_loss"] == 0.25
 
 
 def test_expired_lease_requeues_and_fences_the_old_worker(store: JobStore) -> None:
