@@ -5,19 +5,21 @@ Each image has an expected verdict. "refuse": INVALID_ARGUMENT whose BadRequest 
 image's field (images[0], spec.init_image, spec.mask_image). "accept": the call succeeds
 (CMYK and 16-bit greyscale are converted, see services/training/datasets.convert_pixels; an
 animated PNG/WebP uses its first frame; EXIF and trailing bytes after the image are ignored).
-Either way the server stays SERVING and a refused upload stores nothing.
+Either way the server stays SERVING and a refused upload stores nothing; a dataset of all the
+accepted images trains (2 steps) to SUCCEEDED.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from atelier.v1 import inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from atelier.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
@@ -128,6 +130,31 @@ def _judge(image: str, target: str, expected: str, field: str, call: Callable[[]
     else:
         ok = code == "INVALID_ARGUMENT" and any(f.startswith(field) for f in fields) and snapshot() == before
     return ImageVerdict(image, target, expected, code, fields, ok)
+
+
+def train_on_accepted(training_channel: grpc.Channel, metadata: tuple[tuple[str, str], ...], base_model: str,
+                      timeout_s: float = 180.0) -> tuple[str, str]:
+    """Upload every image the API accepts as one dataset and train 2 steps on it: accepted
+    must also mean usable. Returns the job's final state name and error."""
+    training = training_pb2_grpc.TrainingServiceStub(training_channel)
+    accepted = [data for data, verdict in hostile_images().values() if verdict == "accept"]
+    upload = [training_pb2.UploadDatasetRequest(header=training_pb2.DatasetHeader(name="benign"))]
+    upload += [training_pb2.UploadDatasetRequest(image=training_pb2.DatasetImageChunk(
+        index=i, filename=f"{i}.img", caption="a photo of sks", data=data)) for i, data in enumerate(accepted)]
+    dataset = training.UploadDataset(iter(upload), metadata=metadata, timeout=60).dataset
+    spec = training_pb2.TrainingJobSpec(
+        method=common_pb2.ADAPTER_KIND_LORA, base_model=base_model, dataset_id=dataset.id, output_name="benign",
+        instance_prompt="a photo of sks", hyperparameters=training_pb2.Hyperparameters(max_train_steps=2,
+                                                                                       resolution=32))
+    job = training.CreateTrainingJob(training_pb2.CreateTrainingJobRequest(spec=spec), metadata=metadata,
+                                     timeout=30).job
+    deadline = time.monotonic() + timeout_s
+    final = (training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_FAILED, training_pb2.JOB_STATE_CANCELLED)
+    while job.state not in final and time.monotonic() < deadline:
+        time.sleep(0.3)
+        job = training.GetTrainingJob(training_pb2.GetTrainingJobRequest(id=job.id), metadata=metadata,
+                                      timeout=30).job
+    return training_pb2.JobState.Name(job.state), job.error
 
 
 def probe_images(training_channel: grpc.Channel, inference_channel: grpc.Channel,

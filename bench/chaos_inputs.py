@@ -44,7 +44,7 @@ from bench.chaos_fuzz import (  # noqa: E402
     run_fuzz,
     serving,
 )
-from bench.chaos_images import hostile_images, probe_images  # noqa: E402
+from bench.chaos_images import hostile_images, probe_images, train_on_accepted  # noqa: E402
 from bench.chaos_tenants import NOT_ADDRESSABLE, ROUNDS, Owned, Stubs, TenantProbes, coverage  # noqa: E402
 
 FUZZ_TENANT = "fuzz"
@@ -217,6 +217,9 @@ def images_row(ctx: ChaosContext, findings: Findings) -> dict[str, str]:
     for v in verdicts:
         if not v.ok:
             findings.problems.append(f"{v.image} -> {v.target}: {v.code} {v.fields} (expected {v.expected})")
+    trained, error = train_on_accepted(channel_for(ctx.training_target), ctx.metadata(FUZZ_TENANT), ctx.base_model)
+    if trained != "JOB_STATE_SUCCEEDED":
+        findings.problems.append(f"training on the accepted images ended {trained}: {error}")
     up = all(serving(channel_for(t)) for t in (ctx.training_target, ctx.inference_target))
     if not up:
         findings.problems.append("a server is not SERVING after the hostile images")
@@ -224,7 +227,8 @@ def images_row(ctx: ChaosContext, findings: Findings) -> dict[str, str]:
     accepted = sum(v.code == "OK" for v in verdicts)
     figures = (f"{len(hostile_images())} images, {len(verdicts)} calls (upload, init_image, mask_image): "
                f"{refused} INVALID_ARGUMENT naming the field, {accepted} accepted (CMYK/16-bit/APNG/WebP/EXIF/"
-               f"polyglot), {len(findings.problems)} wrong; servers {'up' if up else 'DOWN'}")
+               f"polyglot) and a 2-step job on them {trained.removeprefix('JOB_STATE_')}; "
+               f"{len(findings.problems)} wrong; servers {'up' if up else 'DOWN'}")
     return row("R6", "hostile images (bomb, truncated, CMYK, 16-bit, animated, EXIF, polyglot)", figures,
                not findings.problems)
 
