@@ -272,3 +272,49 @@ def test_error_sentences_say_each_thing_once(signed_in: Any) -> None:
                         "Field expected_version: alias 'a' was not changed: expected 7.")
     assert busy == "The server is busy or a quota is used up. Queue full. Try again in 2 s."
     assert offline.startswith("The server is unavailable right now. Could not reach the server")
+
+
+def test_cancel_a_running_job_from_its_page(signed_in: Any, console_server: ConsoleServer, sdk_adapter: str) -> None:
+    with Client(console_server.training_target, api_key=API_KEY, timeout=60) as client:
+        dataset = client.upload_dataset(concept_images(3, seed=4), name="cancel-me")
+        handle = client.train("lora", base_model=BASE_MODEL, dataset=dataset.id, name="console-cancelled",
+                              instance_prompt="a photo of sks stripes", max_train_steps=5000, resolution=32)
+    driver = signed_in
+    driver.get(driver.current_url.split("#")[0] + f"#/jobs/{handle.id}")
+    wait_for(lambda: "running" in css(driver, "h1 .badge").text and points(driver, "loss") >= 1, 120, "it to run")
+    css(driver, "button.danger").click()
+    driver.switch_to.alert.accept()  # "Cancel job …?"
+    wait_for(lambda: "cancelled" in css(driver, "h1 .badge").text, 120, "the job to be cancelled")
+    assert not css(driver, "button.danger").is_displayed()
+    assert "Job cancelled." in css(driver, "main").text
+
+
+def test_a_bad_upload_is_refused_in_plain_words(signed_in: Any, tmp_path: Path) -> None:
+    driver = signed_in
+    driver.get(driver.current_url.split("#")[0] + "#/new")
+    wait_for(lambda: css(driver, "#nj-files"), 30, "the new-job form")
+    fake = tmp_path / "not-an-image.png"
+    fake.write_bytes(b"this is text, not a PNG")
+    css(driver, "#nj-files").send_keys(str(fake))
+    set_value(driver, "#nj-output", "never-trained")
+    css(driver, "#nj-submit").click()
+    error = wait_for(lambda: css(driver, "#nj-status .error").text, 60, "the upload error")
+    assert error.startswith("Error: The request was not valid.") and "Field images[0]: not a PNG" in error
+    assert css(driver, "#nj-status .files-named").text == "images[0] is not-an-image.png."
+    assert "#/new" in driver.current_url and css(driver, "#nj-submit").is_enabled()
+
+
+def test_every_control_has_a_label_and_every_image_alt_text(signed_in: Any, sdk_adapter: str) -> None:
+    driver = signed_in
+    unlabeled_script = """
+      return [...document.querySelectorAll("input, select, textarea")].filter((el) => el.type !== "hidden"
+        && !el.getAttribute("aria-label") && !(el.id && document.querySelector(`label[for="${el.id}"]`)))
+        .map((el) => el.outerHTML);
+    """
+    for route in ("#/new", "#/playground", f"#/adapters/{sdk_adapter}"):
+        driver.get(driver.current_url.split("#")[0] + route)
+        wait_for(lambda: css_all(driver, "main form"), 30, f"the form of {route}")
+        if route == "#/playground":
+            css(driver, "fieldset button.small").click()
+        assert driver.execute_script(unlabeled_script) == [], route
+        assert driver.execute_script("return [...document.images].filter((i) => !i.alt).length") == 0

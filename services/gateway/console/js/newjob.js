@@ -49,9 +49,17 @@ async function start(el, status, submit) {
     const { job } = await api.post("/v1/jobs", { request_id: crypto.randomUUID(), spec: jobSpec(el, dataset.id) });
     location.hash = `#/jobs/${job.id}`;
   } catch (error) {
-    fill(status, errorBox(error), dataset ? notice(`The images are stored as dataset ${dataset.id}; fix the job settings and submit again.`) : null);
+    fill(status, errorBox(error), namedFiles(error, el.files.files),
+      dataset ? notice(`The images are stored as dataset ${dataset.id}; fix the job settings and submit again.`) : null);
     submit.disabled = false;
   }
+}
+
+/** The server names images by position (`images[2]`); say which file that is. */
+function namedFiles(error, files) {
+  const indices = new Set([...error.message.matchAll(/images\[(\d+)\]/g)].map((m) => Number(m[1])));
+  const names = [...indices].filter((i) => i < files.length).map((i) => `images[${i}] is ${files[i].name}`);
+  return names.length ? h("p.hint.files-named", {}, names.join("; "), ".") : null;
 }
 
 async function upload(el) {
