@@ -6,6 +6,7 @@ const NS = "http://www.w3.org/2000/svg";
 const W = 560;
 const H = 220;
 const PAD = { left: 56, right: 16, top: 14, bottom: 30 };
+const MAX_DOTS = 200;
 
 function svg(tag, attrs = {}, text) {
   const el = document.createElementNS(NS, tag);
@@ -38,6 +39,7 @@ export class LineChart {
   constructor(container, { title, series, xLabel = "step" }) {
     this.series = series.map((s) => ({ ...s, data: [] }));
     this.xLabel = xLabel;
+    this.title = title;
     this.root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title, class: "chart" });
     this.root.append(svg("title", {}, title));
     const figure = document.createElement("figure");
@@ -96,6 +98,11 @@ export class LineChart {
     const sy = (y) => PAD.top + plotH - ((y - b.y0) / (b.y1 - b.y0)) * plotH;
     this.axes(b, sx, sy, plotH);
     for (const s of this.series) this.line(s, sx, sy);
+    const latest = this.series.filter((s) => s.data.length).map((s) => {
+      const [x, y] = s.data[s.data.length - 1];
+      return `${s.name} ${label(y)} at ${this.xLabel} ${x}`;
+    });
+    this.root.setAttribute("aria-label", `${this.title}: ${latest.join(", ")}`);
   }
 
   axes(b, sx, sy, plotH) {
@@ -114,8 +121,9 @@ export class LineChart {
     const d = s.data.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join("");
     const group = svg("g", { class: "series", "data-series": s.key, "data-points": String(s.data.length) });
     group.append(svg("path", { d, stroke: s.color, class: "line" }));
+    if (s.data.length > MAX_DOTS) return; // long runs: the line alone, redrawn cheaply
     for (const [x, y] of s.data) {
-      const dot = svg("circle", { cx: sx(x), cy: sy(y), r: s.data.length > 60 ? 1.5 : 3, fill: s.color, class: "point" });
+      const dot = svg("circle", { cx: sx(x), cy: sy(y), r: s.data.length > 60 ? 2 : 3, fill: s.color, class: "point" });
       dot.append(svg("title", {}, `${s.name} at ${this.xLabel} ${x}: ${label(y)}`));
       group.append(dot);
     }
