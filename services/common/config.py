@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     http_port: int = Field(
         8080, description="HTTP/JSON gateway + web console port of `atelier serve` (every annotated RPC); 0 disables it."
     )
+    http_sse_keepalive_seconds: float = Field(
+        15.0, description="A `: keepalive` comment on a Server-Sent Events stream quiet this long (idle proxies)."
+    )
     grpc_max_message_bytes: int = Field(64 * MiB, description="Max gRPC message size, both ways.")
     shutdown_grace_seconds: float = Field(30.0, description="In-flight work allowed on SIGTERM.")
     tls_cert_file: Path | None = Field(None, description="PEM certificate; TLS is on when set.")

@@ -63,8 +63,9 @@ class Gateway:
     """Routes HTTP requests to gRPC methods; one instance per process."""
 
     def __init__(self, routes: list[Route], channels: Mapping[str, aio.Channel],
-                 openapi: dict[str, Any], console_dir: Path | None) -> None:
+                 openapi: dict[str, Any], console_dir: Path | None, keepalive_seconds: float = 15.0) -> None:
         self._routes = routes
+        self._keepalive = keepalive_seconds
         self._channels = channels
         self._openapi = openapi
         self._console = console_dir.resolve() if console_dir is not None else None
@@ -124,7 +125,7 @@ class Gateway:
         server_call = stream(message, metadata=metadata)
         if is_download(route):
             return await _download(server_call, request, route.grpc_path)
-        return await _server_sent_events(server_call, request, route.grpc_path)
+        return await _server_sent_events(server_call, request, route.grpc_path, self._keepalive)
 
     async def _upload(self, route: Route, request: web.Request, channel: aio.Channel,
                       metadata: tuple[tuple[str, str], ...]) -> web.StreamResponse:
@@ -205,7 +206,32 @@ async def _first(call: Any) -> tuple[AsyncIterator[Message], Message | None]:
         return iterator, None
 
 
-async def _server_sent_events(call: Any, request: web.Request, rpc: str) -> web.StreamResponse:
+async def _next_or_keepalive(iterator: AsyncIterator[Message], response: web.StreamResponse,
+                             keepalive: float) -> AsyncIterator[Message]:
+    """The stream's messages; while it is quiet, a `: keepalive` comment every `keepalive` seconds
+    so idle-timeout proxies keep a long watch open. The pending read is never cancelled by the
+    timer (cancelling it would cancel the RPC)."""
+    pending: asyncio.Future[Message] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=keepalive)
+            if not done:
+                await response.write(b": keepalive\n\n")
+                continue
+            ready, pending = pending, None
+            try:
+                message = ready.result()
+            except StopAsyncIteration:
+                return
+            yield message
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+async def _server_sent_events(call: Any, request: web.Request, rpc: str, keepalive: float) -> web.StreamResponse:
     """`data: <message JSON>` per message, then `event: end` (or `event: error` with a Status)."""
     iterator, first = await _first(call)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -214,7 +240,7 @@ async def _server_sent_events(call: Any, request: web.Request, rpc: str) -> web.
     try:
         if first is not None:
             await response.write(sse_event(to_json(first)))
-            async for message in iterator:
+            async for message in _next_or_keepalive(iterator, response, keepalive):
                 await response.write(sse_event(to_json(message)))
         await response.write(sse_event({}, "end"))
     except aio.AioRpcError as exc:

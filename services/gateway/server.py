@@ -59,7 +59,7 @@ def _channel(settings: Settings, target: str) -> aio.Channel:
 def build_app(settings: Settings, channels: Mapping[str, aio.Channel], console_dir: Path | None) -> web.Application:
     """The aiohttp application: /openapi.json, /v1/... (annotated RPCs), the console at /."""
     routes = load_routes()
-    gateway = Gateway(routes, channels, build_openapi(routes), console_dir)
+    gateway = Gateway(routes, channels, build_openapi(routes), console_dir, settings.http_sse_keepalive_seconds)
     app = web.Application(client_max_size=settings.grpc_max_message_bytes)
     app.router.add_get("/openapi.json", gateway.openapi)
     app.router.add_route("*", "/v1/{tail:.*}", gateway.api)

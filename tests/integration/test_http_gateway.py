@@ -293,8 +293,8 @@ def test_stream_errors_keep_the_status_shape(env: Env) -> None:
 
 
 def _streams_in_flight(env: Env) -> float:
-    value = env.metrics.get_sample_value("grpc_server_in_flight",
-                                         {"method": "/atelier.v1.InferenceService/GenerateStream"})
+    value = env.metrics.get_sample_value("atelier_grpc_server_in_flight",
+                                         {"grpc_method": "/atelier.v1.InferenceService/GenerateStream"})
     return value or 0.0
 
 
@@ -307,6 +307,7 @@ def _time_stream(env: Env, spec: dict[str, Any], hang_up: bool) -> float:
     lines = response.iter_lines()
     while not next(lines):  # the first event's data line
         pass
+    assert _streams_in_flight(env) == 1
     start = time.monotonic()
     if hang_up:
         response.close()
@@ -403,3 +404,78 @@ def test_console_files_are_served_at_the_root(env: Env) -> None:
     assert index.content == (CONSOLE_DIR / "index.html").read_bytes()
     assert_status(env.get("/%2e%2e/%2e%2e/pyproject.toml", headers={}), 404, 5)
     assert_status(env.get("/no-such-file.js", headers={}), 404, 5)
+
+
+# -- a training-api process (no worker): quiet streams, role split -------------------------------
+@pytest.fixture(scope="module")
+def api_only(tiny_random_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """`start_runtime("training-api")` (no worker, so a job stays QUEUED), SSE keepalive 0.2 s."""
+    tmp = tmp_path_factory.mktemp("http-api-only")
+    settings = loopback_settings(
+        registry_url=f"file://{tmp / 'registry'}", database_url=f"sqlite:///{tmp / 'jobs.db'}", data_dir=tmp / "var",
+        training_port=free_port(), http_port=free_port(), http_sse_keepalive_seconds=0.2)
+    Registry.from_settings(settings).import_base_model("tiny", tiny_random_pipeline_dir)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    metrics = CollectorRegistry()
+    runtime = asyncio.run_coroutine_threadsafe(start_runtime(settings, "training-api", metrics), loop).result(120)
+    try:
+        assert runtime.gateway is not None
+        yield Env(f"http://127.0.0.1:{runtime.gateway.port}", settings, loop, metrics)
+    finally:
+        asyncio.run_coroutine_threadsafe(runtime.close(0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def _queued_job(env: Env) -> str:
+    dataset = env.send("POST", "/v1/datasets", files=upload_form(3), headers={}).json()["dataset"]
+    spec = {"method": "ADAPTER_KIND_LORA", "base_model": "tiny", "dataset_id": dataset["id"], "output_name": "q",
+            "instance_prompt": "a photo of sks toy", "hyperparameters": {"max_train_steps": 2, "resolution": 32}}
+    created = env.send("POST", "/v1/jobs", {"spec": spec}, headers={})
+    assert created.status_code == 200, created.text
+    job: dict[str, Any] = created.json()["job"]
+    assert job["state"] == "JOB_STATE_QUEUED"
+    return str(job["id"])
+
+
+def _watches_in_flight(env: Env) -> float:
+    value = env.metrics.get_sample_value("atelier_grpc_server_in_flight",
+                                         {"grpc_method": "/atelier.v1.TrainingService/WatchTrainingJob"})
+    return value or 0.0
+
+
+def test_a_quiet_event_stream_sends_keepalive_comments(api_only: Env) -> None:
+    job_id = _queued_job(api_only)
+    with api_only.get(f"/v1/jobs/{job_id}:watch", headers={}, stream=True) as watch:
+        lines = watch.iter_lines(decode_unicode=True)
+        first = next(lines)
+        assert first.startswith("data:") and json.loads(first[5:])["job"]["state"] == "JOB_STATE_QUEUED"
+        comments = [line for line in (next(lines) for _ in range(6)) if line]
+        assert comments == [": keepalive"] * len(comments) and len(comments) >= 2, comments
+
+
+def test_hanging_up_an_idle_watch_cancels_its_rpc_at_once(api_only: Env) -> None:
+    """No message and no keepalive is due for a minute; the hang-up alone ends the RPC."""
+    settings = api_only.settings.model_copy(update={"http_sse_keepalive_seconds": 60.0})
+    target = f"127.0.0.1:{api_only.settings.training_port}"
+    gateway: RunningGateway = asyncio.run_coroutine_threadsafe(
+        start_gateway(settings, {"atelier.v1.TrainingService": target}, 0, None), api_only.loop).result(30)
+    try:
+        job_id = _queued_job(api_only)
+        response = requests.get(f"http://127.0.0.1:{gateway.port}/v1/jobs/{job_id}:watch", stream=True, timeout=60)
+        assert next(response.iter_lines()).startswith(b"data:")
+        assert _watches_in_flight(api_only) == 1
+        start = time.monotonic()
+        response.close()
+        while _watches_in_flight(api_only) > 0:
+            assert time.monotonic() - start < 20, "the watch RPC outlived its HTTP connection"
+            time.sleep(0.05)
+    finally:
+        asyncio.run_coroutine_threadsafe(gateway.close(), api_only.loop).result(30)
+
+
+def test_a_role_without_a_service_answers_501(api_only: Env) -> None:
+    assert_status(api_only.get("/v1/cache", headers={}), 501, 12)  # no InferenceService in training-api
+    assert api_only.get("/v1/usage", headers={}).status_code == 200
