@@ -40,7 +40,7 @@ def test_r1_sigkilled_workers_every_job_resumes_and_publishes_once(
     with _stack(tmp_path, s3_settings, postgres_url, tiny_random_pipeline_dir) as stack:
         stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
         ds = stack.upload(concept_images()).dataset.id
-        report = sigkill_rounds(stack, ds, kills=2, steps=12, log_dir=tmp_path)
+        report = sigkill_rounds(stack, ds, kills=2, steps=8, log_dir=tmp_path)
     assert report.kills == 2
     assert [j.state for j in report.jobs] == ["JOB_STATE_SUCCEEDED"] * 2, report
     assert all(j.attempts == 2 and j.claims == 2 for j in report.jobs), report  # killed once, taken over once
@@ -54,7 +54,7 @@ def test_r4_database_restart_mid_run_loses_no_job_and_runs_none_twice(
     with _stack(tmp_path, s3_settings, via(postgres_url, db_proxy), tiny_random_pipeline_dir) as stack:
         stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
         ds = stack.upload(concept_images()).dataset.id
-        report = db_restart_run(stack, db_proxy, ds, jobs=2, steps=10, restarts=2, outage_s=1.5, log_dir=tmp_path)
+        report = db_restart_run(stack, db_proxy, ds, jobs=2, steps=8, restarts=2, outage_s=1.5, log_dir=tmp_path)
     assert report.outages == 2
     assert [j.state for j in report.jobs] == ["JOB_STATE_SUCCEEDED"] * 2, report
     assert all(j.claims == 1 and j.attempts == 1 for j in report.jobs), report

@@ -31,7 +31,7 @@ class _Hello(BaseHTTPRequestHandler):
 @pytest.fixture
 def proxy() -> Iterator[FaultProxy]:
     server = ThreadingHTTPServer((LOOPBACK, 0), _Hello)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     with FaultProxy(server.server_address[1], max_connections=4) as fp:
         yield fp
     server.shutdown()
