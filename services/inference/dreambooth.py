@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from services.common.errors import FailedPrecondition
+from services.common.model_loading import MODEL_LOAD_LOCK
 from services.inference.pipelines import BaseModel, Pipeline
 from services.inference.textual_inversion import DEFAULT_SLOTS, TiSlots
 
@@ -63,7 +64,8 @@ def _check_compatible(name: str, original: torch.nn.Module, config_path: Path) -
 def _load_component(name: str, original: torch.nn.Module, folder: Path, base: BaseModel) -> torch.nn.Module:
     _check_compatible(name, original, folder / "config.json")
     cls = type(original)
-    module = cls.from_pretrained(folder, torch_dtype=base.dtype, use_safetensors=True)  # type: ignore[attr-defined]
+    with MODEL_LOAD_LOCK:  # see services/common/model_loading.py
+        module = cls.from_pretrained(folder, torch_dtype=base.dtype, use_safetensors=True)  # type: ignore[attr-defined]
     module.to(base.device)
     module.eval()
     module.requires_grad_(False)

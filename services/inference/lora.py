@@ -32,6 +32,7 @@ from diffusers.utils import recurse_remove_peft_layers
 from peft.tuners.lora import LoraLayer
 from transformers.utils import logging as hf_logging
 
+from services.common.model_loading import MODEL_LOAD_LOCK
 from services.inference.lora_fast import try_fast_attach
 from services.inference.merge_methods import LINEAR, LINEAR_MERGE, MergeSpec, merge_deltas
 from services.inference.pipelines import Pipeline
@@ -286,6 +287,12 @@ def load_lora(pipe: Pipeline, name: str, state_dict: dict[str, torch.Tensor],
     the metadata the payload kept. `low_cpu_mem_usage` skips random-initialising the A/B weights
     that are overwritten right after.
     """
+    with MODEL_LOAD_LOCK:  # low_cpu_mem_usage patches torch globals: services/common/model_loading.py
+        _load_lora(pipe, name, state_dict, metadata)
+
+
+def _load_lora(pipe: Pipeline, name: str, state_dict: dict[str, torch.Tensor],
+               metadata: dict[str, Any] | None) -> None:
     converted, alphas = type(pipe).lora_state_dict(dict(state_dict))  # the dict is consumed: copy
     if alphas and metadata:
         metadata = None  # diffusers refuses both; kohya-style alphas are the file's own truth
@@ -310,8 +317,9 @@ def attach_lora(pipe: Pipeline, mergers: Sequence[LoraMerger], name: str,
             stack.enter_context(merger.wrapped())
         with _quiet_transformers():
             components = [(m.prefix, m.component, m.wrappers()) for m in mergers]
-            if try_fast_attach(pipe, components, name, state_dict, metadata):
-                return True
+            with MODEL_LOAD_LOCK:  # the fast path builds LoRA layers too (services/common/model_loading.py)
+                if try_fast_attach(pipe, components, name, state_dict, metadata):
+                    return True
             try:
                 load_lora(pipe, name, state_dict, metadata)
             except Exception:

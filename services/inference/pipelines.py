@@ -36,6 +36,7 @@ from diffusers.utils import is_scipy_available
 
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
+from services.common.model_loading import MODEL_LOAD_LOCK
 from services.inference.cache import ByteLRU
 from services.inference.textual_inversion import DEFAULT_SLOTS, TiSlots
 from services.registry.base_models import collect_files
@@ -220,8 +221,9 @@ class PipelinePool:
         index = json.loads((folder / "model_index.json").read_text())
         # Safety checkers are a product decision of the caller, not part of serving adapters.
         extra: dict[str, Any] = {"safety_checker": None} if "safety_checker" in index else {}
-        pipe: Pipeline = DiffusionPipeline.from_pretrained(
-            folder, torch_dtype=self.dtype, use_safetensors=True, **extra)
+        with MODEL_LOAD_LOCK:  # see services/common/model_loading.py
+            pipe: Pipeline = DiffusionPipeline.from_pretrained(
+                folder, torch_dtype=self.dtype, use_safetensors=True, **extra)
         return self._serve(name, digest, pipe)
 
     def register(self, name: str, pipe: Pipeline, digest: str = "") -> BaseModel:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.model_loading import MODEL_LOAD_LOCK
+
 SLOT_TOKEN = "<atl_ti_{}>"
 RESERVED_MARK = "atl_ti_"  # prompts containing it (any case) are refused: slots are internal
 DEFAULT_SLOTS = 256
@@ -55,7 +57,8 @@ class TiSlots:
         needed = max(self._ids) + 1
         embeddings = text_encoder.get_input_embeddings()  # type: ignore[operator]
         if embeddings.num_embeddings < needed:
-            text_encoder.resize_token_embeddings(needed, mean_resizing=False)  # type: ignore[operator]
+            with MODEL_LOAD_LOCK:  # builds a new embedding module: services/common/model_loading.py
+                text_encoder.resize_token_embeddings(needed, mean_resizing=False)  # type: ignore[operator]
         with torch.no_grad():
             weight = text_encoder.get_input_embeddings().weight  # type: ignore[operator]
             weight[self._ids] = 0.0

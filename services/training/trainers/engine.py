@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.common.model_loading import MODEL_LOAD_LOCK
 from services.training.trainers import checkpoint as ckpt
 from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult
 from services.training.trainers.batches import Batcher, PromptEncoder
@@ -124,7 +125,8 @@ class TrainingRun:
         self.resolution = config.resolution or self.comps.native_resolution
         seed_everything(config.seed)
         self.class_images = class_image_paths(config, self.comps, class_images, resume_dir, work_dir, self.resolution)
-        self.method = METHODS[config.method](config, self.comps)
+        with MODEL_LOAD_LOCK:  # adapter injection / embedding resizing build modules too
+            self.method = METHODS[config.method](config, self.comps)
         if config.gradient_checkpointing:
             self.method.enable_gradient_checkpointing()
         self.batcher = self._build_batcher(images)

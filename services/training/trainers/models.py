@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from services.common.errors import FailedPrecondition
+from services.common.model_loading import MODEL_LOAD_LOCK
 from services.training.trainers.noise import NoiseSchedule
 
 SUPPORTED_PIPELINES = frozenset({"StableDiffusionPipeline"})
@@ -100,13 +101,14 @@ def load_components(base_model_dir: Path, device: str, precision: str) -> Compon
         # component, not at the sum of all three.
         return module.requires_grad_(False).eval().to(dev)
 
-    return Components(
-        tokenizer=CLIPTokenizer.from_pretrained(base_model_dir / "tokenizer"),
-        text_encoder=frozen(CLIPTextModel.from_pretrained(base_model_dir / "text_encoder", dtype=dtype)),
-        vae=frozen(AutoencoderKL.from_pretrained(base_model_dir / "vae", torch_dtype=dtype)),
-        unet=frozen(UNet2DConditionModel.from_pretrained(base_model_dir / "unet", torch_dtype=dtype)),
-        schedule=NoiseSchedule.from_model_dir(base_model_dir),
-        device=dev,
-        precision=resolved,
-        base_model_dir=base_model_dir,
-    )
+    with MODEL_LOAD_LOCK:  # loads patch torch globals: services/common/model_loading.py
+        return Components(
+            tokenizer=CLIPTokenizer.from_pretrained(base_model_dir / "tokenizer"),
+            text_encoder=frozen(CLIPTextModel.from_pretrained(base_model_dir / "text_encoder", dtype=dtype)),
+            vae=frozen(AutoencoderKL.from_pretrained(base_model_dir / "vae", torch_dtype=dtype)),
+            unet=frozen(UNet2DConditionModel.from_pretrained(base_model_dir / "unet", torch_dtype=dtype)),
+            schedule=NoiseSchedule.from_model_dir(base_model_dir),
+            device=dev,
+            precision=resolved,
+            base_model_dir=base_model_dir,
+        )

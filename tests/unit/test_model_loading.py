@@ -1,0 +1,57 @@
+"""Model loads in two threads of one process (the embedded `atelier serve`: a worker starting a
+job while inference attaches a LoRA) must not see each other's torch patches; without
+services/common/model_loading.py most training loads failed with meta tensors or
+`_is_hf_initialized` TypeErrors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from services.inference.lora import load_lora
+from services.inference.synthetic import LoraFactory
+from services.training.trainers.models import load_components
+
+LOADS = 4
+
+
+@pytest.mark.timeout(300)
+def test_training_loads_beside_lora_attaches_in_another_thread(tiny_random_pipeline_dir: Path,
+                                                               tmp_path: Path) -> None:
+    lora = load_file(str(LoraFactory(tiny_random_pipeline_dir).write(tmp_path / "lora", seed=1)))
+    pipe = DiffusionPipeline.from_pretrained(tiny_random_pipeline_dir)
+    done = threading.Event()
+    errors: list[str] = []
+    attached = [0]
+
+    def attach_loop() -> None:
+        while not done.is_set():
+            name = f"a{attached[0]}"
+            try:
+                load_lora(pipe, name, dict(lora), None)
+                pipe.delete_adapters(name)
+            except Exception as exc:
+                errors.append(f"attach: {type(exc).__name__}: {exc}")
+            attached[0] += 1
+
+    thread = threading.Thread(target=attach_loop, daemon=True)
+    thread.start()
+    try:
+        for _ in range(LOADS):
+            try:
+                comps = load_components(tiny_random_pipeline_dir, "cpu", "no")
+            except Exception as exc:
+                errors.append(f"load: {type(exc).__name__}: {exc}")
+                continue
+            meta = [n for module in (comps.unet, comps.text_encoder, comps.vae)
+                    for n, p in module.named_parameters() if p.is_meta]
+            if meta:
+                errors.append(f"load: meta parameters {meta[:3]}")
+    finally:
+        done.set()
+        thread.join(60)
+    assert errors == [] and attached[0] > 0
