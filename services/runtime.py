@@ -106,7 +106,11 @@ async def start_runtime(settings: Settings, role: str = "all",
     if metrics_http is not None:
         runtime.closers.append(metrics_http.close)
     if settings.http_port:
-        await _start_http_gateway(runtime)
+        try:
+            await _start_http_gateway(runtime)
+        except BaseException:  # e.g. the port is taken: stop what started, then fail loudly
+            await runtime.close(0)
+            raise
     return runtime
 
 

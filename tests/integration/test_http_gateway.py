@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -479,3 +480,15 @@ def test_hanging_up_an_idle_watch_cancels_its_rpc_at_once(api_only: Env) -> None
 def test_a_role_without_a_service_answers_501(api_only: Env) -> None:
     assert_status(api_only.get("/v1/cache", headers={}), 501, 12)  # no InferenceService in training-api
     assert api_only.get("/v1/usage", headers={}).status_code == 200
+
+
+def test_a_taken_http_port_fails_start_up_and_releases_the_grpc_port(api_only: Env,
+                                                                    tmp_path: Path) -> None:
+    taken = int(api_only.base.rsplit(":", 1)[1])
+    settings = api_only.settings.model_copy(update={
+        "http_port": taken, "training_port": free_port(), "database_url": f"sqlite:///{tmp_path / 'jobs.db'}",
+        "data_dir": tmp_path / "var"})
+    with pytest.raises(OSError):
+        asyncio.run_coroutine_threadsafe(start_runtime(settings, "training-api"), api_only.loop).result(120)
+    with socket.socket() as sock:  # the training server that had started was stopped again
+        sock.bind(("127.0.0.1", settings.training_port))
