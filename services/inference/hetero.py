@@ -8,9 +8,13 @@ of the adapters each row asked for, as Punica / S-LoRA do for LLMs:
     out = base(x);  for each adapter n used in the batch:
         out[rows_n] += (w_row * scale_n) * B_n(A_n(x[rows_n]))
 
-Work is grouped per adapter, not per request: one gather, two small matmuls (A then B, so an
-adapter's rank only changes its own matmul: mixed ranks need no padding) and one `index_add`
-per adapter and layer, whatever the number of requests using it with whatever weights. Rows of
+Linear layers (attention projections: the usual LoRA targets) take the stacked path: once per
+batch, the batch's adapters of a layer are concatenated along the rank axis (`A = cat_i A_i`,
+`B = cat_i B_i`, so mixed ranks need no padding) with a per-row coefficient mask over those
+columns (weight x alpha/r where the row uses the adapter, exact zeros elsewhere), and a forward
+costs two plain GEMMs, one multiply and one add per layer: `B((A x) * mask)`. Cost grows with
+the batch's total rank (bounded: at most `device_cache_max_adapters` distinct adapters). Conv2d LoRA layers are
+grouped per adapter instead: one gather, A, B and one `index_add` per adapter and layer. Rows of
 one request include both classifier-free-guidance halves, so CFG rides along. Text encoders are
 not handled here: prompts are encoded per request anyway, so the runner merges each request's
 mix into the (small) text encoders before encoding it.
@@ -64,6 +68,37 @@ def supported(mergers: Sequence[LoraMerger], names: set[str]) -> bool:
 Entry = tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]
 
 
+def _stacked(layer: Any, plan: RowPlan, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's adapters of one layer stacked along the rank axis (A: R x in, B: out x R) and
+    each row's coefficients over those R columns (total x R: weight x alpha/r, 0 elsewhere)."""
+    weight = layer.get_base_layer().weight
+    names = [n for n in plan if n in layer.lora_A]
+    a_all = torch.cat([layer.lora_A[n].weight for n in names]).to(weight.dtype)
+    b_all = torch.cat([layer.lora_B[n].weight for n in names], dim=1).to(weight.dtype)
+    coef = torch.zeros(total, a_all.shape[0], dtype=weight.dtype, device=weight.device)
+    offset = 0
+    for name in names:
+        r = layer.lora_A[name].weight.shape[0]
+        rows, weights = plan[name]
+        values = torch.tensor(weights, dtype=weight.dtype, device=weight.device) * float(layer.scaling[name])
+        coef[torch.tensor(rows, device=weight.device), offset:offset + r] = values[:, None]
+        offset += r
+    return a_all, b_all, coef
+
+
+def _stacked_hook(a_all: torch.Tensor, b_all: torch.Tensor, coef: torch.Tensor, fallback: Any) -> Any:
+    def add_deltas(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if x.shape[0] != coef.shape[0]:
+            return fallback(module, args, output)  # a forward over other rows: per adapter
+        mask = coef.view(coef.shape[0], *([1] * (x.dim() - 2)), coef.shape[1])
+        h = torch.nn.functional.linear(x if x.dtype == a_all.dtype else x.to(a_all.dtype), a_all).mul_(mask)
+        delta = torch.nn.functional.linear(h, b_all)
+        return output.add_(delta if delta.dtype == output.dtype else delta.to(output.dtype))  # inference only
+
+    return add_deltas
+
+
 def _hook(entries: Sequence[Entry]) -> Any:
     def add_deltas(_module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -77,8 +112,9 @@ def _hook(entries: Sequence[Entry]) -> Any:
 
 
 @contextlib.contextmanager
-def per_sample_deltas(merger: LoraMerger, plan: RowPlan) -> Iterator[int]:
-    """Base weights in `merger`'s component plus per-row LoRA deltas (yields the hooked layer count)."""
+def per_sample_deltas(merger: LoraMerger, plan: RowPlan, total: int) -> Iterator[int]:
+    """Base weights in `merger`'s component plus per-row LoRA deltas for a batch of `total`
+    rows (yields the hooked layer count)."""
     merger.apply(())  # restore the originals bit for bit, wrappers stripped
     handles = []
     for layer in merger.layers():
@@ -89,7 +125,10 @@ def per_sample_deltas(merger: LoraMerger, plan: RowPlan) -> Iterator[int]:
             rows, weights = plan[name]
             coef = torch.tensor(weights, dtype=torch.float32, device=device) * float(layer.scaling[name])
             entries.append((layer.lora_A[name], layer.lora_B[name], torch.tensor(rows, device=device), coef))
-        if entries:
+        if entries and isinstance(layer, LoraLinear):
+            hook = _stacked_hook(*_stacked(layer, plan, total), _hook(entries))
+            handles.append(layer.get_base_layer().register_forward_hook(hook))
+        elif entries:
             handles.append(layer.get_base_layer().register_forward_hook(_hook(entries)))
     try:
         yield len(handles)

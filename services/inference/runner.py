@@ -249,7 +249,7 @@ class Runner:
             unet = [m for m in hetero.mergers if m.prefix in UNET_PREFIXES]
             stack = contextlib.ExitStack()
             for merger in unet:
-                stack.enter_context(per_sample_deltas(merger, row_plan(groups, hetero.mixes)))
+                stack.enter_context(per_sample_deltas(merger, row_plan(groups, hetero.mixes), sum(map(len, groups))))
             return stack
         if not self._exact or len(jobs) == 1:
             return contextlib.nullcontext()
