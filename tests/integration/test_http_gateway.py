@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import requests
 from atelier.demo_images import concept_images
+from openapi_spec_validator import validate
 from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
@@ -153,6 +154,7 @@ def test_every_public_rpc_is_annotated_and_in_the_openapi_document(env: Env) -> 
     assert {r.grpc_path for r in routes} == methods and len(methods) >= 25
     doc = env.get("/openapi.json", headers={}).json()
     assert doc["openapi"].startswith("3.")
+    validate(doc)  # a valid OpenAPI 3 document (openapi-spec-validator)
     assert {(r.http_method.lower(), r.template) for r in routes} == {
         (verb, path) for path, ops in doc["paths"].items() for verb in ops}
     for ops in doc["paths"].values():
