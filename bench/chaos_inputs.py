@@ -45,7 +45,15 @@ from bench.chaos_fuzz import (  # noqa: E402
     serving,
 )
 from bench.chaos_images import hostile_images, probe_images, train_on_accepted  # noqa: E402
-from bench.chaos_tenants import NOT_ADDRESSABLE, ROUNDS, Owned, Stubs, TenantProbes, coverage  # noqa: E402
+from bench.chaos_tenants import (  # noqa: E402
+    NOT_ADDRESSABLE,
+    ROUNDS,
+    Owned,
+    Stubs,
+    TenantProbes,
+    coverage,
+    unauthenticated,
+)
 
 FUZZ_TENANT = "fuzz"
 TENANT_A, TENANT_B = "tenant-a", "tenant-b"
@@ -292,7 +300,8 @@ def tenants_row(ctx: ChaosContext, findings: Findings) -> dict[str, str]:
     rounds = 3 if ctx.quick else ROUNDS
     probes = TenantProbes(stubs, ctx.metadata(TENANT_B), owned, ctx.base_model, lora_bytes, png_bytes(),
                           rounds).run()
-    findings.problems += [f"{p.method} [{p.label}]: {p.detail}" for p in probes if not p.ok]
+    anonymous = unauthenticated(fuzz_target(ctx).channels)
+    findings.problems += [f"{p.method} [{p.label}]: {p.detail}" for p in probes + anonymous if not p.ok]
     findings.problems += [f"{name}: no probe and no reason" for name in coverage()]
     findings.problems += untouched(ctx, owned)
     paired = [p for p in probes if p.seconds != (0.0, 0.0)]
@@ -300,6 +309,7 @@ def tenants_row(ctx: ChaosContext, findings: Findings) -> dict[str, str]:
     rpcs = {p.method for p in probes}
     figures = (f"{len(rpcs)} RPCs probed ({len(NOT_ADDRESSABLE)} not tenant-addressable), {len(paired)} owned-vs-"
                f"missing pairs x {rounds}: same NOT_FOUND code+message; largest median gap {worst:.1f} ms; "
+               f"{sum(p.ok for p in anonymous)}/{len(anonymous)} keyless/unknown-key calls UNAUTHENTICATED; "
                f"{len(findings.problems)} leaks")
     return row("X", "cross-tenant probes over every RPC", figures, not findings.problems)
 

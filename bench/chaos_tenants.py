@@ -28,9 +28,10 @@ from atelier.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
+from google.protobuf.message_factory import GetMessageClass
 from grpc_status import rpc_status
 
-from bench.chaos_fuzz import all_methods
+from bench.chaos_fuzz import all_methods, caller
 
 ROUNDS = 5
 # Medians of B->A and B->missing may differ by this much before it counts as a timing leak:
@@ -306,6 +307,20 @@ class TenantProbes:
         except grpc.RpcError as error:
             self.results.append(check(m, "all_tenants", error.code() == grpc.StatusCode.PERMISSION_DENIED,
                                       error.code().name))
+
+
+def unauthenticated(channels: dict[str, grpc.Channel]) -> list[Probe]:
+    """Every RPC without a key and with an unknown key: UNAUTHENTICATED before any lookup, so
+    an anonymous caller learns nothing either (health and reflection are the only open RPCs)."""
+    results: list[Probe] = []
+    for method in all_methods():
+        channel = channels[method.containing_service.full_name]
+        request = GetMessageClass(method.input_type)()
+        payload = [request] if method.client_streaming else request
+        for label, metadata in (("no key", ()), ("unknown key", (("authorization", "Bearer not-a-key"),))):
+            code = caller(channel, method, metadata)(payload)
+            results.append(check(method.name, label, code == grpc.StatusCode.UNAUTHENTICATED, code.name))
+    return results
 
 
 def coverage() -> list[str]:

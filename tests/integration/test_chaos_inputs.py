@@ -156,3 +156,5 @@ def test_tenant_b_cannot_tell_tenant_a_resources_from_missing_ones(ctx: ChaosCon
     findings = Findings()
     result = tenants_row(ctx, findings)
     assert findings.problems == [] and result["verdict"] == "PASS", findings.problems
+    calls = 2 * len(all_methods())  # every RPC without a key and with an unknown one
+    assert f"{calls}/{calls} keyless/unknown-key calls UNAUTHENTICATED" in result["figures"]
