@@ -225,7 +225,7 @@ def test_adapter_versions_aliases_with_compare_and_swap_and_export(env: Env, tra
     assert "PreconditionFailure" in detail_types(conflict)
     got = env.get("/v1/adapters/toy", params={"ref.alias": "prod"}).json()
     assert got["version"]["version"] == 1 and got["adapter"]["name"] == "toy"
-    for fmt in ("ADAPTER_FORMAT_DIFFUSERS", "ADAPTER_FORMAT_UNSPECIFIED"):
+    for fmt in ("ADAPTER_FORMAT_DIFFUSERS", "ADAPTER_FORMAT_KOHYA"):
         exported = env.get("/v1/adapters/toy:export", params={"ref.version": "1", "format": fmt})
         assert exported.status_code == 200, exported.text
         assert exported.headers["Content-Type"] == "application/octet-stream"
