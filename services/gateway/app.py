@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ FORWARDED_HEADERS = ("authorization", "x-request-id")
 RPC_HEADER = "X-Atelier-Rpc"
 REQUEST_ID_KEY = "x-request-id"
 CHUNK = "chunk"  # the bytes member of a download stream (ExportAdapterResponse)
+TIMEOUT_HEADER = "grpc-timeout"
+_TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
 def is_download(route: Route) -> bool:
@@ -108,27 +112,27 @@ class Gateway:
     # -- dispatch by streaming kind ---------------------------------------------------------
     async def _dispatch(self, route: Route, variables: dict[str, str], request: web.Request,
                         channel: aio.Channel) -> web.StreamResponse:
-        metadata = _metadata(request)
+        metadata, timeout = _metadata(request), deadline_seconds(request.headers.get(TIMEOUT_HEADER))
         if route.client_streaming:
-            return await self._upload(route, request, channel, metadata)
+            return await self._upload(route, request, channel, metadata, timeout)
         message = build_request(route.request_class(), await _json_body(route, request),
                                 request.query.items(), variables)
         if not route.server_streaming:
             call = channel.unary_unary(route.grpc_path, request_serializer=_serialize,
                                        response_deserializer=route.response_class().FromString)
-            unary = call(message, metadata=metadata)
+            unary = call(message, metadata=metadata, timeout=timeout)
             reply = await unary
             headers = _request_id_headers(await unary.trailing_metadata())
             return web.json_response(to_json(reply), headers=headers)
         stream = channel.unary_stream(route.grpc_path, request_serializer=_serialize,
                                       response_deserializer=route.response_class().FromString)
-        server_call = stream(message, metadata=metadata)
+        server_call = stream(message, metadata=metadata, timeout=timeout)
         if is_download(route):
             return await _download(server_call, request, route.grpc_path)
         return await _server_sent_events(server_call, request, route.grpc_path, self._keepalive)
 
     async def _upload(self, route: Route, request: web.Request, channel: aio.Channel,
-                      metadata: tuple[tuple[str, str], ...]) -> web.StreamResponse:
+                      metadata: tuple[tuple[str, str], ...], timeout: float | None) -> web.StreamResponse:
         if not request.content_type.startswith("multipart/form-data"):
             raise BadHttpRequest("content-type", f"{route.template} takes multipart/form-data")
         cls = route.request_class()
@@ -138,7 +142,7 @@ class Gateway:
         guard = _StreamGuard(uploads.stream_files(reader, cls, header, first, state))
         call = channel.stream_unary(route.grpc_path, request_serializer=_serialize,
                                     response_deserializer=route.response_class().FromString)
-        guard.call = call(guard.messages(), metadata=metadata)
+        guard.call = call(guard.messages(), metadata=metadata, timeout=timeout)
         try:
             reply = await guard.call
         except asyncio.CancelledError:
@@ -169,6 +173,17 @@ class _StreamGuard:
 
 def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
+
+
+def deadline_seconds(value: str | None) -> float | None:
+    """A `grpc-timeout` header (gRPC's own spelling, `30S`, `500m`; what Envoy's transcoder
+    honours too) as the call's deadline in seconds; none without the header."""
+    if value is None:
+        return None
+    found = _TIMEOUT.fullmatch(value.strip())
+    if found is None:
+        raise BadHttpRequest(TIMEOUT_HEADER, f"{value!r} is not a gRPC timeout such as 30S or 500m")
+    return int(found.group(1)) * _TIMEOUT_UNITS[found.group(2)]
 
 
 def _metadata(request: web.Request) -> tuple[tuple[str, str], ...]:

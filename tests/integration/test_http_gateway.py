@@ -345,6 +345,9 @@ def test_errors_are_status_json_with_the_matching_http_status(env: Env, trained:
     reused = env.send("POST", "/v1/jobs", {"request_id": "http-1", "spec": {**trained.job["spec"], "output_name": "x"}})
     assert "ResourceInfo" in detail_types(assert_status(reused, 409, 6))
     assert_status(env.send("DELETE", "/v1/base-models/tiny"), 403, 7)  # acme is not an admin
+    assert_status(env.get("/v1/jobs", headers={**ACME, "grpc-timeout": "1n"}), 504, 4)  # deadline already gone
+    assert_status(env.get("/v1/jobs", headers={**ACME, "grpc-timeout": "soon"}), 400, 3)
+    assert env.get("/v1/jobs", headers={**ACME, "grpc-timeout": "30S"}).status_code == 200
 
 
 def test_uploads_must_be_well_formed_multipart(env: Env) -> None:
