@@ -67,6 +67,16 @@ def visible_text(driver: Any, selector: str) -> str:
     return " ".join(e.text for e in elements if e.is_displayed())
 
 
+def goto(driver: Any, route: str) -> None:
+    """Open a console route in the same tab (the key stays): the old page is cleared first, so a
+    wait for an element can never be satisfied by the page being left."""
+    driver.execute_script("""
+      document.getElementById("main").replaceChildren();
+      if (location.hash === arguments[0]) window.dispatchEvent(new HashChangeEvent("hashchange"));
+      else location.hash = arguments[0];
+    """, route)
+
+
 def set_value(driver: Any, selector: str, value: str) -> None:
     element = css(driver, selector)
     element.clear()
@@ -135,7 +145,7 @@ def points(driver: Any, series: str) -> int:
 
 def test_upload_train_and_watch_the_curve_grow(signed_in: Any, tmp_path: Path, sdk_adapter: str) -> None:
     driver = signed_in
-    driver.get(driver.current_url.split("#")[0] + "#/new")
+    goto(driver, "#/new")
     wait_for(lambda: css(driver, "#nj-files"), 30, "the new-job form")
     css(driver, "#nj-files").send_keys("\n".join(str(p) for p in write_images(tmp_path)))
     wait_for(lambda: len(css_all(driver, ".thumbs img")) == 4, 10, "4 thumbnails")
@@ -162,20 +172,20 @@ def test_upload_train_and_watch_the_curve_grow(signed_in: Any, tmp_path: Path, s
     assert css(driver, "#job-step").text == f"{TRAIN_STEPS} / {TRAIN_STEPS}"
     shot(driver, "04-job-done")
     job_id = driver.current_url.rsplit("/", 1)[1]
-    driver.get(driver.current_url.split("#")[0] + "#/jobs?state=SUCCEEDED")
+    goto(driver, "#/jobs?state=SUCCEEDED")
     wait_for(lambda: job_id in css(driver, "main table.list").text, 30, "the job under 'succeeded'")
     assert css(driver, 'nav.filters a[aria-current="page"]').text == "succeeded"
     shot(driver, "04b-jobs-succeeded")
-    driver.get(driver.current_url.split("#")[0] + "#/jobs?state=FAILED")
+    goto(driver, "#/jobs?state=FAILED")
     wait_for(lambda: "No failed jobs." in css(driver, "main").text, 30, "an empty 'failed' filter")
 
 
 def test_adapter_page_downloads_and_alias_conflict(signed_in: Any, sdk_adapter: str) -> None:
     driver = signed_in
-    driver.get(driver.current_url.split("#")[0] + "#/adapters")
+    goto(driver, "#/adapters")
     listed = wait_for(lambda: css(driver, "main table.list").text, 30, "the adapter list")
     assert sdk_adapter in listed
-    driver.get(driver.current_url.split("#")[0] + f"#/adapters/{sdk_adapter}")
+    goto(driver, f"#/adapters/{sdk_adapter}")
     wait_for(lambda: css(driver, "table.versions tbody tr"), 30, "the versions table")
     row = css(driver, "table.versions tbody tr").text
     assert "v1" in row and "atelier" in row and "KiB" in row
@@ -204,7 +214,7 @@ def test_adapter_page_downloads_and_alias_conflict(signed_in: Any, sdk_adapter: 
 
 def test_generate_with_two_adapters_shows_the_png(signed_in: Any, sdk_adapter: str) -> None:
     driver = signed_in
-    driver.get(driver.current_url.split("#")[0] + "#/playground")
+    goto(driver, "#/playground")
     wait_for(lambda: css(driver, "#pg-prompt"), 30, "the playground")
     set_value(driver, "#pg-prompt", "a photo of sks toy")
     set_value(driver, "#pg-seed", "7")
@@ -237,14 +247,14 @@ def _has(element: Any, value: str) -> bool:
 
 def test_api_errors_read_as_plain_words(signed_in: Any) -> None:
     driver = signed_in
-    driver.get(driver.current_url.split("#")[0] + "#/playground")
+    goto(driver, "#/playground")
     wait_for(lambda: css(driver, "#pg-prompt"), 30, "the playground")
     set_value(driver, "#pg-prompt", "a photo")
     set_value(driver, "#pg-width", "8200")  # passes the form (a multiple of 8), over max_image_side
     css(driver, "#pg-generate").click()
     error = wait_for(lambda: css(driver, "#pg-progress .error"), 60, "the error").text
     assert "The request was not valid" in error and "Field spec.width: at most" in error
-    driver.get(driver.current_url.split("#")[0] + "#/jobs/no-such-job")
+    goto(driver, "#/jobs/no-such-job")
     missing = wait_for(lambda: "Not found" in css(driver, "main").text and css(driver, "main .error").text, 30,
                        "the not-found error")
     assert missing.startswith("Error: Not found.") and "no-such-job" in missing
@@ -280,7 +290,15 @@ def test_cancel_a_running_job_from_its_page(signed_in: Any, console_server: Cons
         handle = client.train("lora", base_model=BASE_MODEL, dataset=dataset.id, name="console-cancelled",
                               instance_prompt="a photo of sks stripes", max_train_steps=5000, resolution=32)
     driver = signed_in
-    driver.get(driver.current_url.split("#")[0] + f"#/jobs/{handle.id}")
+    goto(driver, "#/jobs?state=RUNNING")  # may list nothing yet: it polls
+
+    def listed_step() -> int:
+        row = next(r for r in css_all(driver, "main tbody tr") if handle.id in r.text)
+        return int(row.find_elements("css selector", "td")[4].text.split(" / ")[0])
+
+    seen = wait_for(lambda: listed_step() >= 1 and listed_step(), 120, "the job listed as running")
+    wait_for(lambda: listed_step() > seen, 60, "the list to refresh by itself")
+    goto(driver, f"#/jobs/{handle.id}")
     wait_for(lambda: "running" in css(driver, "h1 .badge").text and points(driver, "loss") >= 1, 120, "it to run")
     css(driver, "button.danger").click()
     driver.switch_to.alert.accept()  # "Cancel job …?"
@@ -291,7 +309,7 @@ def test_cancel_a_running_job_from_its_page(signed_in: Any, console_server: Cons
 
 def test_a_bad_upload_is_refused_in_plain_words(signed_in: Any, tmp_path: Path) -> None:
     driver = signed_in
-    driver.get(driver.current_url.split("#")[0] + "#/new")
+    goto(driver, "#/new")
     wait_for(lambda: css(driver, "#nj-files"), 30, "the new-job form")
     fake = tmp_path / "not-an-image.png"
     fake.write_bytes(b"this is text, not a PNG")
@@ -311,9 +329,10 @@ def test_every_control_has_a_label_and_every_image_alt_text(signed_in: Any, sdk_
         && !el.getAttribute("aria-label") && !(el.id && document.querySelector(`label[for="${el.id}"]`)))
         .map((el) => el.outerHTML);
     """
-    for route in ("#/new", "#/playground", f"#/adapters/{sdk_adapter}"):
-        driver.get(driver.current_url.split("#")[0] + route)
-        wait_for(lambda: css_all(driver, "main form"), 30, f"the form of {route}")
+    pages = {"#/new": "#nj-files", "#/playground": "#pg-prompt", f"#/adapters/{sdk_adapter}": "#alias-name"}
+    for route, marker in pages.items():
+        goto(driver, route)
+        wait_for(lambda marker=marker: css_all(driver, marker), 30, f"the form of {route}")
         if route == "#/playground":
             css(driver, "fieldset button.small").click()
         assert driver.execute_script(unlabeled_script) == [], route

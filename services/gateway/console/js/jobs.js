@@ -11,7 +11,9 @@ export function stateBadge(state) {
   return h(`span.badge.state-${word}`, {}, word);
 }
 
-export async function jobsPage(main, params) {
+const REFRESH_MS = 3000;
+
+export async function jobsPage(main, params, _id, signal) {
   const state = params.get("state") || "";
   const filters = h("nav.filters", { "aria-label": "Filter jobs by state" },
     STATES.map((s) => h("a", {
@@ -21,13 +23,38 @@ export async function jobsPage(main, params) {
   const body = h("div", {}, notice("Loading jobs…"));
   fill(main, h("div.page-head", {}, h("h1", {}, "Training jobs"), h("a.button", { href: "#/new" }, "New LoRA job")),
     filters, body);
+  if (await listJobs(body, state)) refreshWhileActive(body, state, signal);
+}
+
+/** Fill `body` with the jobs table; true when it may change by itself (a job still queued or
+ * running, or a queued/running filter that a new job can enter). */
+async function listJobs(body, state) {
   const query = { page_size: 50, state: state ? `JOB_STATE_${state}` : "" };
   const { jobs = [], next_page_token } = await api.get("/v1/jobs", query);
-  if (!jobs.length) return fill(body, notice(state ? `No ${state.toLowerCase()} jobs.` : "No jobs yet."));
+  const live = state === "QUEUED" || state === "RUNNING";
+  if (!jobs.length) {
+    fill(body, notice(state ? `No ${state.toLowerCase()} jobs.` : "No jobs yet."));
+    return live;
+  }
   fill(body, h("table.list", {},
     h("thead", {}, h("tr", {}, ["Job", "Output", "Method", "State", "Progress", "Created"].map((c) => h("th", { scope: "col" }, c)))),
     h("tbody", {}, jobs.map(jobRow))),
   next_page_token ? h("p.hint", {}, "Showing the newest 50 jobs.") : null);
+  return live || jobs.some((job) => !TERMINAL.has(job.state));
+}
+
+/** Poll the list (only the table, so focus on the filters stays) while a job is active and
+ * the page is open; a failed refresh keeps the last table and says so. */
+function refreshWhileActive(body, state, signal) {
+  const tick = async () => {
+    if (signal.aborted) return;
+    try {
+      if (await listJobs(body, state)) setTimeout(tick, REFRESH_MS);
+    } catch (error) {
+      if (!signal.aborted) body.prepend(errorBox(error));
+    }
+  };
+  setTimeout(tick, REFRESH_MS);
 }
 
 function jobRow(job) {
