@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,70 +18,28 @@ from typing import Any
 
 import pytest
 import requests
-from atelier.demo_images import concept_images
 from openapi_spec_validator import validate
-from prometheus_client import CollectorRegistry
 
-from services.common.config import Settings
-from services.common.usage import UsageLedger
-from services.common.usage_service import usage_bindings
 from services.gateway.routes import load_routes, public_files
 from services.gateway.server import CONSOLE_DIR, RunningGateway, start_gateway
 from services.registry.registry import Registry
-from services.runtime import Runtime, start_runtime
-from tests.fixtures.grpc_servers import ServerThread, loopback_settings, make_self_signed_cert
+from tests.fixtures.grpc_servers import loopback_settings
 from tests.fixtures.s3 import free_port
+from tests.integration.http_gateway_support import (
+    ACME,
+    BETA,
+    KEYS,
+    PNG_MAGIC,
+    Env,
+    assert_status,
+    detail_types,
+    in_flight,
+    running,
+    sse_events,
+    upload_form,
+)
 
 pytestmark = pytest.mark.slow
-KEYS = "key-acme=acme,key-beta=beta,key-ops=ops"
-ACME, BETA = {"Authorization": "Bearer key-acme"}, {"Authorization": "Bearer key-beta"}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@dataclass
-class Env:
-    base: str
-    settings: Settings
-    loop: asyncio.AbstractEventLoop
-    metrics: CollectorRegistry
-
-    def url(self, path: str) -> str:
-        return self.base + path
-
-    def get(self, path: str, headers: dict[str, str] | None = None, **kw: Any) -> requests.Response:
-        return requests.get(self.url(path), headers=ACME if headers is None else headers, timeout=120, **kw)
-
-    def send(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-             **kw: Any) -> requests.Response:
-        return requests.request(method, self.url(path), json=body, headers=ACME if headers is None else headers,
-                                timeout=120, **kw)
-
-
-def sse_events(response: requests.Response) -> list[tuple[str, dict[str, Any]]]:
-    """(event type, data) for each Server-Sent Event of a streamed response."""
-    events, kind, data = [], "message", []
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("event:"):
-            kind = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif not line and data:
-            events.append((kind, json.loads("\n".join(data))))
-            kind, data = "message", []
-    return events
-
-
-def assert_status(response: requests.Response, http: int, code: int) -> dict[str, Any]:
-    """The body is a google.rpc.Status JSON with `code` and the HTTP status matches."""
-    assert response.status_code == http, (response.status_code, response.text)
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert body["code"] == code and isinstance(body["message"], str) and isinstance(body["details"], list), body
-    return body
-
-
-def detail_types(body: dict[str, Any]) -> set[str]:
-    return {d["@type"].rsplit(".", 1)[-1] for d in body["details"]}
 
 
 @pytest.fixture(scope="module")
@@ -96,18 +51,8 @@ def env(tiny_random_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory
         training_port=free_port(), inference_port=free_port(), http_port=free_port(), worker_poll_seconds=0.2,
         quota_generate_rps=0.01, quota_generate_burst=4)
     Registry.from_settings(settings).import_base_model("tiny", tiny_random_pipeline_dir)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    metrics = CollectorRegistry()
-    runtime: Runtime = asyncio.run_coroutine_threadsafe(start_runtime(settings, "all", metrics), loop).result(120)
-    try:
-        assert runtime.gateway is not None
-        yield Env(f"http://127.0.0.1:{runtime.gateway.port}", settings, loop, metrics)
-    finally:
-        asyncio.run_coroutine_threadsafe(runtime.close(0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with running(settings, "all") as env:
+        yield env
 
 
 @dataclass
@@ -115,16 +60,6 @@ class Trained:
     dataset: dict[str, Any]
     job: dict[str, Any]
     events: list[tuple[str, dict[str, Any]]]
-
-
-def upload_form(n: int) -> list[tuple[str, Any]]:
-    """multipart fields: the header's name, then caption + image pairs (caption before its file)."""
-    form: list[tuple[str, Any]] = [("name", (None, "toy"))]
-    for i, image in enumerate(concept_images(n, seed=3)):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        form += [("caption", (None, f"a photo of sks toy {i}")), ("image", (f"img{i}.png", buffer.getvalue()))]
-    return form
 
 
 @pytest.fixture(scope="module")
@@ -296,9 +231,7 @@ def test_stream_errors_keep_the_status_shape(env: Env) -> None:
 
 
 def _streams_in_flight(env: Env) -> float:
-    value = env.metrics.get_sample_value("atelier_grpc_server_in_flight",
-                                         {"grpc_method": "/atelier.v1.InferenceService/GenerateStream"})
-    return value or 0.0
+    return in_flight(env, "/atelier.v1.InferenceService/GenerateStream")
 
 
 def _time_stream(env: Env, spec: dict[str, Any], hang_up: bool) -> float:
@@ -389,111 +322,9 @@ def test_an_unreachable_backend_is_503(env: Env) -> None:
         asyncio.run_coroutine_threadsafe(gateway.close(), env.loop).result(30)
 
 
-def test_gateway_dials_tls_servers_with_the_configured_certificate(tmp_path: Path) -> None:
-    """With TLS on, the loopback channel trusts tls_cert_file (the same plumbing as any gRPC client)."""
-    cert, key = make_self_signed_cert(tmp_path)
-    settings = loopback_settings(tls_cert_file=cert, tls_key_file=key)
-    ledger = UsageLedger.from_settings(settings, CollectorRegistry())
-    with ServerThread(settings, lambda: usage_bindings(ledger)) as server:
-        gateway = server.run(start_gateway(settings, {"atelier.v1.UsageService": server.target}, 0, None))
-        try:
-            response = requests.get(f"http://127.0.0.1:{gateway.port}/v1/usage", timeout=60)
-            assert response.status_code == 200, response.text
-            assert response.json()["totals"] == [] and response.headers["X-Request-Id"]
-        finally:
-            server.run(gateway.close())
-
-
 def test_console_files_are_served_at_the_root(env: Env) -> None:
     index = env.get("/", headers={})
     assert index.status_code == 200 and index.headers["Content-Type"].startswith("text/html")
     assert index.content == (CONSOLE_DIR / "index.html").read_bytes()
     assert_status(env.get("/%2e%2e/%2e%2e/pyproject.toml", headers={}), 404, 5)
     assert_status(env.get("/no-such-file.js", headers={}), 404, 5)
-
-
-# -- a training-api process (no worker): quiet streams, role split -------------------------------
-@pytest.fixture(scope="module")
-def api_only(tiny_random_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    """`start_runtime("training-api")` (no worker, so a job stays QUEUED), SSE keepalive 0.2 s."""
-    tmp = tmp_path_factory.mktemp("http-api-only")
-    settings = loopback_settings(
-        registry_url=f"file://{tmp / 'registry'}", database_url=f"sqlite:///{tmp / 'jobs.db'}", data_dir=tmp / "var",
-        training_port=free_port(), http_port=free_port(), http_sse_keepalive_seconds=0.2)
-    Registry.from_settings(settings).import_base_model("tiny", tiny_random_pipeline_dir)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    metrics = CollectorRegistry()
-    runtime = asyncio.run_coroutine_threadsafe(start_runtime(settings, "training-api", metrics), loop).result(120)
-    try:
-        assert runtime.gateway is not None
-        yield Env(f"http://127.0.0.1:{runtime.gateway.port}", settings, loop, metrics)
-    finally:
-        asyncio.run_coroutine_threadsafe(runtime.close(0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-
-def _queued_job(env: Env) -> str:
-    dataset = env.send("POST", "/v1/datasets", files=upload_form(3), headers={}).json()["dataset"]
-    spec = {"method": "ADAPTER_KIND_LORA", "base_model": "tiny", "dataset_id": dataset["id"], "output_name": "q",
-            "instance_prompt": "a photo of sks toy", "hyperparameters": {"max_train_steps": 2, "resolution": 32}}
-    created = env.send("POST", "/v1/jobs", {"spec": spec}, headers={})
-    assert created.status_code == 200, created.text
-    job: dict[str, Any] = created.json()["job"]
-    assert job["state"] == "JOB_STATE_QUEUED"
-    return str(job["id"])
-
-
-def _watches_in_flight(env: Env) -> float:
-    value = env.metrics.get_sample_value("atelier_grpc_server_in_flight",
-                                         {"grpc_method": "/atelier.v1.TrainingService/WatchTrainingJob"})
-    return value or 0.0
-
-
-def test_a_quiet_event_stream_sends_keepalive_comments(api_only: Env) -> None:
-    job_id = _queued_job(api_only)
-    with api_only.get(f"/v1/jobs/{job_id}:watch", headers={}, stream=True) as watch:
-        lines = watch.iter_lines(decode_unicode=True)
-        first = next(lines)
-        assert first.startswith("data:") and json.loads(first[5:])["job"]["state"] == "JOB_STATE_QUEUED"
-        comments = [line for line in (next(lines) for _ in range(6)) if line]
-        assert comments == [": keepalive"] * len(comments) and len(comments) >= 2, comments
-
-
-def test_hanging_up_an_idle_watch_cancels_its_rpc_at_once(api_only: Env) -> None:
-    """No message and no keepalive is due for a minute; the hang-up alone ends the RPC."""
-    settings = api_only.settings.model_copy(update={"http_sse_keepalive_seconds": 60.0})
-    target = f"127.0.0.1:{api_only.settings.training_port}"
-    gateway: RunningGateway = asyncio.run_coroutine_threadsafe(
-        start_gateway(settings, {"atelier.v1.TrainingService": target}, 0, None), api_only.loop).result(30)
-    try:
-        job_id = _queued_job(api_only)
-        response = requests.get(f"http://127.0.0.1:{gateway.port}/v1/jobs/{job_id}:watch", stream=True, timeout=60)
-        assert next(response.iter_lines()).startswith(b"data:")
-        assert _watches_in_flight(api_only) == 1
-        start = time.monotonic()
-        response.close()
-        while _watches_in_flight(api_only) > 0:
-            assert time.monotonic() - start < 20, "the watch RPC outlived its HTTP connection"
-            time.sleep(0.05)
-    finally:
-        asyncio.run_coroutine_threadsafe(gateway.close(), api_only.loop).result(30)
-
-
-def test_a_role_without_a_service_answers_501(api_only: Env) -> None:
-    assert_status(api_only.get("/v1/cache", headers={}), 501, 12)  # no InferenceService in training-api
-    assert api_only.get("/v1/usage", headers={}).status_code == 200
-
-
-def test_a_taken_http_port_fails_start_up_and_releases_the_grpc_port(api_only: Env,
-                                                                    tmp_path: Path) -> None:
-    taken = int(api_only.base.rsplit(":", 1)[1])
-    settings = api_only.settings.model_copy(update={
-        "http_port": taken, "training_port": free_port(), "database_url": f"sqlite:///{tmp_path / 'jobs.db'}",
-        "data_dir": tmp_path / "var"})
-    with pytest.raises(OSError):
-        asyncio.run_coroutine_threadsafe(start_runtime(settings, "training-api"), api_only.loop).result(120)
-    with socket.socket() as sock:  # the training server that had started was stopped again
-        sock.bind(("127.0.0.1", settings.training_port))
