@@ -195,8 +195,12 @@ class Runner:
         req = first.request
         guidance = req.guidance_scale > 1.0
         text = [m for m in prepared.mergers if m.prefix not in UNET_PREFIXES] if hetero else []
-        kwargs = self._embeddings(jobs, first.base, pipe, prepared.ti, guidance,
-                                  lambda j: [m.apply(prepared.mixes[j]) for m in text])
+
+        def text_mix(j: int) -> None:
+            for merger in text:
+                merger.apply(prepared.mixes[j])
+
+        kwargs = self._embeddings(jobs, first.base, pipe, prepared.ti, guidance, text_mix)
         generators = [torch.Generator("cpu").manual_seed(s) for job in jobs for s in image_seeds(job.request)]
         pipe.scheduler = first.base.scheduler(req.scheduler)
         call = pipeline_for(pipe, req.mode)  # img2img / inpaint share pipe's components
@@ -223,7 +227,7 @@ class Runner:
 
     @staticmethod
     def _embeddings(jobs: Sequence[Job], base: BaseModel, pipe: Any, ti: Sequence[Sequence[Any]],
-                    guidance: bool, before: Callable[[int], Any]) -> dict[str, torch.Tensor]:
+                    guidance: bool, before: Callable[[int], None]) -> dict[str, torch.Tensor]:
         """Prompts encoded request by request, each with its own TI bindings; `before(j)` puts
         request j's LoRA mix into the text encoders on the hetero path."""
         parts: dict[str, list[torch.Tensor]] = {}
