@@ -69,14 +69,14 @@ export function plainWords(status, body) {
     .sort((a, b) => Number(!String(a["@type"]).endsWith("BadRequest")) - Number(!String(b["@type"]).endsWith("BadRequest")));
   const sentences = [];
   const cores = [];
-  for (const sentence of details.flatMap(describeDetail)) {
+  const message = ((body && body.message) || "").trim();
+  for (const sentence of details.flatMap((d) => describeDetail(d, message))) {
     const core = sentence.replace(/^[^:]*: /, "").replace(/\.$/, "").toLowerCase();
     if (!cores.some((seen) => seen.includes(core))) {
       sentences.push(sentence);
       cores.push(core);
     }
   }
-  const message = ((body && body.message) || "").trim();
   const plain = message.replace(/^[^:\s]*: /, "").toLowerCase();
   if (message && !cores.some((core) => core.includes(plain)) && !lead.includes(message)) {
     sentences.unshift(capitalise(message) + ".");
@@ -84,7 +84,7 @@ export function plainWords(status, body) {
   return [lead, ...sentences].join(" ").replace(/\.\.+/g, ".");
 }
 
-function describeDetail(detail) {
+function describeDetail(detail, message) {
   const type = String(detail["@type"] || "");
   const d = snakeKeys(detail);
   if (type.endsWith("BadRequest")) {
@@ -99,7 +99,7 @@ function describeDetail(detail) {
   if (type.endsWith("RetryInfo") && d.retry_delay) {
     return [`Try again in ${parseFloat(d.retry_delay) || d.retry_delay} s.`];
   }
-  if (type.endsWith("ResourceInfo") && d.resource_name) {
+  if (type.endsWith("ResourceInfo") && d.resource_name && !message.includes(d.resource_name)) {
     return [`(${d.resource_type || "resource"} ${d.resource_name})`];
   }
   return [];
