@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import Settings
-from services.common.errors import DataLoss, NotFound, Unavailable
+from services.common.errors import AtelierError, DataLoss, NotFound, Unavailable
 from services.inference.cache import ByteLRU, CapacityError
 from services.inference.metrics import InferenceMetrics
 from services.inference.payloads import (
@@ -99,6 +99,24 @@ class Resolver:
             while len(self._cache) > RESOLVED_CACHE_ENTRIES:
                 self._cache.popitem(last=False)
         return manifest
+
+    def moved_aliases(self) -> list[tuple[AdapterManifest, AdapterManifest]]:
+        """Re-resolve every cached alias reference now; (old, new) manifests of those that moved.
+        A reference that cannot be resolved (outage, alias deleted) keeps its last manifest."""
+        with self._lock:
+            refs = [(ref, hit) for ref, hit in self._cache.items() if ref.alias]
+        moved = []
+        for ref, hit in refs:
+            try:
+                manifest = self._registry.resolve_adapter(ref.tenant, ref.name, version=None, alias=ref.alias)
+            except AtelierError:
+                continue
+            with self._lock:
+                if ref in self._cache:
+                    self._cache[ref] = _Resolved(manifest, time.monotonic())
+            if manifest.version != hit.manifest.version:
+                moved.append((hit.manifest, manifest))
+        return moved
 
     def cached(self, ref: RefKey) -> AdapterManifest | None:
         """The last resolution of `ref`, however old (for preload status and fallbacks)."""

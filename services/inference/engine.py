@@ -11,6 +11,7 @@ one thing at a time and needs no locks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import io
 import logging
@@ -104,6 +105,11 @@ class InferenceEngine:
                                self._execute, self.metrics, max_adapters=settings.device_cache_max_adapters)
         self.rate_limit = TenantRateLimiter(settings.quota_generate_rps, settings.quota_generate_burst,
                                             "Generate requests")
+        self._alias_watch: asyncio.Task[None] | None = None
+        if settings.adapter_ref_ttl_seconds > 0:
+            with contextlib.suppress(RuntimeError):  # no running loop: no watcher (scripts)
+                self._alias_watch = asyncio.get_running_loop().create_task(
+                    self._watch_aliases(settings.adapter_ref_ttl_seconds), name="atelier-alias-watch")
 
     # --- threads ----------------------------------------------------------------------
     async def on_device(self, fn: Callable[..., T], *args: Any) -> T:
@@ -125,6 +131,8 @@ class InferenceEngine:
         """Abort the device's work, fail what waits, then wait up to `device_timeout` s for the
         device thread (a daemon: if a kernel never returns, the process can still exit)."""
         self.runner.guard.stop()
+        if self._alias_watch is not None:
+            self._alias_watch.cancel()
         if self.watchdog is not None:
             await self.watchdog.close()
         await self.batcher.close()
@@ -277,6 +285,27 @@ class InferenceEngine:
             return AdapterUse(AdapterKey.of(manifest), manifest.kind, spec.weight, payload)
 
         return tuple(await asyncio.gather(*(one(m, s) for m, s in zip(manifests, specs, strict=True))))
+
+    async def _watch_aliases(self, interval: float) -> None:
+        """Every ref TTL, re-resolve the aliases this replica resolved; when one moved and the
+        host tier holds its old version, fetch the new version's payload now, so the first
+        request after the move does not pay the cold load (issue 13)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.on_io(self.prefetch_moved_aliases)
+            except Exception:  # an outage or a bad new version: the request path will report it
+                log.warning("alias prefetch failed", exc_info=True)
+
+    def prefetch_moved_aliases(self) -> int:
+        """I/O pool: load moved aliases' new versions into the host tier; returns how many."""
+        count = 0
+        for old, new in self.resolver.moved_aliases():
+            held = self.host.cache.peek(AdapterKey.of(old)) is not None
+            if held and self.host.cache.peek(AdapterKey.of(new)) is None:
+                self.host.load(new)
+                count += 1
+        return count
 
     # --- ops --------------------------------------------------------------------------
     async def preload(self, tenant: str, base_model: str, specs: Sequence[AdapterSpec],

@@ -1,4 +1,5 @@
-"""Heterogeneous LoRA batching through gRPC: requests with different LoRA sets share one UNet forward.
+"""Heterogeneous LoRA batching through gRPC: requests with different LoRA sets share one UNet
+forward; a moved alias is prefetched by a replica that held its old version.
 
 Real gRPC on loopback, registry on moto S3, tiny random base at 32 px, 3 steps. The hetero path
 (services/inference/hetero.py) adds per-sample low-rank deltas to unmerged base weights, so a
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,15 @@ from safetensors.torch import load_file, save_file
 from services.inference.synthetic import LoraFactory, write_textual_inversion
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from tests.fixtures.s3 import MotoServer
-from tests.integration.test_inference_support import InferenceEnv, engine_settings, pixels, rpc_error, start_env
+from tests.integration.test_inference_support import (
+    InferenceEnv,
+    engine_settings,
+    pixels,
+    ref,
+    rpc_error,
+    spec,
+    start_env,
+)
 
 TOKEN = "<concept>"
 TOLERANCE = 2  # max |batched - solo| per pixel channel, CPU fp32 (documented)
@@ -143,3 +153,33 @@ def test_32_concurrent_mixed_requests_never_exceed_the_device_tier_bound(env: In
     assert at_most - at_most_before == total - total_before  # ...each within the device tier's entry bound
     assert max(r.batch_size for r in results) > 1
     assert len(env.engine.device_state.adapters.keys()) <= MAX_ADAPTERS
+
+
+def test_a_moved_alias_is_prefetched_by_a_replica_holding_the_old_version(
+        moto_server: MotoServer, tiny_random_pipeline_dir: Path, tmp_path: Path) -> None:
+    settings = engine_settings(moto_server.endpoint, moto_server.create_bucket(), tmp_path, tiny_random_pipeline_dir,
+                               adapter_ref_ttl_seconds=0.3)
+    env = start_env(settings, tiny_random_pipeline_dir)
+    try:
+        factory = LoraFactory(tiny_random_pipeline_dir)
+        env.publish("moving", "LORA", {LORA_WEIGHTS_FILE: factory.write(tmp_path / "v1", seed=21)})
+        env.registry.set_alias("default", "moving", "prod", 1)
+
+        def by_alias() -> inference_pb2.GenerateResponse:
+            request = spec(steps=2)
+            request.adapters.append(inference_pb2.AdapterWeight(ref=ref("moving", alias="prod"), weight=1.0))
+            return env.stub.Generate(inference_pb2.GenerateRequest(spec=request), timeout=60)
+
+        assert by_alias().adapters[0].version == 1
+        env.publish("moving", "LORA", {LORA_WEIGHTS_FILE: factory.write(tmp_path / "v2", seed=22)})
+        before = sum(env.store.blob_reads().values())
+        env.registry.set_alias("default", "moving", "prod", 2)
+        deadline = time.monotonic() + 15
+        while sum(env.store.blob_reads().values()) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fetched = sum(env.store.blob_reads().values())
+        assert fetched == before + 1  # the new version's blob came in without any request for it
+        assert by_alias().adapters[0].version == 2
+        assert sum(env.store.blob_reads().values()) == fetched  # ...so the first request found it warm
+    finally:
+        env.close()
