@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     inference_port: int = Field(50052, description="InferenceService gRPC port.")
     metrics_port: int = Field(9090, description="Prometheus /metrics HTTP port; 0 disables it.")
     http_port: int = Field(
-        8080, description="HTTP/JSON gateway + web console port of `atelier serve` (every annotated RPC); 0 disables it."
+        8080, description="HTTP/JSON gateway + web console port of `atelier serve`; 0 disables it."
     )
     http_sse_keepalive_seconds: float = Field(
         15.0, description="A `: keepalive` comment on a Server-Sent Events stream quiet this long (idle proxies)."
