@@ -28,6 +28,7 @@ from grpc import aio
 from services.gateway import uploads
 from services.gateway.routes import Route, find_route
 from services.gateway.transcode import BadHttpRequest, build_request, rpc_error_body, status_body, to_json
+from services.gateway.upload_call import UploadCall
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,10 @@ class Gateway:
     """Routes HTTP requests to gRPC methods; one instance per process."""
 
     def __init__(self, routes: list[Route], channels: Mapping[str, aio.Channel],
-                 openapi: dict[str, Any], console_dir: Path | None, keepalive_seconds: float = 15.0) -> None:
+                 upload_channels: Mapping[str, grpc.Channel], openapi: dict[str, Any], console_dir: Path | None,
+                 keepalive_seconds: float = 15.0) -> None:
         self._routes = routes
+        self._upload_channels = upload_channels
         self._keepalive = keepalive_seconds
         self._channels = channels
         self._openapi = openapi
@@ -103,7 +106,7 @@ class Gateway:
             response = await self._dispatch(route, variables, request, channel)
         except BadHttpRequest as exc:
             response = bad_request(exc)
-        except aio.AioRpcError as exc:
+        except grpc.RpcError as exc:  # aio calls and the sync upload calls alike
             response = error_response(*rpc_error_body(exc))
         if not response.prepared:  # streams sent their headers already (and set it there)
             response.headers[RPC_HEADER] = route.grpc_path
@@ -114,7 +117,7 @@ class Gateway:
                         channel: aio.Channel) -> web.StreamResponse:
         metadata, timeout = _metadata(request), deadline_seconds(request.headers.get(TIMEOUT_HEADER))
         if route.client_streaming:
-            return await self._upload(route, request, channel, metadata, timeout)
+            return await self._upload(route, request, metadata, timeout)
         message = build_request(route.request_class(), await _json_body(route, request),
                                 request.query.items(), variables)
         if not route.server_streaming:
@@ -131,44 +134,21 @@ class Gateway:
             return await _download(server_call, request, route.grpc_path)
         return await _server_sent_events(server_call, request, route.grpc_path, self._keepalive)
 
-    async def _upload(self, route: Route, request: web.Request, channel: aio.Channel,
-                      metadata: tuple[tuple[str, str], ...], timeout: float | None) -> web.StreamResponse:
+    async def _upload(self, route: Route, request: web.Request, metadata: tuple[tuple[str, str], ...],
+                      timeout: float | None) -> web.StreamResponse:
         if not request.content_type.startswith("multipart/form-data"):
             raise BadHttpRequest("content-type", f"{route.template} takes multipart/form-data")
+        channel = self._upload_channels[route.service]
         cls = route.request_class()
         reader = await request.multipart()
         state = uploads.UploadState()
         header, first = await uploads.read_header(reader, cls, state)
-        guard = _StreamGuard(uploads.stream_files(reader, cls, header, first, state))
-        call = channel.stream_unary(route.grpc_path, request_serializer=_serialize,
-                                    response_deserializer=route.response_class().FromString)
-        guard.call = call(guard.messages(), metadata=metadata, timeout=timeout)
+        call = UploadCall(channel, route.grpc_path, route.response_class().FromString)
         try:
-            reply = await guard.call
-        except asyncio.CancelledError:
-            if guard.error is None:
-                raise
-            raise guard.error from None
-        if guard.error is not None:
-            raise guard.error
-        return web.json_response(to_json(reply), headers=_request_id_headers(await guard.call.trailing_metadata()))
-
-
-class _StreamGuard:
-    """Feeds an upload's messages to the call; a malformed form cancels the call (never a short upload)."""
-
-    def __init__(self, source: AsyncIterator[Message]) -> None:
-        self._source = source
-        self.call: Any = None
-        self.error: BadHttpRequest | None = None
-
-    async def messages(self) -> AsyncIterator[Message]:
-        try:
-            async for message in self._source:
-                yield message
-        except (BadHttpRequest, ValueError) as exc:
-            self.error = exc if isinstance(exc, BadHttpRequest) else BadHttpRequest("form", str(exc))
-            self.call.cancel()
+            reply = await call.run(uploads.stream_files(reader, cls, header, first, state), metadata, timeout)
+        except ValueError as exc:  # a malformed multipart body (never a short upload: the call was cancelled)
+            raise BadHttpRequest("form", str(exc)) from exc
+        return web.json_response(to_json(reply))
 
 
 def _serialize(message: Message) -> bytes:

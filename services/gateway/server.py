@@ -35,11 +35,14 @@ class RunningGateway:
     runner: web.AppRunner
     port: int
     channels: list[aio.Channel] = field(default_factory=list)
+    upload_channels: list[grpc.Channel] = field(default_factory=list)
 
     async def close(self) -> None:
         await self.runner.cleanup()
         for channel in self.channels:
             await channel.close(None)
+        for sync_channel in self.upload_channels:
+            sync_channel.close()
 
 
 def dial_host(settings: Settings) -> str:
@@ -47,19 +50,38 @@ def dial_host(settings: Settings) -> str:
     return "127.0.0.1" if settings.host in WILDCARD_HOSTS else settings.host
 
 
-def _channel(settings: Settings, target: str) -> aio.Channel:
+def _options(settings: Settings) -> list[tuple[str, int]]:
     size = settings.grpc_max_message_bytes
-    options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
-    if settings.tls_cert_file is not None:
-        creds = grpc.ssl_channel_credentials(root_certificates=Path(settings.tls_cert_file).read_bytes())
-        return aio.secure_channel(target, creds, options=options)
-    return aio.insecure_channel(target, options=options)
+    return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
 
 
-def build_app(settings: Settings, channels: Mapping[str, aio.Channel], console_dir: Path | None) -> web.Application:
+def _credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    if settings.tls_cert_file is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=Path(settings.tls_cert_file).read_bytes())
+
+
+def _channel(settings: Settings, target: str) -> aio.Channel:
+    creds = _credentials(settings)
+    if creds is not None:
+        return aio.secure_channel(target, creds, options=_options(settings))
+    return aio.insecure_channel(target, options=_options(settings))
+
+
+def _upload_channel(settings: Settings, target: str) -> grpc.Channel:
+    """Sync channel for the client-streaming uploads (services/gateway/upload_call.py says why)."""
+    creds = _credentials(settings)
+    if creds is not None:
+        return grpc.secure_channel(target, creds, options=_options(settings))
+    return grpc.insecure_channel(target, options=_options(settings))
+
+
+def build_app(settings: Settings, channels: Mapping[str, aio.Channel], upload_channels: Mapping[str, grpc.Channel],
+              console_dir: Path | None) -> web.Application:
     """The aiohttp application: /openapi.json, /v1/... (annotated RPCs), the console at /."""
     routes = load_routes()
-    gateway = Gateway(routes, channels, build_openapi(routes), console_dir, settings.http_sse_keepalive_seconds)
+    gateway = Gateway(routes, channels, upload_channels, build_openapi(routes), console_dir,
+                      settings.http_sse_keepalive_seconds)
     app = web.Application(client_max_size=settings.grpc_max_message_bytes)
     app.router.add_get("/openapi.json", gateway.openapi)
     app.router.add_route("*", "/v1/{tail:.*}", gateway.api)
@@ -70,18 +92,19 @@ def build_app(settings: Settings, channels: Mapping[str, aio.Channel], console_d
 async def start_gateway(settings: Settings, targets: Mapping[str, str], port: int,
                         console_dir: Path | None = CONSOLE_DIR) -> RunningGateway:
     """Bind the gateway on `settings.host:port` (0: an ephemeral port) and return it running."""
-    by_target: dict[str, aio.Channel] = {}
-    for target in set(targets.values()):
-        by_target[target] = _channel(settings, target)
+    by_target = {target: _channel(settings, target) for target in set(targets.values())}
+    sync_by_target = {target: _upload_channel(settings, target) for target in set(targets.values())}
     channels = {service: by_target[target] for service, target in targets.items()}
+    upload_channels = {service: sync_by_target[target] for service, target in targets.items()}
     # The gRPC servers have drained by the time the gateway closes, so its handlers end at once.
     # handler_cancellation: a client that hangs up cancels its handler, and so its RPC (a watch
     # or a generation stream stops at once, not at its next message).
-    runner = web.AppRunner(build_app(settings, channels, console_dir), access_log=None, shutdown_timeout=2.0,
+    runner = web.AppRunner(build_app(settings, channels, upload_channels, console_dir), access_log=None,
+                           shutdown_timeout=2.0,
                            handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, port, reuse_port=False)
     await site.start()
     server = cast(asyncio.Server | None, site._server)  # aiohttp exposes the bound sockets only here
     bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
-    return RunningGateway(runner, bound, list(by_target.values()))
+    return RunningGateway(runner, bound, list(by_target.values()), list(sync_by_target.values()))

@@ -126,10 +126,11 @@ def status_body(code: grpc.StatusCode, message: str, details: list[Message] | No
     return to_json(status)
 
 
-def rpc_error_body(error: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any], float | None]:
+def rpc_error_body(error: grpc.RpcError) -> tuple[int, dict[str, Any], float | None]:
     """(HTTP status, Status JSON, Retry-After seconds) for a failed call, keeping its details."""
-    status = status_pb2.Status(code=error.code().value[0], message=error.details() or "")
-    trailers: Any = error.trailing_metadata() or ()
+    call: Any = error  # aio and sync call errors both expose code/details/trailing_metadata
+    status = status_pb2.Status(code=call.code().value[0], message=call.details() or "")
+    trailers: Any = call.trailing_metadata() or ()
     for key, value in trailers:
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)

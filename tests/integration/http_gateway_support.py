@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,6 +88,14 @@ def running(settings: Settings, role: str) -> Iterator[Env]:
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def wait_in_flight(env: Env, method: str, at_least: float = 1, timeout: float = 10.0) -> None:
+    """Wait until the metrics count `at_least` RPCs of `method` in flight (accounting is async)."""
+    deadline = time.monotonic() + timeout
+    while in_flight(env, method) < at_least:
+        assert time.monotonic() < deadline, f"{method} never reached {at_least} in flight"
+        time.sleep(0.02)
 
 
 def in_flight(env: Env, method: str) -> float:

@@ -23,7 +23,7 @@ from services.registry.registry import Registry
 from services.runtime import start_runtime
 from tests.fixtures.grpc_servers import ServerThread, loopback_settings, make_self_signed_cert
 from tests.fixtures.s3 import free_port
-from tests.integration.http_gateway_support import Env, assert_status, in_flight, running, upload_form
+from tests.integration.http_gateway_support import Env, assert_status, in_flight, running, upload_form, wait_in_flight
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_hanging_up_an_idle_watch_cancels_its_rpc_at_once(api_only: Env) -> None
         job_id = _queued_job(api_only)
         response = requests.get(f"http://127.0.0.1:{gateway.port}/v1/jobs/{job_id}:watch", stream=True, timeout=60)
         assert next(response.iter_lines()).startswith(b"data:")
-        assert _watches_in_flight(api_only) == 1
+        wait_in_flight(api_only, "/atelier.v1.TrainingService/WatchTrainingJob")
         start = time.monotonic()
         response.close()
         while _watches_in_flight(api_only) > 0:
