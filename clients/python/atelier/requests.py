@@ -13,6 +13,7 @@ from PIL import Image
 
 from atelier import ids
 from atelier.refs import AdapterSpec, to_adapter_weights
+from atelier.train_choices import set_lr_scheduler, set_optimizer
 from atelier.v1 import common_pb2, inference_pb2, training_pb2
 
 METHODS: dict[str, int] = {
@@ -149,6 +150,12 @@ def _set_fields(spec: training_pb2.TrainingJobSpec, values: dict[str, Any]) -> N
             raise TypeError(f"unknown training option {key!r}")
         if key == "mixed_precision" and isinstance(value, str):
             value = PRECISIONS[value]
+        if key == "optimizer":
+            set_optimizer(spec.hyperparameters, value)
+            continue
+        if key in ("lr_scheduler", "lr_scheduler_kind"):
+            set_lr_scheduler(spec.hyperparameters, key, value)
+            continue
         if isinstance(value, list | tuple):
             getattr(target, key).extend(value)
         else:

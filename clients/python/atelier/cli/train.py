@@ -9,18 +9,20 @@ import typer
 from atelier.cli.context import options
 from atelier.cli.jobs import follow_or_detach
 from atelier.cli.output import console, handle_errors, print_json, to_dict
+from atelier.train_choices import LEGACY_LR_SCHEDULERS, LR_SCHEDULERS, OPTIMIZERS
 
 app = typer.Typer(no_args_is_help=True, help="Train an adapter (LoRA, DreamBooth, Textual Inversion).")
 
 
 def _common_options(
     base: str, dataset: str, name: str, prompt: str, steps: int | None, lr: float | None, batch: int | None,
-    resolution: int | None, seed: int | None, alias: str,
+    resolution: int | None, seed: int | None, alias: str, optimizer: str | None = None,
+    lr_scheduler: str | None = None,
 ) -> dict[str, Any]:
     return {
         "base_model": base, "dataset": dataset, "name": name, "instance_prompt": prompt,
         "max_train_steps": steps, "learning_rate": lr, "train_batch_size": batch, "resolution": resolution,
-        "seed": seed, "alias": alias,
+        "seed": seed, "alias": alias, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
     }
 
 
@@ -47,6 +49,9 @@ RESOLUTION = typer.Option(None, "--resolution", help="Training resolution in pix
 SEED = typer.Option(None, "--seed", help="Seed for reproducible training.")
 ALIAS = typer.Option("", "--alias", help="Point this alias at the published version.")
 DETACH = typer.Option(False, "--detach", help="Print the job and return without watching.")
+OPTIMIZER = typer.Option(None, "--optimizer", help=f"One of {', '.join(sorted(OPTIMIZERS))} (default adamw).")
+LR_SCHEDULER = typer.Option(None, "--lr-scheduler",
+                            help=f"One of {', '.join(sorted([*LR_SCHEDULERS, *LEGACY_LR_SCHEDULERS]))}.")
 
 
 @app.command("lora")
@@ -57,10 +62,12 @@ def lora(ctx: typer.Context, base: str = BASE, dataset: str = DATASET, name: str
          train_text_encoder: bool | None = typer.Option(None, "--train-text-encoder/--no-train-text-encoder"),
          steps: int | None = STEPS, lr: float | None = LR, batch: int | None = BATCH,
          resolution: int | None = RESOLUTION, seed: int | None = SEED, alias: str = ALIAS,
+         optimizer: str | None = OPTIMIZER, lr_scheduler: str | None = LR_SCHEDULER,
          detach: bool = DETACH) -> None:
     """Train a LoRA on attention layers (base frozen)."""
     _start(ctx, "lora", detach, rank=rank, lora_alpha=alpha, train_text_encoder=train_text_encoder,
-           **_common_options(base, dataset, name, prompt, steps, lr, batch, resolution, seed, alias))
+           **_common_options(base, dataset, name, prompt, steps, lr, batch, resolution, seed, alias, optimizer,
+                             lr_scheduler))
 
 
 @app.command("dreambooth")
@@ -71,10 +78,12 @@ def dreambooth(ctx: typer.Context, base: str = BASE, dataset: str = DATASET, nam
                num_class_images: int | None = typer.Option(None, "--num-class-images"),
                steps: int | None = STEPS, lr: float | None = LR, batch: int | None = BATCH,
                resolution: int | None = RESOLUTION, seed: int | None = SEED, alias: str = ALIAS,
+               optimizer: str | None = OPTIMIZER, lr_scheduler: str | None = LR_SCHEDULER,
                detach: bool = DETACH) -> None:
     """Fine-tune the UNet on the concept, optionally with prior preservation."""
     _start(ctx, "dreambooth", detach, class_prompt=class_prompt, num_class_images=num_class_images,
-           **_common_options(base, dataset, name, prompt, steps, lr, batch, resolution, seed, alias))
+           **_common_options(base, dataset, name, prompt, steps, lr, batch, resolution, seed, alias, optimizer,
+                             lr_scheduler))
 
 
 @app.command("textual-inversion")
@@ -86,9 +95,10 @@ def textual_inversion(ctx: typer.Context, base: str = BASE, dataset: str = DATAS
                       num_vectors: int | None = typer.Option(None, "--num-vectors"),
                       steps: int | None = STEPS, lr: float | None = LR, batch: int | None = BATCH,
                       resolution: int | None = RESOLUTION, seed: int | None = SEED, alias: str = ALIAS,
+                      optimizer: str | None = OPTIMIZER, lr_scheduler: str | None = LR_SCHEDULER,
                       detach: bool = DETACH) -> None:
     """Learn a new token embedding; the model itself is untouched."""
     _start(ctx, "textual-inversion", detach, placeholder_token=token, initializer_token=init,
            num_vectors=num_vectors,
            **_common_options(base, dataset, name, prompt or f"a photo of {token}", steps, lr, batch, resolution,
-                             seed, alias))
+                             seed, alias, optimizer, lr_scheduler))
