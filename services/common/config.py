@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     usage_retention_hours: float = Field(
         168.0, gt=0, description="How long a process keeps its per-minute usage buckets for GetUsage."
     )
+    usage_flush_seconds: float = Field(
+        10.0, gt=0, description="How often a training worker writes its buffered usage to the job store "
+        "(also at each job's last step and at shutdown)."
+    )
     safety_checker: str = Field(
         "", description="Content-safety hook module:function, called per generated image (HxWx3 uint8 array); "
         "true = flagged, replaced by a black image. Empty: off."

@@ -1,13 +1,15 @@
 """UsageService over gRPC: the caller's device seconds per window, from this process's ledger.
 
 Hosted by every Atelier server next to its own service, backed by the process's one
-`UsageLedger` (services/common/usage.py): in the embedded `atelier serve` that covers training
-and generation; in a cluster each server answers for its own process, and the Prometheus
-counter is the fleet-wide sum. A tenant sees its own usage; `all_tenants` needs an admin key.
+`UsageLedger` (services/common/usage.py). Training usage comes from the job store, which every
+worker writes (services/training/usage_store.py): the training API answers for the fleet.
+Generation usage is per inference replica (each answers for its own; the Prometheus counter
+is the fleet-wide sum). A tenant sees its own usage; `all_tenants` needs an admin key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -56,7 +58,9 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
             raise InvalidInput("end_time", "must be after start_time")
         if request.all_tenants:
             require_admin("usage of every tenant")
-        report = self._ledger.report(start, end, None if request.all_tenants else current_tenant())
+        # A shared store (the job store, for training) makes the report a database read.
+        report = await asyncio.to_thread(self._ledger.report, start, end,
+                                         None if request.all_tenants else current_tenant())
         return usage_pb2.GetUsageResponse(
             totals=[usage_pb2.UsageTotal(tenant=t.tenant, kind=KINDS[t.kind], device=t.device, seconds=t.seconds)
                     for t in report.totals],

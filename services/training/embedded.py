@@ -25,6 +25,7 @@ from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics, register_store_metrics
 from services.training.registry_servicer import registry_bindings
 from services.training.servicer import training_bindings
+from services.training.usage_store import SqlUsage
 from services.training.webhooks import WebhookDispatcher
 from services.training.worker import Worker
 
@@ -60,6 +61,10 @@ class EmbeddedTraining:
             register_store_metrics(metrics_registry, self.store)
             worker_metrics = WorkerMetrics(metrics_registry, usage=usage,
                                            device=device_label(settings.training_device))
+        # Training usage lives in the job store: workers write it, GetUsage here reads the fleet's.
+        self.usage = worker_metrics.usage if worker_metrics is not None else usage
+        if self.usage is not None:
+            self.usage.share(SqlUsage.from_settings(self.store.engine, settings))
         base_id = settings.worker_id or ""
         self.workers = [
             Worker(settings, self.store, self.registry, metrics=worker_metrics,
@@ -105,6 +110,8 @@ class EmbeddedTraining:
             if thread.is_alive():
                 log.warning("worker thread did not stop in time", extra={"thread": thread.name})
         self._threads.clear()
+        if self.usage is not None:
+            self.usage.flush()
         self.collector.stop()
         self.webhooks.close()
         if self._owns_store:

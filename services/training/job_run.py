@@ -115,7 +115,7 @@ class JobCallbacks:
         now = time.monotonic()
         if self._metrics is not None:
             self._metrics.step_seconds.labels(self._job.method).observe(now - self._last_step_at)
-            self._metrics.record_usage(self._job.tenant, now - self._last_step_at)
+            self._metrics.record_usage(self._job.tenant, now - self._last_step_at, last_step=step >= total)
         self._last_step_at = now
         if self._first_step is None:
             self._first_step = step - 1

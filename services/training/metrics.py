@@ -76,9 +76,13 @@ class WorkerMetrics:
         )
 
 
-    def record_usage(self, tenant: str, seconds: float) -> None:
-        """Training device time: each step's wall time (the first one includes the attempt's set-up)."""
+    def record_usage(self, tenant: str, seconds: float, *, last_step: bool = False) -> None:
+        """Training device time: each step's wall time (the first one includes the attempt's set-up).
+
+        The last step flushes the shared store, so a job's usage is in SQL before it succeeds."""
         self.usage.record(tenant, "training", self.device, seconds)
+        if last_step:
+            self.usage.flush()
 
 
 def register_store_metrics(registry: CollectorRegistry, store: JobStore) -> JobStoreCollector:

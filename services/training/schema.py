@@ -20,6 +20,7 @@ from services.training.sql import JOBS_TABLE
 
 EVENTS_TABLE = "training_job_events"
 WEBHOOKS_TABLE = "training_webhook_deliveries"
+USAGE_TABLE = "training_usage"
 
 STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
@@ -115,6 +116,20 @@ webhook_deliveries = sa.Table(
     sa.Column("delivered_at", sa.Double(), nullable=True),
     sa.UniqueConstraint("idempotency_key", name="uq_training_webhook_deliveries_key"),
     sa.Index("ix_training_webhook_deliveries_due", "status", "next_attempt_at"),
+)
+
+
+# Device seconds per (minute, tenant, kind, device), upserted by every training worker
+# (services/training/usage_store.py, migration 0003) so the training API's GetUsage sums the
+# fleet. minute_start is epoch seconds on the recording worker's clock, a multiple of 60.
+usage = sa.Table(
+    USAGE_TABLE,
+    metadata,
+    sa.Column("minute_start", sa.BigInteger(), primary_key=True),
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("device", sa.String(8), primary_key=True),
+    sa.Column("seconds", sa.Double(), nullable=False),
 )
 
 

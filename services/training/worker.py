@@ -146,6 +146,8 @@ class Worker:
                 self._end_with_error(job, lease, f"{type(exc).__name__}: {exc}", retryable=True)
             finally:
                 shutil.rmtree(work_dir, ignore_errors=True)
+                if self.metrics is not None:  # an attempt's usage is in the job store once it ends
+                    self.metrics.usage.flush()
 
     # --- one attempt --------------------------------------------------------------------
     def _attempt(self, job: JobRecord, lease: LeaseKeeper, callbacks: JobCallbacks, work_dir: Path) -> None:

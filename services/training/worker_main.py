@@ -29,6 +29,7 @@ from services.registry.gc import PeriodicCollector
 from services.training.embedded import open_registry
 from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics, register_store_metrics
+from services.training.usage_store import SqlUsage
 from services.training.webhooks import WebhookDispatcher
 from services.training.worker import Worker
 from services.training.worker_health import WorkerHealth
@@ -46,8 +47,9 @@ def run_worker(settings: Settings, *, worker_id: str = "") -> int:
     register_store_metrics(metrics_registry, store)
     metrics_http = start_metrics_http(metrics_registry, settings.metrics_port)
     registry = open_registry(settings)
-    worker = Worker(settings, store, registry, worker_id=worker_id,
-                    metrics=WorkerMetrics(metrics_registry, device=device_label(settings.training_device)))
+    metrics = WorkerMetrics(metrics_registry, device=device_label(settings.training_device))
+    metrics.usage.share(SqlUsage.from_settings(store.engine, settings))  # the training API sums every worker's
+    worker = Worker(settings, store, registry, worker_id=worker_id, metrics=metrics)
     health = WorkerHealth(settings, store, registry).start() if settings.worker_health_port else None
     collector = PeriodicCollector(registry, interval=settings.gc_interval_seconds,
                                   grace_seconds=settings.gc_grace_seconds).start()
@@ -72,6 +74,7 @@ def run_worker(settings: Settings, *, worker_id: str = "") -> int:
         webhooks.close()
         if metrics_http is not None:
             metrics_http.close()
+        metrics.usage.flush()
         store.close()
     return 0
 

@@ -22,6 +22,7 @@ from atelier import Client
 from atelier.demo_images import concept_images
 from atelier.usage import usage_rows
 from atelier.v1 import training_pb2, usage_pb2, usage_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from services.registry.registry import Registry
 from services.runtime import Runtime, start_runtime
@@ -37,6 +38,7 @@ class Env:
     training: str
     inference: str
     before: float  # a moment before any usage was recorded
+    metrics: CollectorRegistry
 
     def client(self, key: str) -> Client:
         return Client(self.training, inference_target=self.inference, api_key=key, timeout=120)
@@ -54,9 +56,10 @@ def env(tiny_random_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     before = time.time()
-    runtime: Runtime = asyncio.run_coroutine_threadsafe(start_runtime(settings, "all"), loop).result(120)
+    metrics = CollectorRegistry()
+    runtime: Runtime = asyncio.run_coroutine_threadsafe(start_runtime(settings, "all", metrics), loop).result(120)
     try:
-        env = Env(f"127.0.0.1:{settings.training_port}", f"127.0.0.1:{settings.inference_port}", before)
+        env = Env(f"127.0.0.1:{settings.training_port}", f"127.0.0.1:{settings.inference_port}", before, metrics)
         with env.client("key-acme") as acme:
             dataset = acme.upload_dataset(concept_images(3, seed=2), name="u", captions=["a photo of <u>"] * 3)
             job = acme.train("textual-inversion", base_model="tiny", dataset=dataset.id, name="u-ti",
@@ -87,6 +90,15 @@ def test_tenant_sees_its_own_training_and_generation_seconds(env: Env) -> None:
             assert all(t.device == "cpu" for t in response.totals)
     with env.client("key-beta") as beta:
         assert list(beta.usage(env.before - 60).totals) == []
+
+
+def test_embedded_training_seconds_are_counted_once(env: Env) -> None:
+    """The in-process worker's seconds come from the job store only, not also from memory."""
+    counted = env.metrics.get_sample_value("atelier_usage_seconds_total",
+                                           {"tenant": "acme", "kind": "training", "device": "cpu"})
+    with env.client("key-acme") as acme:
+        usage = _by_kind(usage_rows(acme.usage(env.before - 60, time.time() + 60, via="training")))
+    assert counted is not None and usage[("acme", "training")] == pytest.approx(counted, rel=1e-9)
 
 
 def test_windows_exclude_usage_outside_them(env: Env) -> None:

@@ -40,7 +40,7 @@ def test_migrations_build_exactly_the_live_schema(database_url: str) -> None:
     try:
         migrate(engine)
         migrate(engine)  # idempotent: a second process starting up changes nothing
-        assert current_revision(engine) == "0002"
+        assert current_revision(engine) == "0003"
         with engine.connect() as conn:
             diffs = compare_metadata(MigrationContext.configure(conn), metadata)
         assert diffs == []
