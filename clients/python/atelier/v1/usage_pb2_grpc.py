@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class UsageServiceStub:
     """Accounting: device seconds spent per tenant, for billing and caps. Served by every
-    Atelier server; each answers for the work its own process did (see docs/architecture.md).
+    Atelier server: training usage from the job store (every worker's), generation usage
+    for the replica's own process (see docs/architecture.md, Accounting).
     """
 
     def __init__(self, channel):
@@ -45,7 +46,8 @@ class UsageServiceStub:
 
 class UsageServiceServicer:
     """Accounting: device seconds spent per tenant, for billing and caps. Served by every
-    Atelier server; each answers for the work its own process did (see docs/architecture.md).
+    Atelier server: training usage from the job store (every worker's), generation usage
+    for the replica's own process (see docs/architecture.md, Accounting).
     """
 
     def GetUsage(self, request, context):
@@ -72,7 +74,8 @@ def add_UsageServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class UsageService:
     """Accounting: device seconds spent per tenant, for billing and caps. Served by every
-    Atelier server; each answers for the work its own process did (see docs/architecture.md).
+    Atelier server: training usage from the job store (every worker's), generation usage
+    for the replica's own process (see docs/architecture.md, Accounting).
     """
 
     @staticmethod

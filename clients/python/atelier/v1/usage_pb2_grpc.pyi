@@ -28,7 +28,8 @@ GRPC_VERSION: str
 
 class UsageServiceStub:
     """Accounting: device seconds spent per tenant, for billing and caps. Served by every
-    Atelier server; each answers for the work its own process did (see docs/architecture.md).
+    Atelier server: training usage from the job store (every worker's), generation usage
+    for the replica's own process (see docs/architecture.md, Accounting).
     """
 
     @_typing.overload
@@ -40,7 +41,8 @@ class UsageServiceStub:
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
     """Accounting: device seconds spent per tenant, for billing and caps. Served by every
-    Atelier server; each answers for the work its own process did (see docs/architecture.md).
+    Atelier server: training usage from the job store (every worker's), generation usage
+    for the replica's own process (see docs/architecture.md, Accounting).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -48,7 +50,8 @@ class UsageServiceAsyncStub(UsageServiceStub):
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounting: device seconds spent per tenant, for billing and caps. Served by every
-    Atelier server; each answers for the work its own process did (see docs/architecture.md).
+    Atelier server: training usage from the job store (every worker's), generation usage
+    for the replica's own process (see docs/architecture.md, Accounting).
     """
 
     @_abc_1.abstractmethod
