@@ -141,7 +141,7 @@ def test_generate_with_adapter_writes_png(services: Services, trained: dict[str,
     response = json_of(services, "generate", "a photo of sks circle", "--adapter", f"{ADAPTER}@1=0.8", "--seed", "11",
                        "--steps", "4", "--size", "32", "-o", str(json_out))
     assert response["files"] == [str(json_out)]
-    assert response["response"]["images"] == [{"seed": 11}]
+    assert response["response"]["images"] == [{"seed": 11, "safety_flagged": False}]
     [resolved] = response["response"]["adapters"]
     assert resolved["name"] == ADAPTER and resolved["version"] == 1
     assert json_out.read_bytes() == out.read_bytes()  # same seed, same adapter: same pixels
