@@ -55,3 +55,36 @@ def test_training_loads_beside_lora_attaches_in_another_thread(tiny_random_pipel
         done.set()
         thread.join(60)
     assert errors == [] and attached[0] > 0
+
+
+@pytest.mark.timeout(300)
+def test_raw_library_loads_in_two_threads_leave_torch_unpatched(tiny_random_pipeline_dir: Path) -> None:
+    """Loads that bypass our call sites (plain diffusers/transformers calls) take the lock too, so
+    overlapping save/patch/restore of torch globals can never leave `register_parameter` patched."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    original = torch.nn.Module.register_parameter
+    errors: list[str] = []
+
+    def load(kind: str) -> None:
+        for _ in range(LOADS):
+            try:
+                if kind == "unet":
+                    model = UNet2DConditionModel.from_pretrained(tiny_random_pipeline_dir / "unet")
+                else:
+                    model = CLIPTextModel.from_pretrained(tiny_random_pipeline_dir / "text_encoder")
+                if any(p.is_meta for p in model.parameters()):
+                    errors.append(f"{kind}: meta parameters")
+            except Exception as exc:
+                errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=load, args=(kind,)) for kind in ("unet", "text", "unet", "text")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert torch.nn.Module.register_parameter is original
+    assert getattr(UNet2DConditionModel.from_pretrained.__func__, "__atelier_locked__", False)
