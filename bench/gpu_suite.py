@@ -252,42 +252,9 @@ def generation(kind: str, tmp: Path, args: argparse.Namespace) -> None:
     row(f"{kind} peak GPU memory, diffusers", peak_gib(device), resident)
     del plain
     if kind == "sd15":
+        from gpu_hetero import hetero_rows  # late: gpu_hetero uses this module's helpers
+
         hetero_rows(kind, tmp, args, registry, dict(steps=steps, width=size, height=size), reps)
-
-
-def hetero_rows(kind: str, tmp: Path, args: argparse.Namespace, registry: Registry, shape: dict[str, int],
-                reps: int) -> None:
-    """8 concurrent requests over 8 LoRAs (per-sample deltas, one UNet forward) vs 8 on one LoRA
-    batched vs the per-request loop, on a fresh pipeline (exact_batching off: the GPU setting)."""
-    device = args.device
-    settings = Settings(registry_url=f"file://{tmp / 'registry'}", cache_dir=tmp / "cache-hetero", data_dir=tmp,
-                        inference_device=device, inference_dtype="float32" if args.cpu_smoke else "bfloat16",
-                        device_cache_max_adapters=8, batch_wait_ms=100.0, max_batch_size=8, max_image_side=2048)
-    loop = LoopThread()
-    handle = EngineHandle(loop, settings, registry, exact_batching=False)
-    handle.engine.pipelines.register(kind, build(kind, tmp / f"{kind}-hetero", device,
-                                                 torch.float32 if args.cpu_smoke else torch.bfloat16, args.cpu_smoke))
-    names = [f"{kind}-{i}" for i in range(8)]
-    loop.run(handle.engine.preload(TENANT, kind, [AdapterSpec(n, None, None, 1.0, "x") for n in names]))
-
-    def reqs(adapter: Callable[[int], str]) -> list[GenerationRequest]:
-        return [GenerationRequest(kind, "a photo of a red box", seed=i, **shape,
-                                  adapters=(AdapterSpec(adapter(i), None, None, 1.0, "x"),)) for i in range(8)]
-
-    mixed, single = reqs(lambda i: names[i]), reqs(lambda i: names[0])
-    arms = {"hetero": lambda: handle.generate_many(mixed), "one": lambda: handle.generate_many(single),
-            "loop": lambda: [handle.generate(r) for r in mixed]}
-    for fn in arms.values():
-        fn()
-    ms = {name: median_ms(fn, reps, device) for name, fn in arms.items()}
-    row(f"{kind} 8 requests, 8 LoRAs, one forward (hetero)", f"{ms['hetero']:.0f} ms",
-        f"{ms['one'] / ms['hetero']:.3f}x one-LoRA throughput (>= 0.9)")
-    row(f"{kind} 8 requests, one LoRA, batched", f"{ms['one']:.0f} ms")
-    row(f"{kind} 8 requests, 8 LoRAs, per-request loop", f"{ms['loop']:.0f} ms",
-        f"hetero {ms['loop'] / ms['hetero']:.2f}x faster")
-    row(f"{kind} paths taken", str(dict(handle.engine.runner.paths)))
-    handle.close()
-    loop.stop()
 
 
 def switching(handle: EngineHandle, loop: LoopThread, kind: str, req: Callable[..., GenerationRequest],
