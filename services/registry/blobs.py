@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from services.common.errors import DataLoss, InvalidInput, NotFound
 from services.registry.keys import Keys
 from services.registry.manifests import FileRecord
-from services.registry.store import STREAM_CHUNK_BYTES, ObjectNotFound, ObjectStore, PreconditionFailed
+from services.registry.store import (
+    STREAM_CHUNK_BYTES,
+    ObjectNotFound,
+    ObjectStore,
+    PreconditionFailed,
+    write_atomically,
+)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -110,17 +114,7 @@ class Blobs:
 
     def download(self, sha256: str, dest: Path) -> Path:
         """Write the verified blob to `dest` atomically; on DataLoss nothing is left at dest."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in self.stream(sha256):
-                    f.write(chunk)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return dest
+        return write_atomically(dest, self.stream(sha256))
 
     def download_record(self, record: FileRecord, dest: Path) -> Path:
         """Download a manifest file, also checking its recorded size."""

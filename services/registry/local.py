@@ -26,6 +26,7 @@ from services.registry.store import (
     ObjectNotFound,
     PreconditionFailed,
     validate_key,
+    write_atomically,
 )
 
 _TMP = ".atelier-tmp"
@@ -122,16 +123,7 @@ class LocalStore:
         return self._install(key, tmp, etag, if_none_match, None)
 
     def download_file(self, key: str, dest_path: Path) -> None:
-        chunks = self.open_stream(key)
-        dest_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest_path.with_name(f".{dest_path.name}.{uuid.uuid4().hex}.part")
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-            os.replace(tmp, dest_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(dest_path, self.open_stream(key))
 
     def open_stream(self, key: str) -> Iterator[bytes]:
         try:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -38,6 +36,7 @@ from services.registry.store import (
     PreconditionFailed,
     StoreUnavailable,
     validate_key,
+    write_atomically,
 )
 
 T = TypeVar("T")
@@ -190,16 +189,7 @@ class S3Store:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
 
     def download_file(self, key: str, dest_path: Path) -> None:
-        chunks = self.open_stream(key)
-        dest_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest_path.with_name(f".{dest_path.name}.{uuid.uuid4().hex}.part")
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-            os.replace(tmp, dest_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(dest_path, self.open_stream(key))
 
     def open_stream(self, key: str) -> Iterator[bytes]:
         resp = self._call(key, lambda: self._client.get_object(Bucket=self.bucket, Key=self._key(key)))

@@ -10,7 +10,9 @@ All methods are synchronous (boto3 is); async callers wrap them in `asyncio.to_t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -138,6 +140,26 @@ def validate_key(key: str) -> str:
         if part in ("", ".", "..") or part.startswith(".atelier"):
             raise ValueError(f"invalid object key {key!r}")
     return key
+
+
+def write_atomically(dest: Path, chunks: Iterable[bytes]) -> Path:
+    """Write `chunks` to a unique `.<name>.<uuid>.part` beside `dest`, then rename it over `dest`.
+
+    Readers see the old file or the complete new one, never a partial write; a failure
+    while iterating (a lost connection, DataLoss from a verifying stream) leaves neither
+    `dest` nor the `.part` behind, and concurrent writers of one `dest` each use their own
+    `.part`, so the last complete rename wins. The one download path of the stores and blobs.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def open_store(settings: Settings) -> ObjectStore:
