@@ -51,6 +51,7 @@ class WorkItem:
     started_at: float = 0.0
     tenant: str = ""  # fair queueing unit
     adapters: frozenset[Hashable] = frozenset()  # what it attaches on the device (LoRA/TI keys)
+    stream: bool = False  # served by the step-level scheduler (continuous.py), not a pipeline call
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -139,11 +140,15 @@ class Batcher:
         while True:
             batch = await self._next_batch()
             if batch:
-                self._metrics.batch_size.observe(len(batch))
-                self._metrics.adapters_per_batch.observe(len(frozenset().union(*(i.adapters for i in batch))))
-                for item in batch:
-                    self._metrics.queue_wait.observe(max(0.0, item.started_at - item.enqueued_at))
+                self._record(batch, batch)
                 await self._execute(batch)
+
+    def _record(self, entered: list[WorkItem], batch: list[WorkItem]) -> None:
+        """Metrics for requests `entered` into `batch` (the batch as it runs now)."""
+        self._metrics.batch_size.observe(len(batch))
+        self._metrics.adapters_per_batch.observe(len(frozenset().union(*(i.adapters for i in batch))))
+        for item in entered:
+            self._metrics.queue_wait.observe(max(0.0, item.started_at - item.enqueued_at))
 
     async def _next_batch(self) -> list[WorkItem]:
         while not self._queue:
@@ -168,10 +173,10 @@ class Batcher:
         self._mark_served(batch)
         return batch
 
-    def _lead(self) -> WorkItem:
+    def _lead(self, queue: list[WorkItem] | None = None) -> WorkItem:
         """The oldest request of the least recently served tenant (ties: the oldest request)."""
         heads: dict[str, WorkItem] = {}
-        for item in self._queue:
+        for item in self._queue if queue is None else queue:
             heads.setdefault(item.tenant, item)
         tenant = min(heads, key=lambda t: (self._served.get(t, -1), heads[t].enqueued_at))
         return heads[tenant]

@@ -98,6 +98,7 @@ class DeviceState:
         self.mergers = LoraMergers()
         self.attaches = {"fast": 0, "full": 0}  # LoRA attach paths taken (see lora_fast.py)
         self._names = (f"atl{i}" for i in itertools.count())
+        self.held: set[DeviceKey] = set()  # adapters the continuous scheduler's running rows use
         self.adapters: ByteLRU[DeviceKey, Attachment] = ByteLRU(
             "device", settings.device_cache_bytes, lambda a: a.nbytes,
             max_entries=settings.device_cache_max_adapters, on_evict=self._detach, strict=True,
@@ -123,7 +124,7 @@ class DeviceState:
         started = time.perf_counter()
         target = self._target(base, jobs[0])
         keys = {(target.id if u.kind == "LORA" else target.text_owner, u.key)
-                for uses in jobs for u in uses if u.kind != "DREAMBOOTH"}
+                for uses in jobs for u in uses if u.kind != "DREAMBOOTH"} | self.held
         names: dict[AdapterKey, str] = {}
         try:
             for use in (u for uses in jobs for u in uses if u.kind == "LORA" and u.key not in names):
@@ -138,6 +139,11 @@ class DeviceState:
         ti = [[bindings[u.key] for u in uses if u.kind == "TEXTUAL_INVERSION"] for uses in jobs]
         return PreparedBatch(target.pipe, mixes, ti, self.mergers.for_pipeline(target.pipe),
                              (time.perf_counter() - started) * 1000)
+
+    @staticmethod
+    def base_keys(base: BaseModel, uses: Sequence[AdapterUse]) -> set[DeviceKey]:
+        """The device-tier keys of `uses` attached on the base pipeline (no DreamBooth)."""
+        return {(f"base:{base.name}", u.key) for u in uses if u.kind != "DREAMBOOTH"}
 
     def pin(self, base: BaseModel, uses: Sequence[AdapterUse]) -> Prepared:
         """Attach `uses` to the base and pin them in the device tier (warm start, `pinned_adapters`).

@@ -31,8 +31,9 @@ from services.common.quotas import TenantRateLimiter
 from services.common.usage import UsageLedger, device_label
 from services.inference.abort import AbortGuard
 from services.inference.adapters import AdapterKey, DiskTier, HostTier, RefKey, Resolver, open_adapter_tiers
-from services.inference.batcher import Batcher, WorkItem
+from services.inference.batcher import WorkItem
 from services.inference.cache import TierStatus
+from services.inference.continuous import ContinuousBatcher
 from services.inference.device import AdapterUse, DeviceState
 from services.inference.device_thread import DeviceThread, DeviceWatchdog, Report
 from services.inference.merge_methods import LINEAR
@@ -40,6 +41,7 @@ from services.inference.metrics import InferenceMetrics
 from services.inference.pipelines import BaseModel, PipelinePool
 from services.inference.runner import BatchAborted, BatchOutput, Job, Runner, image_seeds
 from services.inference.safety import SafetyHook
+from services.inference.step_loop import Embeddings, Finished, Stepper, streamable, touches_text
 from services.inference.types import (
     AdapterSpec,
     GenerationRequest,
@@ -101,8 +103,10 @@ class InferenceEngine:
         self.safety = SafetyHook.from_settings(settings)  # a bad setting fails here, at start-up
         self._device = DeviceThread("atelier-device")
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="atelier-inference-io")
-        self.batcher = Batcher(settings.queue_size, settings.max_batch_size, settings.batch_wait_ms / 1000,
-                               self._execute, self.metrics, max_adapters=settings.device_cache_max_adapters)
+        self.stepper = Stepper(self.device_state, self.metrics, self.runner.guard, self.runner.exact)
+        self.batcher = ContinuousBatcher(
+            settings.queue_size, settings.max_batch_size, settings.batch_wait_ms / 1000, self._execute,
+            self.metrics, self._admit_rows, self._step_rows, max_adapters=settings.device_cache_max_adapters)
         self.rate_limit = TenantRateLimiter(settings.quota_generate_rps, settings.quota_generate_burst,
                                             "Generate requests")
         self._alias_watch: asyncio.Task[None] | None = None
@@ -154,14 +158,15 @@ class InferenceEngine:
                 progress(Progress("loading_adapters"))
             base = await self.base_model(request.base_model)
             manifests = await self._resolve(tenant, request.adapters, base)
-            uses = await self._load(manifests, request.adapters)
             width, height = request.width or base.default_size, request.height or base.default_size
             check_latent_area(request, width, height, int(base.pipe.vae_scale_factor),
                               self.settings.max_latent_pixels, request.base_model)
-            job = Job(request, base, uses, width, height)
+            uses, embeddings = await self._load_and_encode(manifests, request, base)
+            job = Job(request, base, uses, width, height, embeddings)
             loop = asyncio.get_running_loop()
             item = WorkItem(self._batch_key(job), job, loop.create_future(), deadline, progress, tenant=tenant,
-                            adapters=frozenset(u.key for u in uses if u.kind != "DREAMBOOTH"))
+                            adapters=frozenset(u.key for u in uses if u.kind != "DREAMBOOTH"),
+                            stream=self.settings.continuous_batching and streamable(job))
             load_ms = (time.perf_counter() - started) * 1000
             if progress:
                 progress(Progress("queued", 0, request.steps, load_ms))
@@ -227,6 +232,37 @@ class InferenceEngine:
             elif not item.future.done():
                 item.future.set_result(ItemOutput(pixels, output.attach_ms, output.denoise_ms, len(batch),
                                                   device_seconds * len(pixels) / images))
+
+    async def _admit_rows(self, items: list[WorkItem]) -> list[BaseException | None]:
+        return await self.on_device(self.stepper.admit, items)
+
+    async def _step_rows(self, items: list[WorkItem]) -> list[tuple[WorkItem, ItemOutput]]:
+        """One step of the continuous batch (continuous.py); finished requests' outputs."""
+        done: list[Finished] = await self.on_device(self.stepper.step, items)
+        return [(f.item, ItemOutput(f.pixels, f.attach_ms, f.denoise_ms, f.batch_size, f.device_seconds))
+                for f in done]
+
+    async def _load_and_encode(self, manifests: Sequence[AdapterManifest], request: GenerationRequest,
+                               base: BaseModel) -> tuple[tuple[AdapterUse, ...], Embeddings | None]:
+        """Payloads through the tiers; while a cold one downloads, the prompt is encoded with the
+        base text encoders (issue 13). Kept only when no adapter changes the text encoding (TI, a
+        LoRA with text-encoder layers); else the step loop encodes after the fetch."""
+        cold = any(self.host.cached(m) is None for m in manifests)
+        early = (self.settings.continuous_batching and cold and base.family == "sd"
+                 and all(m.kind == "LORA" for m in manifests))
+        encoding = asyncio.ensure_future(self.on_device(self.stepper.encode_base, base, request)) if early else None
+        try:
+            uses = await self._load(manifests, request.adapters)
+        except BaseException:
+            if encoding is not None:
+                encoding.cancel()
+                with contextlib.suppress(BaseException):
+                    await encoding
+            raise
+        if encoding is None:
+            return uses, None
+        embeddings = await encoding
+        return uses, None if any(touches_text(u.payload) for u in uses) else embeddings
 
     @staticmethod
     def _batch_key(job: Job) -> tuple[Any, ...]:

@@ -111,12 +111,14 @@ def _hook(entries: Sequence[Entry]) -> Any:
     return add_deltas
 
 
-@contextlib.contextmanager
-def per_sample_deltas(merger: LoraMerger, plan: RowPlan, total: int) -> Iterator[int]:
-    """Base weights in `merger`'s component plus per-row LoRA deltas for a batch of `total`
-    rows (yields the hooked layer count)."""
-    merger.apply(())  # restore the originals bit for bit, wrappers stripped
-    handles = []
+Hook = Any
+"""A forward hook adding per-row deltas to one base layer's output."""
+
+
+def delta_hooks(merger: LoraMerger, plan: RowPlan, total: int) -> list[tuple[torch.nn.Module, Hook]]:
+    """The hooks for a batch of `total` rows (built once per batch composition: the continuous
+    scheduler reuses them step after step while its running set is unchanged)."""
+    hooks: list[tuple[torch.nn.Module, Hook]] = []
     for layer in merger.layers():
         entries: list[Entry] = []
         for name in (n for n in plan if n in layer.lora_A):
@@ -126,12 +128,27 @@ def per_sample_deltas(merger: LoraMerger, plan: RowPlan, total: int) -> Iterator
             coef = torch.tensor(weights, dtype=torch.float32, device=device) * float(layer.scaling[name])
             entries.append((layer.lora_A[name], layer.lora_B[name], torch.tensor(rows, device=device), coef))
         if entries and isinstance(layer, LoraLinear):
-            hook = _stacked_hook(*_stacked(layer, plan, total), _hook(entries))
-            handles.append(layer.get_base_layer().register_forward_hook(hook))
+            hooks.append((layer.get_base_layer(), _stacked_hook(*_stacked(layer, plan, total), _hook(entries))))
         elif entries:
-            handles.append(layer.get_base_layer().register_forward_hook(_hook(entries)))
+            hooks.append((layer.get_base_layer(), _hook(entries)))
+    return hooks
+
+
+@contextlib.contextmanager
+def installed(hooks: Sequence[tuple[torch.nn.Module, Hook]]) -> Iterator[int]:
+    """Register `hooks` for the duration of the block (yields how many)."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
         yield len(handles)
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def per_sample_deltas(merger: LoraMerger, plan: RowPlan, total: int) -> Iterator[int]:
+    """Base weights in `merger`'s component plus per-row LoRA deltas for a batch of `total`
+    rows (yields the hooked layer count)."""
+    merger.apply(())  # restore the originals bit for bit, wrappers stripped
+    with installed(delta_hooks(merger, plan, total)) as count:
+        yield count

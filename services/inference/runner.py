@@ -57,6 +57,8 @@ class Job:
     uses: tuple[AdapterUse, ...]
     width: int
     height: int
+    # Prompt embeddings computed while a cold adapter downloaded (step loop only; see engine).
+    embeddings: dict[str, torch.Tensor] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -138,6 +140,10 @@ class Runner:
         self._exact = exact
         self.guard = guard or AbortGuard()
         self.paths: Counter[str] = Counter()  # batches per path taken (merged/hetero/groups)
+
+    @property
+    def exact(self) -> bool:
+        return self._exact
 
     def run(self, items: list[WorkItem]) -> BatchOutput:
         """The batch's pipeline call; BatchAborted once all its requests are dead (any time)."""

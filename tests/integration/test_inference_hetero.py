@@ -83,6 +83,11 @@ def together(env: InferenceEnv, jobs: list[dict[str, Any]]) -> list[Any]:
         return list(pool.map(one, jobs))
 
 
+def hetero_forwards(env: InferenceEnv) -> int:
+    """UNet forwards with per-row deltas: pipeline-call batches plus continuous steps."""
+    return env.engine.runner.paths["hetero"] + env.engine.stepper.paths["hetero"]
+
+
 def max_diff(a: inference_pb2.GenerateResponse, b: inference_pb2.GenerateResponse) -> int:
     return max(int(np.abs(pixels(x.png) - pixels(y.png)).max()) for x, y in zip(a.images, b.images, strict=True))
 
@@ -99,9 +104,9 @@ def test_mixed_adapters_and_weights_share_one_forward_within_tolerance_of_solo(e
     ]
     for job in jobs:
         job["guidance_scale"] = guidance
-    hetero_before = env.engine.runner.paths["hetero"]
+    hetero_before = hetero_forwards(env)
     batched = together(env, jobs)
-    assert env.engine.runner.paths["hetero"] > hetero_before
+    assert hetero_forwards(env) > hetero_before
     assert max(r.batch_size for r in batched) >= 3
     base_alone = env.generate(seed=5, prompt="a red box", num_images=2, guidance_scale=guidance)
     diffs = []
@@ -163,7 +168,7 @@ def test_a_moved_alias_is_prefetched_by_a_replica_holding_the_old_version(
     try:
         factory = LoraFactory(tiny_random_pipeline_dir)
         env.publish("moving", "LORA", {LORA_WEIGHTS_FILE: factory.write(tmp_path / "v1", seed=21)})
-        env.registry.set_alias("default", "moving", "prod", 1)
+        env.registry.adapters.set_alias("default", "moving", "prod", 1)
 
         def by_alias() -> inference_pb2.GenerateResponse:
             request = spec(steps=2)
@@ -173,7 +178,7 @@ def test_a_moved_alias_is_prefetched_by_a_replica_holding_the_old_version(
         assert by_alias().adapters[0].version == 1
         env.publish("moving", "LORA", {LORA_WEIGHTS_FILE: factory.write(tmp_path / "v2", seed=22)})
         before = sum(env.store.blob_reads().values())
-        env.registry.set_alias("default", "moving", "prod", 2)
+        env.registry.adapters.set_alias("default", "moving", "prod", 2)
         deadline = time.monotonic() + 15
         while sum(env.store.blob_reads().values()) == before and time.monotonic() < deadline:
             time.sleep(0.05)
