@@ -131,7 +131,7 @@ class Settings(BaseSettings):
         True, description="Batched requests give the same bytes as alone (UNet per request); off: faster GPU batches."
     )
     continuous_batching: bool = Field(
-        True, description="Step-level scheduler: requests join and leave a running batch between denoising steps."
+        False, description="Step-level scheduler: requests join and leave a running batch between denoising steps."
     )
     adapter_ref_ttl_seconds: float = Field(
         10.0, description="How long an alias/latest adapter reference is reused before re-resolving it."

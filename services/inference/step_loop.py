@@ -127,6 +127,7 @@ class Stepper:
         self._states: dict[WorkItem, RowState] = {}
         self._hooks: dict[Hashable, tuple[Hashable, list[Any]]] = {}  # group -> (composition, hooks)
         self.step_sizes: list[int] = []  # requests per step (tests: admission mid-run)
+        self.base_encodes = 0  # prompts encoded during a cold fetch (tests)
         self.paths: Counter[str] = Counter()  # forwards per path: merged / hetero / per-mix
 
     # --- admission --------------------------------------------------------------------
@@ -134,6 +135,7 @@ class Stepper:
     def encode_base(self, base: BaseModel, request: GenerationRequest) -> Embeddings:
         """Prompt embeddings with the base text encoders (a cold request's adapter is still
         downloading; valid when its adapters carry no TI and no text-encoder LoRA)."""
+        self.base_encodes += 1
         for merger in _text_mergers(self._device, base):
             merger.apply(())
         return encode_rows(base, request, request.prompt, request.negative_prompt)
