@@ -69,7 +69,7 @@ def publish_loras(registry: Registry, pipeline_dir: Path, tmp: Path, names: Sequ
     factory = LoraFactory(pipeline_dir, rank=rank)
     for i, name in enumerate(names):
         path = factory.write(tmp / "loras" / name, seed=1000 + i)
-        registry.publish_adapter(TENANT, name, kind="LORA", base_model=BASE, files={LORA_WEIGHTS_FILE: path})
+        registry.adapters.publish(TENANT, name, kind="LORA", base_model=BASE, files={LORA_WEIGHTS_FILE: path})
 
 
 def request(

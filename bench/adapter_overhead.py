@@ -69,8 +69,8 @@ def main() -> None:
         lora = EngineHandle(loop, settings_for(tmp, pipeline_dir, "lora"), registry)
         attached = EngineHandle(loop, settings_for(tmp, pipeline_dir, "attached"), registry)
         loop.run(attached.engine.preload(TENANT_DEFAULT, "tiny", [AdapterSpec("style", None, None, 1.0, "x")]))
-        lora_file = registry.resolve_adapter(TENANT_DEFAULT, "style").files[0]
-        local = registry.download_blob(lora_file.sha256, tmp / "style.safetensors")
+        lora_file = registry.adapters.resolve(TENANT_DEFAULT, "style").files[0]
+        local = registry.blobs.download(lora_file.sha256, tmp / "style.safetensors")
         diffusers_base = plain_pipeline(pipeline_dir)
         diffusers_lora = plain_pipeline(pipeline_dir)
         diffusers_lora.load_lora_weights(str(local.parent), weight_name=local.name, adapter_name="style")

@@ -59,8 +59,8 @@ def main() -> None:
         state_dicts = [
             load_file(
                 str(
-                    registry.download_blob(
-                        registry.resolve_adapter(TENANT, n).files[0].sha256, tmp / f"{n}.safetensors"
+                    registry.blobs.download(
+                        registry.adapters.resolve(TENANT, n).files[0].sha256, tmp / f"{n}.safetensors"
                     )
                 )
             )

@@ -73,7 +73,7 @@ def training_stack(tmp: Path, registry: Settings, database_url: str, pipeline: P
     settings = stack_settings(tmp, registry, database_url, lease_seconds=3.0, heartbeat_seconds=0.5,
                               worker_poll_seconds=0.2, shutdown_grace_seconds=20.0)
     with TrainingStack(settings, workers=0) as stack:
-        stack.registry.import_base_model("tiny", pipeline)
+        stack.registry.base_models.import_folder("tiny", pipeline)
         yield stack
 
 

@@ -111,7 +111,7 @@ class Corruptor:
         self.ctx.make_lora(self.tenant, victim)
         self.ctx.make_lora(self.tenant, bystander)
         self.ctx.make_lora(self.other, victim)  # B's adapter of the same name: its own bytes
-        record = self.registry.resolve_adapter(self.tenant, victim, version=1).files[0]
+        record = self.registry.adapters.resolve(self.tenant, victim, version=1).files[0]
         corrupt(self.registry, record.sha256)
         self.run.blobs += 1
         a = self.ctx.metadata(self.tenant)
@@ -148,7 +148,7 @@ class Corruptor:
                   training_pb2.UploadDatasetRequest(image=training_pb2.DatasetImageChunk(
                       index=0, filename="a.png", caption="a photo of sks", data=data))]
         dataset = self.training.UploadDataset(iter(upload), metadata=a, timeout=60).dataset
-        manifest = self.registry.get_dataset(self.tenant, dataset.id)
+        manifest = self.registry.datasets.get(self.tenant, dataset.id)
         corrupt(self.registry, manifest.images[0].sha256)
         self.run.blobs += 1
         self._job("training on the dataset", dataset.id, self.ctx.base_model)
@@ -157,7 +157,7 @@ class Corruptor:
         from services.tinymodel.pipeline import build_random_pipeline
 
         folder = build_random_pipeline(self.ctx.tmp_dir / f"corrupt-base-{self._tag}", seed=int(self._tag) % 997 + 1)
-        manifest = self.registry.import_base_model(CORRUPT_BASE, folder)
+        manifest = self.registry.base_models.import_folder(CORRUPT_BASE, folder)
         unet = next(f for f in manifest.files if f.path.startswith("unet/") and f.path.endswith(".safetensors"))
         corrupt(self.registry, unet.sha256)
         self.run.blobs += 1
@@ -170,7 +170,7 @@ class Corruptor:
                       index=0, filename="a.png", caption="a photo of sks", data=_fine_png()))]
         dataset = self.training.UploadDataset(iter(upload), metadata=a, timeout=60).dataset
         self._job("training on the base model", dataset.id, CORRUPT_BASE)
-        self.registry.delete_base_model(CORRUPT_BASE)
+        self.registry.base_models.delete(CORRUPT_BASE)
 
     def _job(self, what: str, dataset_id: str, base_model: str) -> None:
         spec = training_pb2.TrainingJobSpec(
@@ -197,7 +197,7 @@ def _exists(registry: Registry, tenant: str, name: str) -> bool:
     from services.common.errors import NotFound
 
     try:
-        registry.resolve_adapter(tenant, name)
+        registry.adapters.resolve(tenant, name)
     except NotFound:
         return False
     return True
@@ -223,7 +223,7 @@ def resume_path(ctx: ChaosContext, run: CorruptionRun, tenant: str = "tenant-a")
     settings = ctx.registry_settings.model_copy(update={"database_url": f"sqlite:///{tmp / 'jobs.db'}",
                                                         "data_dir": tmp / "var"})
     registry = Registry.from_settings(settings)
-    dataset = registry.put_dataset(tenant, "resume", [("a.png", "a photo of sks", _fine_png(), 72, 72)])
+    dataset = registry.datasets.put(tenant, "resume", [("a.png", "a photo of sks", _fine_png(), 72, 72)])
     spec = training_pb2.TrainingJobSpec(
         method=common_pb2.ADAPTER_KIND_LORA, base_model=ctx.base_model, dataset_id=dataset.id,
         output_name="resumed", instance_prompt="a photo of sks",
@@ -235,7 +235,7 @@ def resume_path(ctx: ChaosContext, run: CorruptionRun, tenant: str = "tenant-a")
                                   output_name="resumed", total_steps=4, config=config.model_dump(mode="json"))
         state = tmp / "optimizer.json"
         state.write_bytes(b"optimizer state " + tmp.name.encode() * 64)
-        checkpoint = registry.put_checkpoint(tenant, job.id, 2, {"optimizer.json": state})
+        checkpoint = registry.checkpoints.put(tenant, job.id, 2, {"optimizer.json": state})
         corrupt(registry, checkpoint.files[0].sha256)
         run.blobs += 1
         Worker(settings, store, registry, worker_id="resume-probe").run_once()

@@ -80,7 +80,7 @@ def run(moto: MotoServer, args: argparse.Namespace) -> None:
         cold, warm, get, extra = [], [], [], []
         size = 0
         for name in names:
-            blob = registry.resolve_adapter(TENANT, name).files[0]
+            blob = registry.adapters.resolve(TENANT, name).files[0]
             size = blob.size
             req = request([(name, 1.0)], steps=args.steps)
             cold.append(_ms(lambda r=req: engine.generate(r)))

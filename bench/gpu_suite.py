@@ -215,7 +215,7 @@ def generation(kind: str, tmp: Path, args: argparse.Namespace) -> None:
         path = tmp / "loras" / f"{kind}-{i}" / LORA_WEIGHTS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(lora, str(path))
-        registry.publish_adapter(TENANT, f"{kind}-{i}", kind="LORA", base_model=kind, files={LORA_WEIGHTS_FILE: path})
+        registry.adapters.publish(TENANT, f"{kind}-{i}", kind="LORA", base_model=kind, files={LORA_WEIGHTS_FILE: path})
 
     def req(adapters: list[tuple[str, float]]) -> GenerationRequest:
         specs = tuple(AdapterSpec(n, None, None, w, "x") for n, w in adapters)

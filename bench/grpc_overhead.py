@@ -97,8 +97,8 @@ def main() -> None:
 
 
 def plain_pipeline(pipeline_dir: Path, registry: Registry, tmp: Path) -> StableDiffusionPipeline:
-    record = registry.resolve_adapter(TENANT, "style").files[0]
-    local = registry.download_blob(record.sha256, tmp / "direct" / "pytorch_lora_weights.safetensors")
+    record = registry.adapters.resolve(TENANT, "style").files[0]
+    local = registry.blobs.download(record.sha256, tmp / "direct" / "pytorch_lora_weights.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(local.parent), adapter_name="style")

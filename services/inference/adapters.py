@@ -88,7 +88,7 @@ class Resolver:
         if hit is not None and (ref.version is not None or time.monotonic() - hit.at < self._ttl):
             return hit.manifest
         try:
-            manifest = self._registry.resolve_adapter(ref.tenant, ref.name, version=ref.version,
+            manifest = self._registry.adapters.resolve(ref.tenant, ref.name, version=ref.version,
                                                       alias=ref.alias)
         except Unavailable:
             if hit is not None:
@@ -108,7 +108,7 @@ class Resolver:
         moved = []
         for ref, hit in refs:
             try:
-                manifest = self._registry.resolve_adapter(ref.tenant, ref.name, version=None, alias=ref.alias)
+                manifest = self._registry.adapters.resolve(ref.tenant, ref.name, version=None, alias=ref.alias)
             except AtelierError:
                 continue
             with self._lock:
@@ -170,7 +170,7 @@ class DiskTier:
     def _download(self, record: FileRecord) -> DiskBlob:
         dest = self.root / record.sha256
         try:
-            self._registry.download_blob(record.sha256, dest)
+            self._registry.blobs.download(record.sha256, dest)
         except NotFound:
             raise DataLoss(f"blob {record.sha256} of {record.path!r} is missing from the registry") from None
         size = dest.stat().st_size

@@ -197,7 +197,7 @@ class PipelinePool:
         with self._lock:
             hit = self._latest.get(ref)
         try:
-            manifest = self._registry.get_base_model(ref)
+            manifest = self._registry.base_models.get(ref)
         except Unavailable:
             if hit is not None:
                 return hit[0]  # stale but consistent, as for adapters
@@ -209,7 +209,7 @@ class PipelinePool:
 
     def _load_registry(self, manifest: BaseModelManifest) -> BaseModel:
         assert self._registry is not None
-        folder = self._registry.materialize_base_model(manifest, Path(self._settings.cache_dir) / "base-models")
+        folder = self._registry.base_models.materialize(manifest, Path(self._settings.cache_dir) / "base-models")
         return self._load(manifest.ref, folder, manifest.digest)
 
     def _load_folder(self, name: str, folder: Path) -> BaseModel:

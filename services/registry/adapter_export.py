@@ -50,7 +50,7 @@ def export_adapter(
     trained = dest_dir / "trained"
     for record in manifest.files:
         if record.path.split("/", 1)[0] in TRAINABLE:
-            registry.download_blob(record.sha256, trained / record.path)
+            registry.blobs.download(record.sha256, trained / record.path)
     base = _base_folder(registry, _trained_base(registry, manifest), local_base_models, dest_dir)
     return export_dreambooth(base, trained, shapes, fmt, dest_dir / f"{title}{_SUFFIX.get(fmt, '.zip')}", title)
 
@@ -72,7 +72,7 @@ def _shapes(registry: Registry, manifest: AdapterManifest, local: LocalBaseModel
 def _trained_base(registry: Registry, manifest: AdapterManifest) -> str:
     """The base-model version the adapter was trained on (`name@N` by digest), else its name."""
     if manifest.base_model_digest:
-        found = registry.find_base_model_digest(manifest.base_model, manifest.base_model_digest)
+        found = registry.base_models.find_digest(manifest.base_model, manifest.base_model_digest)
         if found is not None:
             return found.ref
     return manifest.base_model
@@ -82,10 +82,10 @@ def _download(registry: Registry, manifest: AdapterManifest, path: str, dest_dir
     record = manifest.file(path)
     if record is None:
         raise FailedPrecondition(f"{manifest.ref} has no {path}", "ref")
-    return registry.download_blob(record.sha256, dest_dir / "stored" / path)
+    return registry.blobs.download(record.sha256, dest_dir / "stored" / path)
 
 
 def _base_folder(registry: Registry, name: str, local: LocalBaseModels, dest_dir: Path) -> Path:
     if isinstance(local, Mapping) and name in local:
         return Path(local[name])
-    return registry.materialize_base_model(name, dest_dir / "base")
+    return registry.base_models.materialize(name, dest_dir / "base")

@@ -49,12 +49,12 @@ def resolve_base_model(
     if name in local_base_models:
         folder = local_base_models[name] if isinstance(local_base_models, Mapping) else None
         return "", _usable(BaseModelShapes.from_dir(Path(folder), name=name)) if folder else None
-    manifest = registry.get_base_model(name)
+    manifest = registry.base_models.get(name)
     configs = {}
     for record in manifest.files:
         if record.path in CONFIG_FILES:
             try:
-                configs[record.path] = json.loads(registry.read_blob(record.sha256))
+                configs[record.path] = json.loads(registry.blobs.read(record.sha256))
             except json.JSONDecodeError:
                 log.warning("base model config is not JSON", extra={"base_model": name, "path": record.path})
     return manifest.digest, _usable_configs(configs, name)
@@ -111,7 +111,7 @@ def import_adapter_file(
             kind, fmt, files, tokens = imported.kind, imported.source_format, imported.files, imported.trigger_tokens
             summary = {**imported.details, "variant": imported.variant, "filename": filename}
         refuse_non_finite(path, "file")  # the upload itself, so the error names the user's own key
-        return registry.publish_adapter(
+        return registry.adapters.publish(
             tenant,
             name,
             kind=cast(AdapterKindName, kind),

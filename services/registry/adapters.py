@@ -27,7 +27,7 @@ from services.common.errors import (
 )
 from services.registry.allocation import VersionAllocator
 from services.registry.blobs import Blobs
-from services.registry.documents import decode_token, encode_token, page_size, read_doc
+from services.registry.documents import checked_page_size, decode_token, encode_token, read_doc
 from services.registry.files import download_files, reupload_missing, upload_files
 from services.registry.keys import Keys, number_from_key
 from services.registry.manifests import (
@@ -70,15 +70,24 @@ class Adapters:
         *,
         kind: AdapterKindName,
         base_model: str,
-        base_model_digest: str,
+        base_model_digest: str = "",
         files: Mapping[str, Path],
-        trigger_tokens: Sequence[str],
-        training_config: dict[str, Any],
-        metrics: dict[str, float],
-        source_job_id: str,
-        source_format: str,
-        description: str,
+        trigger_tokens: Sequence[str] = (),
+        training_config: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        source_job_id: str = "",
+        source_format: str = "atelier",
+        description: str = "",
     ) -> AdapterManifest:
+        """Upload the files as blobs, then create the next version's manifest.
+
+        `files` maps the path inside the adapter (e.g. "pytorch_lora_weights.safetensors")
+        to a local file; `.safetensors` files must parse and pickle formats are refused.
+        The version is claimed with a conditional create; a lost race retries with the
+        next number, so concurrent publishers get distinct versions and none is lost. With
+        `source_job_id`, the job's publish marker makes this idempotent: every publisher of
+        one job gets the same single version (see services/registry/allocation.py).
+        """
         validate_tenant(tenant)
         validate_name(name, "name")
         validate_name(base_model, "base_model")
@@ -94,8 +103,8 @@ class Adapters:
             base_model_digest=base_model_digest,
             files=records,
             trigger_tokens=list(trigger_tokens),
-            training_config=training_config,
-            metrics={k: float(v) for k, v in metrics.items()},
+            training_config=dict(training_config or {}),
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
             source_job_id=source_job_id,
             source_format=source_format,
             description=description,
@@ -122,8 +131,13 @@ class Adapters:
 
     # --- resolve --------------------------------------------------------------------
     def resolve(
-        self, tenant: str, name: str, *, version: int | None = None, alias: str | None = None
+        self, tenant: str, name: str, version: int | None = None, alias: str | None = None
     ) -> AdapterManifest:
+        """The manifest named by version, alias, or (neither) the latest version.
+
+        Unknown tenant/name/version/alias -> AdapterNotFound, identical for a name that
+        exists only in another tenant.
+        """
         validate_tenant(tenant)
         validate_name(name, "name")
         ref = adapter_ref(name, version, alias)
@@ -162,14 +176,15 @@ class Adapters:
     def list_adapters(
         self,
         tenant: str,
-        requested_size: int,
-        page_token: str,
+        page_size: int = 0,
+        page_token: str = "",
         *,
         kind: AdapterKindName | None = None,
         base_model: str | None = None,
     ) -> tuple[list[AdapterSummary], str]:
+        """One page of the tenant's adapter names (sorted) and the next page token ("" at end)."""
         validate_tenant(tenant)
-        size = page_size(requested_size)
+        size = checked_page_size(page_size)
         scope = f"adapters:{kind or ''}:{base_model or ''}"
         after = decode_token(page_token, scope)
         root = self._keys.tenant_adapters(tenant)
@@ -239,17 +254,19 @@ class Adapters:
         return found
 
     def aliases(self, tenant: str, name: str) -> dict[str, int]:
+        """alias -> version for one adapter name."""
         validate_tenant(tenant)
         validate_name(name, "name")
         keys = list(self._store.list_keys(self._keys.aliases_prefix(tenant, name)))
         return self._read_aliases(tenant, name, keys)
 
     def list_versions(
-        self, tenant: str, name: str, requested_size: int, page_token: str
+        self, tenant: str, name: str, page_size: int = 0, page_token: str = ""
     ) -> tuple[list[AdapterManifest], str]:
+        """One page of an adapter's versions, oldest first; AdapterNotFound for unknown names."""
         validate_tenant(tenant)
         validate_name(name, "name")
-        size = page_size(requested_size)
+        size = checked_page_size(page_size)
         scope = f"versions:{name}"
         after = decode_token(page_token, scope)
         prefix = self._keys.versions_prefix(tenant, name)
@@ -269,7 +286,15 @@ class Adapters:
         return page, ""
 
     # --- aliases --------------------------------------------------------------------
-    def set_alias(self, tenant: str, name: str, alias: str, version: int, expected_version: int | None) -> int | None:
+    def set_alias(
+        self, tenant: str, name: str, alias: str, version: int, expected_version: int | None = None
+    ) -> int | None:
+        """Point `alias` at `version`; returns the previous version (None if it was new).
+
+        expected_version: compare-and-swap; the alias must currently point at it (0 = must
+        not exist), else PreconditionConflict. With a CAS, a concurrent writer that wins
+        the race also makes this call fail with PreconditionConflict.
+        """
         validate_tenant(tenant)
         validate_name(name, "name")
         validate_alias(alias)
@@ -302,6 +327,7 @@ class Adapters:
         return record.version, etag
 
     def delete_alias(self, tenant: str, name: str, alias: str) -> None:
+        """Remove an alias; NotFound when it does not exist."""
         validate_tenant(tenant)
         validate_name(name, "name")
         validate_alias(alias)
@@ -312,6 +338,12 @@ class Adapters:
 
     # --- delete ---------------------------------------------------------------------
     def delete_version(self, tenant: str, name: str, version: int) -> None:
+        """Delete one version's manifest.
+
+        Refused with FailedPrecondition while an alias points at it (move or delete the
+        alias first), so an alias never silently dangles. The number is never reused.
+        Blobs stay until garbage collection (see docs/architecture.md).
+        """
         validate_tenant(tenant)
         validate_name(name, "name")
         validate_version(version)
@@ -329,6 +361,7 @@ class Adapters:
 
     # --- files ----------------------------------------------------------------------
     def fetch_files(self, manifest: AdapterManifest, dest_dir: Path) -> dict[str, Path]:
+        """Download every file of a version into dest_dir (verified); path -> local file."""
         return download_files(self._blobs, manifest.files, dest_dir)
 
 

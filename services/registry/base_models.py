@@ -26,7 +26,7 @@ from pathlib import Path
 
 from services.common.errors import DataLoss, InvalidInput, NotFound, Unavailable
 from services.registry.blobs import Blobs
-from services.registry.documents import decode_token, encode_token, page_size, read_doc
+from services.registry.documents import checked_page_size, decode_token, encode_token, read_doc
 from services.registry.files import download_files, upload_files
 from services.registry.keys import Keys, number_from_key
 from services.registry.manifests import BaseModelManifest, files_digest, utc_now
@@ -85,7 +85,7 @@ class BaseModels:
         self._blobs = blobs
 
     # --- import ---------------------------------------------------------------------
-    def import_folder(self, name: str, folder: Path, description: str) -> BaseModelManifest:
+    def import_folder(self, name: str, folder: Path, description: str = "") -> BaseModelManifest:
         """Upload the folder's files, then return the live version with this digest or create the next."""
         validate_name(name, "name")
         if not folder.is_dir():
@@ -177,9 +177,9 @@ class BaseModels:
         return next((m for m in self.versions(name) if m.digest == digest), None)
 
     # --- listing --------------------------------------------------------------------
-    def list_page(self, requested_size: int, page_token: str) -> tuple[list[BaseModelManifest], str]:
+    def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[BaseModelManifest], str]:
         """One page of names, each as its newest live version; names with none are skipped."""
-        size = page_size(requested_size)
+        size = checked_page_size(page_size)
         after = decode_token(page_token, "base-models")
         root = self._keys.base_models_prefix()
         keys = self._store.list_keys(root, start_after=f"{root}{after}/~" if after else "")

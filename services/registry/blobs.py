@@ -80,6 +80,7 @@ class Blobs:
         return FileRecord(path=logical_path or sha, sha256=sha, size=len(data))
 
     def exists(self, sha256: str) -> bool:
+        """True when the blob is in the store."""
         return self._store.exists(self._keys.blob(_check_sha(sha256)))
 
     def read(self, sha256: str) -> bytes:

@@ -30,6 +30,7 @@ class Checkpoints:
         self._blobs = blobs
 
     def put(self, tenant: str, job_id: str, step: int, files: Mapping[str, Path]) -> CheckpointManifest:
+        """Store the files of one training step as blobs, then the step's manifest."""
         validate_tenant(tenant)
         validate_name(job_id, "job_id")
         if step < 0:
@@ -41,6 +42,7 @@ class Checkpoints:
         return manifest
 
     def latest(self, tenant: str, job_id: str) -> CheckpointManifest | None:
+        """The newest step's manifest of a job, or None when it has none."""
         validate_tenant(tenant)
         validate_name(job_id, "job_id")
         keys = list(self._store.list_keys(self._keys.checkpoints_prefix(tenant, job_id)))
@@ -53,9 +55,11 @@ class Checkpoints:
         return None
 
     def fetch(self, manifest: CheckpointManifest, dest_dir: Path) -> dict[str, Path]:
+        """Download every file of a checkpoint into dest_dir (verified); path -> local file."""
         return download_files(self._blobs, manifest.files, dest_dir)
 
     def delete_all(self, tenant: str, job_id: str) -> None:
+        """Delete every checkpoint manifest of a job (blobs go at garbage collection)."""
         validate_tenant(tenant)
         validate_name(job_id, "job_id")
         for key in list(self._store.list_keys(self._keys.checkpoints_prefix(tenant, job_id))):

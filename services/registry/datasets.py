@@ -14,7 +14,7 @@ from pathlib import Path
 
 from services.common.errors import InvalidInput, NotFound
 from services.registry.blobs import Blobs
-from services.registry.documents import decode_token, encode_token, page_size, read_doc
+from services.registry.documents import checked_page_size, decode_token, encode_token, read_doc
 from services.registry.keys import Keys
 from services.registry.manifests import DatasetImageRecord, DatasetManifest
 from services.registry.names import validate_name, validate_tenant
@@ -40,6 +40,7 @@ class Datasets:
         self._blobs = blobs
 
     def put(self, tenant: str, name: str, images: Sequence[DatasetImageInput]) -> DatasetManifest:
+        """Store images (filename, caption, bytes, width, height) as blobs, then the manifest."""
         validate_tenant(tenant)
         validate_name(name, "name")
         if not images:
@@ -71,6 +72,7 @@ class Datasets:
         )
 
     def get(self, tenant: str, dataset_id: str) -> DatasetManifest:
+        """The tenant's dataset by id; NotFound otherwise (also for another tenant's id)."""
         validate_tenant(tenant)
         validate_name(dataset_id, "dataset_id")
         try:
@@ -79,9 +81,12 @@ class Datasets:
             raise NotFound("dataset", dataset_id) from None
         return manifest
 
-    def list_page(self, tenant: str, requested_size: int, page_token: str) -> tuple[list[DatasetManifest], str]:
+    def list_page(
+        self, tenant: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[DatasetManifest], str]:
+        """One page of the tenant's datasets and the next page token ("" at end)."""
         validate_tenant(tenant)
-        size = page_size(requested_size)
+        size = checked_page_size(page_size)
         after = decode_token(page_token, "datasets")
         prefix = self._keys.datasets_prefix(tenant)
         keys = self._store.list_keys(prefix, start_after=self._keys.dataset(tenant, after) if after else "")
@@ -98,6 +103,7 @@ class Datasets:
         return page, ""
 
     def fetch_images(self, manifest: DatasetManifest, dest_dir: Path) -> list[Path]:
+        """Download every image (verified) in index order."""
         dest_dir.mkdir(parents=True, exist_ok=True)
         out = []
         for record in sorted(manifest.images, key=lambda r: r.index):

@@ -31,7 +31,7 @@ def read_doc(store: ObjectStore, key: str, model: type[T]) -> tuple[T, str, str]
     return doc, etag, hashlib.sha256(data).hexdigest()
 
 
-def page_size(requested: int, field: str = "page_size") -> int:
+def checked_page_size(requested: int, field: str = "page_size") -> int:
     """0 means the default; negative is a caller error; large values are capped."""
     if requested < 0:
         raise InvalidInput(field, "must not be negative")

@@ -49,4 +49,5 @@ def install_pretrained(out_dir: Path, source: Path = PRETRAINED_DIR, overwrite: 
 def import_into_registry(registry: Registry, folder: Path, name: str = "tiny-sd") -> BaseModelManifest:
     """Store the pipeline folder in the registry as base model `name`."""
     check_asset(folder)
-    return registry.import_base_model(name, folder, description="Atelier tiny SD (pretrained on synthetic shapes)")
+    description = "Atelier tiny SD (pretrained on synthetic shapes)"
+    return registry.base_models.import_folder(name, folder, description=description)

@@ -154,7 +154,7 @@ class JobCallbacks:
         if self._lease.lost.is_set():
             return  # the job belongs to someone else now; do not write over its checkpoints
         files = {p.relative_to(state_dir).as_posix(): p for p in sorted(state_dir.rglob("*")) if p.is_file()}
-        self._registry.put_checkpoint(self._job.tenant, self._job.id, step, files)
+        self._registry.checkpoints.put(self._job.tenant, self._job.id, step, files)
         self.checkpoint_steps.append(step)
         log.info("checkpoint saved", extra={"job_id": self._job.id, "step": step})
 

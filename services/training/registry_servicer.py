@@ -67,7 +67,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         tenant = current_tenant()
         kind = pc.kind_from_proto(request.kind)
         page, token = await asyncio.to_thread(
-            self._registry.list_adapters,
+            self._registry.adapters.list_adapters,
             tenant,
             request.page_size,
             request.page_token,
@@ -81,8 +81,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def GetAdapter(self, request: registry_pb2.GetAdapterRequest, context: Any) -> Any:
         tenant = current_tenant()
         name, version, alias = pc.ref_from_proto(request.ref)
-        manifest = await asyncio.to_thread(self._registry.resolve_adapter, tenant, name, version, alias)
-        summary = await asyncio.to_thread(self._registry.adapter_summary, tenant, name)
+        manifest = await asyncio.to_thread(self._registry.adapters.resolve, tenant, name, version, alias)
+        summary = await asyncio.to_thread(self._registry.adapters.summary, tenant, name)
         return registry_pb2.GetAdapterResponse(
             adapter=pc.adapter_summary_to_proto(summary), version=pc.adapter_version_to_proto(manifest)
         )
@@ -90,7 +90,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListAdapterVersions(self, request: registry_pb2.ListAdapterVersionsRequest, context: Any) -> Any:
         tenant = current_tenant()
         page, token = await asyncio.to_thread(
-            self._registry.list_versions, tenant, request.name, request.page_size, request.page_token
+            self._registry.adapters.list_versions, tenant, request.name, request.page_size, request.page_token
         )
         return registry_pb2.ListAdapterVersionsResponse(
             versions=[pc.adapter_version_to_proto(m) for m in page], next_page_token=token
@@ -100,7 +100,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         tenant = current_tenant()
         expected = request.expected_version if request.HasField("expected_version") else None
         previous = await asyncio.to_thread(
-            self._registry.set_alias, tenant, request.name, request.alias, request.version, expected
+            self._registry.adapters.set_alias, tenant, request.name, request.alias, request.version, expected
         )
         response = registry_pb2.SetAliasResponse(name=request.name, alias=request.alias, version=request.version)
         if previous is not None:
@@ -109,12 +109,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def DeleteAlias(self, request: registry_pb2.DeleteAliasRequest, context: Any) -> Any:
         tenant = current_tenant()
-        await asyncio.to_thread(self._registry.delete_alias, tenant, request.name, request.alias)
+        await asyncio.to_thread(self._registry.adapters.delete_alias, tenant, request.name, request.alias)
         return registry_pb2.DeleteAliasResponse()
 
     async def DeleteAdapterVersion(self, request: registry_pb2.DeleteAdapterVersionRequest, context: Any) -> Any:
         tenant = current_tenant()
-        await asyncio.to_thread(self._registry.delete_version, tenant, request.name, request.version)
+        await asyncio.to_thread(self._registry.adapters.delete_version, tenant, request.name, request.version)
         return registry_pb2.DeleteAdapterVersionResponse()
 
     async def ImportAdapter(
@@ -178,7 +178,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         tenant = current_tenant()
         name, version, alias = pc.ref_from_proto(request.ref)
         fmt = pc.format_from_proto(request.format)
-        manifest = await asyncio.to_thread(self._registry.resolve_adapter, tenant, name, version, alias)
+        manifest = await asyncio.to_thread(self._registry.adapters.resolve, tenant, name, version, alias)
         with self._tempdir() as tmp:
             path = await asyncio.to_thread(self._export_file, manifest, fmt, Path(tmp))
             sha, size = await asyncio.to_thread(sha256_file, path)
@@ -204,13 +204,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     # --- base models ----------------------------------------------------------------
     async def ListBaseModels(self, request: registry_pb2.ListBaseModelsRequest, context: Any) -> Any:
-        page, token = await asyncio.to_thread(self._registry.list_base_models, request.page_size, request.page_token)
+        page, token = await asyncio.to_thread(
+            self._registry.base_models.list_page, request.page_size, request.page_token
+        )
         return registry_pb2.ListBaseModelsResponse(
             base_models=[pc.base_model_to_proto(m) for m in page], next_page_token=token
         )
 
     async def GetBaseModel(self, request: registry_pb2.GetBaseModelRequest, context: Any) -> Any:
-        manifest = await asyncio.to_thread(self._registry.get_base_model, request.name)
+        manifest = await asyncio.to_thread(self._registry.base_models.get, request.name)
         return registry_pb2.GetBaseModelResponse(base_model=pc.base_model_to_proto(manifest))
 
     async def ImportBaseModel(
@@ -220,7 +222,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         with self._tempdir() as tmp:
             header = await self._receive_folder(request_iterator, Path(tmp) / "model")
             manifest = await asyncio.to_thread(
-                self._registry.import_base_model, header.name, Path(tmp) / "model", header.description
+                self._registry.base_models.import_folder, header.name, Path(tmp) / "model", header.description
             )
         return registry_pb2.ImportBaseModelResponse(base_model=pc.base_model_to_proto(manifest))
 
@@ -251,7 +253,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def DeleteBaseModel(self, request: registry_pb2.DeleteBaseModelRequest, context: Any) -> Any:
         require_admin("deleting a base model")
-        await asyncio.to_thread(self._registry.delete_base_model, request.name)
+        await asyncio.to_thread(self._registry.base_models.delete, request.name)
         return registry_pb2.DeleteBaseModelResponse()
 
 

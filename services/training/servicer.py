@@ -72,7 +72,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         await asyncio.to_thread(check_upload_bytes, self._registry, self._settings, tenant,
                                 sum(len(v.data) for v in valid))
         manifest = await asyncio.to_thread(
-            self._registry.put_dataset,
+            self._registry.datasets.put,
             tenant,
             name,
             [(v.filename, v.caption, v.data, v.width, v.height) for v in valid],
@@ -81,12 +81,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     async def GetDataset(self, request: training_pb2.GetDatasetRequest, context: Any) -> Any:
         validate_name(request.id, "id")
-        manifest = await asyncio.to_thread(self._registry.get_dataset, current_tenant(), request.id)
+        manifest = await asyncio.to_thread(self._registry.datasets.get, current_tenant(), request.id)
         return training_pb2.GetDatasetResponse(dataset=pc.dataset_to_proto(manifest))
 
     async def ListDatasets(self, request: training_pb2.ListDatasetsRequest, context: Any) -> Any:
         manifests, token = await asyncio.to_thread(
-            self._registry.list_datasets, current_tenant(), _page_size(request.page_size), request.page_token
+            self._registry.datasets.list_page, current_tenant(), _page_size(request.page_size), request.page_token
         )
         return training_pb2.ListDatasetsResponse(
             datasets=[pc.dataset_to_proto(m) for m in manifests], next_page_token=token
@@ -128,13 +128,13 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         """
         validate_base_ref(config.base_model, "spec.base_model")
         validate_name(config.dataset_id, "spec.dataset_id")
-        base = self._registry.get_base_model(config.base_model)
-        self._registry.get_dataset(tenant, config.dataset_id)
+        base = self._registry.base_models.get(config.base_model)
+        self._registry.datasets.get(tenant, config.dataset_id)
         if config.method == "TEXTUAL_INVERSION":
             validate_against_tokenizer(config, self._tokenizers.get(base))
         if config.with_prior_preservation and config.class_dataset_id:
             validate_name(config.class_dataset_id, "spec.prior_preservation.class_dataset_id")
-            self._registry.get_dataset(tenant, config.class_dataset_id)
+            self._registry.datasets.get(tenant, config.class_dataset_id)
         return base.ref
 
     async def GetTrainingJob(self, request: training_pb2.GetTrainingJobRequest, context: Any) -> Any:

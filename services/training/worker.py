@@ -7,7 +7,7 @@ registry) -> fence -> publish -> alias -> SUCCEEDED.
 
 Exactly-once publish. `prepare_publish` right before the upload re-checks ownership and
 cancel and renews the lease; the registry's per-job publish marker (see
-services/registry/allocation.py) makes `publish_adapter(source_job_id=...)` idempotent, so
+services/registry/allocation.py) makes `registry.adapters.publish(source_job_id=...)` idempotent, so
 any number of publishers of one job (takeover, retry after SIGKILL, a stalled worker
 waking up) end with the same single version; a later attempt that finds the job's version
 already published adopts it without training; `complete` is fenced by ownership.
@@ -157,8 +157,8 @@ class Worker:
             return
         config = config_of(job)
         validate_config(config, self.settings)
-        base = self.registry.get_base_model(config.base_model)
-        base_dir = self.registry.materialize_base_model(base, self._model_cache)  # the bytes `base` names
+        base = self.registry.base_models.get(config.base_model)
+        base_dir = self.registry.base_models.materialize(base, self._model_cache)  # the bytes `base` names
         check_tokenizer(config, base_dir)
         images = self._fetch_images(job.tenant, config.dataset_id, work_dir / "data")
         class_images = (self._fetch_images(job.tenant, config.class_dataset_id, work_dir / "class-data")
@@ -185,28 +185,28 @@ class Worker:
         self._publish(job, lease, config, base, result, callbacks.wall_seconds, resumed)
 
     def _fetch_images(self, tenant: str, dataset_id: str, dest: Path) -> list[TrainImage]:
-        manifest = self.registry.get_dataset(tenant, dataset_id)
-        paths = self.registry.fetch_dataset_images(manifest, dest)
+        manifest = self.registry.datasets.get(tenant, dataset_id)
+        paths = self.registry.datasets.fetch_images(manifest, dest)
         captions = [record.caption for record in sorted(manifest.images, key=lambda r: r.index)]
         return [TrainImage(path, caption) for path, caption in zip(paths, captions, strict=True)]
 
     def _fetch_checkpoint(self, job: JobRecord, dest: Path) -> tuple[Path | None, int]:
-        checkpoint = self.registry.latest_checkpoint(job.tenant, job.id)
+        checkpoint = self.registry.checkpoints.latest(job.tenant, job.id)
         if checkpoint is None:
             return None, 0
-        self.registry.fetch_checkpoint(checkpoint, dest)
+        self.registry.checkpoints.fetch(checkpoint, dest)
         log.info("resuming from checkpoint", extra={"job_id": job.id, "step": checkpoint.step})
         return dest, checkpoint.step
 
     def _find_published(self, job: JobRecord) -> AdapterManifest | None:
         """The version this job already published: by its marker, else (versions written
         before markers existed) a version naming this job as its source."""
-        if (found := self.registry.job_version(job.tenant, job.output_name, job.id)) is not None:
+        if (found := self.registry.adapters.job_version(job.tenant, job.output_name, job.id)) is not None:
             return found
         token = ""
         while True:
             try:
-                versions, token = self.registry.list_versions(job.tenant, job.output_name, 100, token)
+                versions, token = self.registry.adapters.list_versions(job.tenant, job.output_name, 100, token)
             except NotFound:
                 return None
             for manifest in versions:
@@ -227,7 +227,7 @@ class Worker:
         metrics = {**result.metrics, "steps": float(result.steps), "wall_time_seconds": wall_seconds,
                    "resumed_from_step": float(resumed)}
         training_config: dict[str, Any] = {**config.model_dump(mode="json"), **result.config}
-        manifest = self.registry.publish_adapter(
+        manifest = self.registry.adapters.publish(
             job.tenant, config.output_name, kind=config.method, base_model=base.name,
             base_model_digest=base.digest, files=result.files, trigger_tokens=result.trigger_tokens,
             training_config=training_config, metrics=metrics, source_job_id=job.id,
@@ -237,7 +237,7 @@ class Worker:
         message = f"published {manifest.name} version {manifest.version}"
         if config.output_alias:
             try:
-                self.registry.set_alias(job.tenant, manifest.name, config.output_alias, manifest.version)
+                self.registry.adapters.set_alias(job.tenant, manifest.name, config.output_alias, manifest.version)
                 message += f" (alias {config.output_alias})"
             except Exception as exc:  # the version is published; a failed alias must not undo that
                 log.warning("setting alias failed", exc_info=True, extra={"job_id": job.id})
@@ -289,7 +289,7 @@ class Worker:
 
     def _drop_checkpoints(self, job: JobRecord) -> None:
         try:
-            self.registry.delete_checkpoints(job.tenant, job.id)
+            self.registry.checkpoints.delete_all(job.tenant, job.id)
         except Exception:  # garbage only; never fail a finished job over it
             log.warning("deleting checkpoints failed", exc_info=True, extra={"job_id": job.id})
 

@@ -40,14 +40,14 @@ def stack_settings(tmp: Path, registry_url: str, **overrides: object) -> Setting
 def chaos_context(settings: Settings, pipeline_dir: Path, tmp: Path) -> Iterator[ChaosContext]:
     """Start the runtime for `settings` with `pipeline_dir` imported as BASE; yield the context."""
     registry = Registry.from_settings(settings)
-    registry.import_base_model(BASE, pipeline_dir)
+    registry.base_models.import_folder(BASE, pipeline_dir)
     factory = LoraFactory(pipeline_dir)
     seeds = iter(range(1000))
 
     def make_lora(tenant: str, name: str) -> int:
         seed = next(seeds)  # bytes of its own: blobs are content addressed, shared by identical files
         path = factory.write(tmp / "loras" / f"{tenant}-{name}-{seed}", seed=seed)
-        return registry.publish_adapter(tenant, name, kind="LORA", base_model=BASE,
+        return registry.adapters.publish(tenant, name, kind="LORA", base_model=BASE,
                                         files={LORA_WEIGHTS_FILE: path}).version
 
     loop = asyncio.new_event_loop()

@@ -129,7 +129,7 @@ def test_new_bytes_are_a_new_version_and_numbers_are_never_reused(env: Env, tmp_
     again = env.import_(tiny_random_pipeline_dir, ADMIN)
     assert (again.version, again.digest) == (1, env.v1.digest)  # identical bytes: idempotent
     factory = LoraFactory(tiny_random_pipeline_dir)
-    env.stack.registry.publish_adapter("tenant-a", "style", kind="LORA", base_model=BASE,
+    env.stack.registry.adapters.publish("tenant-a", "style", kind="LORA", base_model=BASE,
                                        base_model_digest=env.v1.digest,
                                        files={LORA_WEIGHTS_FILE: factory.write(tmp_path / "style", seed=3)})
     assert env.generate(adapter="style").base_model_digest == env.v1.digest

@@ -38,7 +38,7 @@ def db_proxy(postgres_url: str) -> Iterator[FaultProxy]:
 def test_r1_sigkilled_workers_every_job_resumes_and_publishes_once(
         tmp_path: Path, s3_settings: Settings, postgres_url: str, tiny_random_pipeline_dir: Path) -> None:
     with _stack(tmp_path, s3_settings, postgres_url, tiny_random_pipeline_dir) as stack:
-        stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        stack.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
         ds = stack.upload(concept_images()).dataset.id
         report = sigkill_rounds(stack, ds, kills=2, steps=8, log_dir=tmp_path)
     assert report.kills == 2
@@ -52,7 +52,7 @@ def test_r4_database_restart_mid_run_loses_no_job_and_runs_none_twice(
         tmp_path: Path, s3_settings: Settings, postgres_url: str, db_proxy: FaultProxy,
         tiny_random_pipeline_dir: Path) -> None:
     with _stack(tmp_path, s3_settings, via(postgres_url, db_proxy), tiny_random_pipeline_dir) as stack:
-        stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        stack.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
         ds = stack.upload(concept_images()).dataset.id
         report = db_restart_run(stack, db_proxy, ds, jobs=2, steps=8, restarts=2, outage_s=1.5, log_dir=tmp_path)
     assert report.outages == 2

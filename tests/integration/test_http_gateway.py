@@ -51,7 +51,7 @@ def env(tiny_random_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory
         database_url=f"sqlite:///{tmp / 'jobs.db'}", data_dir=tmp / "var", cache_dir=tmp / "cache",
         training_port=free_port(), inference_port=free_port(), http_port=free_port(), worker_poll_seconds=0.2,
         quota_generate_rps=0.01, quota_generate_burst=4)
-    Registry.from_settings(settings).import_base_model("tiny", tiny_random_pipeline_dir)
+    Registry.from_settings(settings).base_models.import_folder("tiny", tiny_random_pipeline_dir)
     with running(settings, "all") as env:
         yield env
 

@@ -50,7 +50,7 @@ def api_only(tiny_random_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFa
     settings = loopback_settings(
         registry_url=f"file://{tmp / 'registry'}", database_url=f"sqlite:///{tmp / 'jobs.db'}", data_dir=tmp / "var",
         training_port=free_port(), http_port=free_port(), http_sse_keepalive_seconds=0.2)
-    Registry.from_settings(settings).import_base_model("tiny", tiny_random_pipeline_dir)
+    Registry.from_settings(settings).base_models.import_folder("tiny", tiny_random_pipeline_dir)
     with running(settings, "training-api") as env:
         yield env
 

@@ -48,7 +48,7 @@ def env(moto_server: MotoServer, tiny_random_pipeline_dir: Path,
                 base_model_digest="0" * 64)
     for name in ("db-1", "db-2"):
         env.publish(name, "DREAMBOOTH", write_dreambooth(tiny_random_pipeline_dir, tmp / name, seed=7))
-    env.registry.set_alias("default", "good", "prod", 1)
+    env.registry.adapters.set_alias("default", "good", "prod", 1)
     yield env
     env.close()
 
@@ -118,7 +118,7 @@ def test_unavailable_scheduler_is_invalid_argument(env: InferenceEnv) -> None:
 
 def test_corrupted_blob_is_data_loss_and_never_applied(env: InferenceEnv) -> None:
     base = env.generate(seed=4).images[0].png
-    record = env.registry.resolve_adapter("default", "bad").files[0]
+    record = env.registry.adapters.resolve("default", "bad").files[0]
     bucket, _, prefix = env.settings.registry_url[len("s3://"):].partition("/")
     key = f"{prefix}/blobs/sha256/{record.sha256}" if prefix else f"blobs/sha256/{record.sha256}"
     s3 = s3_client(env.settings.s3_endpoint_url or "")

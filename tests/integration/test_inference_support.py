@@ -103,7 +103,7 @@ class InferenceEnv:
 
     def publish(self, name: str, kind: str, files: dict[str, Path], trigger_tokens: Sequence[str] = (),
                 base_model: str = BASE, base_model_digest: str | None = None, tenant: str = TENANT) -> None:
-        self.registry.publish_adapter(
+        self.registry.adapters.publish(
             tenant, name, kind=kind, base_model=base_model,  # type: ignore[arg-type]
             base_model_digest=self.digest if base_model_digest is None else base_model_digest,
             files=files, trigger_tokens=trigger_tokens)

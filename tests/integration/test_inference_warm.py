@@ -71,9 +71,9 @@ def published(moto_server: MotoServer, tiny_random_pipeline_dir: Path,
     for i, name in enumerate(["pin-me", "pre", *OTHERS]):
         path = factory.write(tmp / name, seed=40 + i)
         size = path.stat().st_size
-        registry.publish_adapter("default", name, kind="LORA", base_model=BASE, base_model_digest=digest,
+        registry.adapters.publish("default", name, kind="LORA", base_model=BASE, base_model_digest=digest,
                                  files={LORA_WEIGHTS_FILE: path})
-    registry.set_alias("default", "pre", "prod", 1)
+    registry.adapters.set_alias("default", "pre", "prod", 1)
     return settings, size
 
 

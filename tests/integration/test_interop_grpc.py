@@ -34,7 +34,7 @@ BASE = "tiny-sd"
 def server(registry_settings: Settings, tiny_random_pipeline_dir: Path, tmp_path: Path,
            grpc_server: Callable[..., ServerThread]) -> tuple[ServerThread, Registry]:
     registry = Registry(open_store(registry_settings))
-    registry.import_base_model(BASE, tiny_random_pipeline_dir)
+    registry.base_models.import_folder(BASE, tiny_random_pipeline_dir)
     running = grpc_server(loopback_settings(), lambda: registry_bindings(registry, work_dir=tmp_path / "work"))
     return running, registry
 
@@ -62,8 +62,8 @@ def _import(server: ServerThread, path: Path, name: str, **header: object) -> co
 
 def _stored_image(registry: Registry, base: Path, name: str, version: int, dest: Path) -> np.ndarray:
     """Generate with the stored file exactly as the registry hands it out."""
-    manifest = registry.resolve_adapter(loopback_settings().default_tenant, name, version)
-    files = registry.fetch_adapter_files(manifest, dest)
+    manifest = registry.adapters.resolve(loopback_settings().default_tenant, name, version)
+    files = registry.adapters.fetch_files(manifest, dest)
     pipe = load_pipe(base)
     pipe.load_lora_weights(str(files["pytorch_lora_weights.safetensors"]))
     return generate(pipe)
@@ -155,7 +155,7 @@ def test_dreambooth_checkpoint_export(server: tuple[ServerThread, Registry], tin
     state = load_file(str(tiny_random_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     trained = {k: v + 0.01 for k, v in state.items()}
     save_file(trained, str(unet_dir / "diffusion_pytorch_model.safetensors"))
-    registry.publish_adapter(running.settings.default_tenant, "sks-dog", kind="DREAMBOOTH", base_model=BASE,
+    registry.adapters.publish(running.settings.default_tenant, "sks-dog", kind="DREAMBOOTH", base_model=BASE,
                              files={f"unet/{p.name}": p for p in unet_dir.iterdir()})
 
     out_file = tmp_path / "sks-dog.safetensors"
@@ -170,7 +170,7 @@ def test_base_model_without_configs(server: tuple[ServerThread, Registry], tiny_
                                     tmp_path: Path) -> None:
     """A base whose configs are not a diffusers UNet: our own layout is stored as is, kohya cannot be named."""
     running, registry = server
-    registry.import_base_model("fake", write_fake_pipeline(tmp_path / "fake"))
+    registry.base_models.import_folder("fake", write_fake_pipeline(tmp_path / "fake"))
     kohya = tmp_path / "k.safetensors"
     write_kohya(load_pipe(tiny_random_pipeline_dir), kohya, sdxl=False)
     err = _status(lambda: _import(running, kohya, "k", base_model="fake"))

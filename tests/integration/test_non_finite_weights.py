@@ -61,7 +61,7 @@ def _poisoned(source: Path, dest: Path, poison: Callable[[str, torch.Tensor], to
 def registry_server(local_settings: Settings, tiny_random_pipeline_dir: Path, tmp_path: Path,
                     grpc_server: Callable[..., ServerThread]) -> Iterator[registry_pb2_grpc.RegistryServiceStub]:
     registry = Registry(open_store(local_settings))
-    registry.import_base_model(BASE, tiny_random_pipeline_dir)
+    registry.base_models.import_folder(BASE, tiny_random_pipeline_dir)
     running = grpc_server(loopback_settings(auth_enabled=True, api_keys=KEYS),
                           lambda: registry_bindings(registry, work_dir=tmp_path / "work"))
     yield registry_pb2_grpc.RegistryServiceStub(running.channel())
@@ -107,7 +107,7 @@ def test_diverged_training_fails_the_job_and_publishes_nothing(tmp_path: Path, l
                                                                sqlite_url: str, tiny_random_pipeline_dir: Path) -> None:
     settings = stack_settings(tmp_path, local_settings, sqlite_url, auth_enabled=True, api_keys=KEYS)
     with TrainingStack(settings, workers=1) as stack:
-        stack.registry.import_base_model(BASE, tiny_random_pipeline_dir)
+        stack.registry.base_models.import_folder(BASE, tiny_random_pipeline_dir)
         dataset = stack.training.UploadDataset(iter(upload_messages(concept_images(), "photos", 4096)),
                                                metadata=A, timeout=30).dataset.id
         spec = lora_spec(dataset, output="diverged", steps=8, learning_rate=1.0, max_grad_norm=0.0,

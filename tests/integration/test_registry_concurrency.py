@@ -22,7 +22,7 @@ def _publish_concurrently(registry: Registry, tmp_path: Path) -> list[int]:
 
     def publish(i: int) -> int:
         barrier.wait()  # everyone reads the same "latest" and races for the same number
-        return registry.publish_adapter("acme", "cat", kind="LORA", base_model="tiny",
+        return registry.adapters.publish("acme", "cat", kind="LORA", base_model="tiny",
                                         files={LORA_WEIGHTS_FILE: files[i]}, description=f"publisher-{i}").version
 
     with ThreadPoolExecutor(PUBLISHERS) as pool:
@@ -33,11 +33,11 @@ def test_eight_concurrent_publishers_get_versions_one_to_eight(registry_settings
     registry = Registry(open_store(registry_settings))
     versions = _publish_concurrently(registry, tmp_path)
     assert sorted(versions) == list(range(1, PUBLISHERS + 1))
-    stored, _ = registry.list_versions("acme", "cat", page_size=100)
+    stored, _ = registry.adapters.list_versions("acme", "cat", page_size=100)
     # none lost, none overwritten: each publisher's manifest sits at the version it was told
     assert {m.version: m.description for m in stored} == {v: f"publisher-{i}" for i, v in enumerate(versions)}
     for m in stored:
-        files = registry.fetch_adapter_files(m, tmp_path / f"out{m.version}")
+        files = registry.adapters.fetch_files(m, tmp_path / f"out{m.version}")
         i = int(m.description.split("-")[1])
         assert files[LORA_WEIGHTS_FILE].read_bytes() == (tmp_path / f"l{i}.safetensors").read_bytes()
 
@@ -46,14 +46,14 @@ def test_compare_and_swap_race_has_exactly_one_winner(registry_settings: Setting
     registry = Registry(open_store(registry_settings))
     lora = write_lora(tmp_path / "l.safetensors")
     for _ in range(PUBLISHERS + 1):
-        registry.publish_adapter("acme", "cat", kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: lora})
-    registry.set_alias("acme", "cat", "prod", 1)
+        registry.adapters.publish("acme", "cat", kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: lora})
+    registry.adapters.set_alias("acme", "cat", "prod", 1)
     barrier = threading.Barrier(PUBLISHERS)
 
     def swap(target: int) -> int | str:
         barrier.wait()
         try:
-            registry.set_alias("acme", "cat", "prod", target, expected_version=1)
+            registry.adapters.set_alias("acme", "cat", "prod", target, expected_version=1)
             return target
         except PreconditionConflict as exc:
             return exc.message
@@ -63,7 +63,7 @@ def test_compare_and_swap_race_has_exactly_one_winner(registry_settings: Setting
     winners = [r for r in results if isinstance(r, int)]
     assert len(winners) == 1
     assert all("alias 'prod' of adapter 'cat' was not changed" in r for r in results if isinstance(r, str))
-    assert registry.resolve_adapter("acme", "cat", alias="prod").version == winners[0]
+    assert registry.adapters.resolve("acme", "cat", alias="prod").version == winners[0]
 
 
 def test_unconditional_alias_writers_all_succeed_last_one_wins(registry_settings: Settings, tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_unconditional_alias_writers_all_succeed_last_one_wins(registry_settings
     registry = Registry(open_store(registry_settings))
     lora = write_lora(tmp_path / "l.safetensors")
     for _ in range(4):
-        registry.publish_adapter("acme", "cat", kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: lora})
+        registry.adapters.publish("acme", "cat", kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: lora})
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda v: registry.set_alias("acme", "cat", "prod", v), range(1, 5)))
-    assert registry.resolve_adapter("acme", "cat", alias="prod").version in range(1, 5)
+        list(pool.map(lambda v: registry.adapters.set_alias("acme", "cat", "prod", v), range(1, 5)))
+    assert registry.adapters.resolve("acme", "cat", alias="prod").version in range(1, 5)

@@ -58,12 +58,12 @@ def gated(registry_settings: Settings) -> Iterator[tuple[Registry, GatedStore]]:
 
 def _publish(registry: Registry, tmp_path: Path, seed: int, job_id: str = JOB) -> AdapterManifest:
     lora = write_lora(tmp_path / f"w{seed}.safetensors", seed=seed)
-    return registry.publish_adapter("acme", "cat", kind="LORA", base_model="tiny", source_job_id=job_id,
+    return registry.adapters.publish("acme", "cat", kind="LORA", base_model="tiny", source_job_id=job_id,
                                     files={LORA_WEIGHTS_FILE: lora}, description=f"publisher-{seed}")
 
 
 def _versions(registry: Registry) -> list[AdapterManifest]:
-    return registry.list_versions("acme", "cat", page_size=100)[0]
+    return registry.adapters.list_versions("acme", "cat", page_size=100)[0]
 
 
 def _stalled_race(registry: Registry, store: GatedStore, tmp_path: Path, at: str) -> tuple[int, int]:
@@ -94,9 +94,9 @@ def test_a_stalled_publisher_and_a_second_one_yield_one_version(gated: tuple[Reg
     first, second = _stalled_race(registry, store, tmp_path, at)
     versions = _versions(registry)
     assert first == second and [v.version for v in versions] == [first]
-    assert registry.job_version("acme", "cat", JOB) == versions[0]
+    assert registry.adapters.job_version("acme", "cat", JOB) == versions[0]
     # whoever wrote the manifest, its blobs are complete and the later publishers adopted it
-    files = registry.fetch_adapter_files(versions[0], tmp_path / "out")
+    files = registry.adapters.fetch_files(versions[0], tmp_path / "out")
     seed = int(versions[0].description.split("-")[1])
     assert files[LORA_WEIGHTS_FILE].read_bytes() == (tmp_path / f"w{seed}.safetensors").read_bytes()
 
@@ -113,11 +113,11 @@ def test_a_crash_at_any_write_then_a_retry_yields_one_version(gated: tuple[Regis
     with pytest.raises(Crash):
         _publish(registry, tmp_path, 1)
     if at == "/versions/":  # the marker is there, its manifest is not: not published yet
-        assert registry.job_version("acme", "cat", JOB) is None
+        assert registry.adapters.job_version("acme", "cat", JOB) is None
     retried = _publish(registry, tmp_path, 2)
     assert [v.version for v in _versions(registry)] == [retried.version]
     assert _publish(registry, tmp_path, 3).version == retried.version  # a third attempt adopts too
-    assert registry.job_version("acme", "cat", JOB) == retried
+    assert registry.adapters.job_version("acme", "cat", JOB) == retried
 
 
 def test_many_concurrent_publishers_of_one_job_and_others(registry_settings: Settings, tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_many_concurrent_publishers_of_one_job_and_others(registry_settings: Set
 def test_plain_publishes_still_number_densely(registry_settings: Settings, tmp_path: Path) -> None:
     registry = Registry(open_store(registry_settings))
     lora = write_lora(tmp_path / "w.safetensors")
-    got = [registry.publish_adapter("acme", "cat", kind="LORA", base_model="tiny",
+    got = [registry.adapters.publish("acme", "cat", kind="LORA", base_model="tiny",
                                     files={LORA_WEIGHTS_FILE: lora}).version for _ in range(3)]
     assert got == [1, 2, 3]
 
@@ -150,9 +150,9 @@ def test_plain_publishes_still_number_densely(registry_settings: Settings, tmp_p
 def test_a_deleted_job_version_is_not_resurrected(registry_settings: Settings, tmp_path: Path) -> None:
     registry = Registry(open_store(registry_settings))
     published = _publish(registry, tmp_path, 1)
-    registry.delete_version("acme", "cat", published.version)
+    registry.adapters.delete_version("acme", "cat", published.version)
     with pytest.raises(FailedPrecondition, match="was deleted"):
         _publish(registry, tmp_path, 2)  # a stalled publisher of the same job waking up
-    assert registry.job_version("acme", "cat", JOB) is None
+    assert registry.adapters.job_version("acme", "cat", JOB) is None
     with pytest.raises(AdapterNotFound):
         _versions(registry)

@@ -69,7 +69,7 @@ class PausingStore:
 
 
 def _publish(registry: Registry, path: Path, name: str = "cat") -> AdapterManifest:
-    return registry.publish_adapter("acme", name, kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: path})
+    return registry.adapters.publish("acme", name, kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: path})
 
 
 def _blob_keys(registry: Registry) -> set[str]:
@@ -77,7 +77,7 @@ def _blob_keys(registry: Registry) -> set[str]:
 
 
 def _assert_complete(registry: Registry, manifest: AdapterManifest, out: Path) -> None:
-    files = registry.fetch_adapter_files(manifest, out)  # verified download of every blob
+    files = registry.adapters.fetch_files(manifest, out)  # verified download of every blob
     assert set(files) == {f.path for f in manifest.files}
 
 
@@ -86,11 +86,11 @@ def test_only_unreferenced_old_blobs_go_and_dry_run_deletes_nothing(registry_set
     registry = Registry(open_store(registry_settings))
     kept = _publish(registry, write_lora(tmp_path / "kept.safetensors", seed=1))
     doomed = _publish(registry, write_lora(tmp_path / "doomed.safetensors", seed=2))
-    registry.delete_version("acme", "cat", doomed.version)  # tombstoned: its bytes are garbage
-    dataset = registry.put_dataset("acme", "ds", [("a.png", "", b"png-bytes-a", 8, 8)])
-    registry.put_checkpoint("acme", "job-1", 10, {"state.json": _text(tmp_path / "state.json", "{}")})
-    base = registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "pipe"))
-    orphan = registry.put_blob_bytes(b"uploaded, manifest never written")
+    registry.adapters.delete_version("acme", "cat", doomed.version)  # tombstoned: its bytes are garbage
+    dataset = registry.datasets.put("acme", "ds", [("a.png", "", b"png-bytes-a", 8, 8)])
+    registry.checkpoints.put("acme", "job-1", 10, {"state.json": _text(tmp_path / "state.json", "{}")})
+    base = registry.base_models.import_folder("tiny", write_fake_pipeline(tmp_path / "pipe"))
+    orphan = registry.blobs.put_bytes(b"uploaded, manifest never written")
     before = _blob_keys(registry)
 
     dry = collect_garbage(registry, grace_seconds=GRACE, dry_run=True, clock=ahead)
@@ -105,8 +105,8 @@ def test_only_unreferenced_old_blobs_go_and_dry_run_deletes_nothing(registry_set
     report = collect_garbage(registry, grace_seconds=GRACE, clock=ahead)
     assert _blob_keys(registry) == before - gone and report.deleted_bytes == dry.deleted_bytes
     _assert_complete(registry, kept, tmp_path / "out")
-    registry.fetch_dataset_images(registry.get_dataset("acme", dataset.id), tmp_path / "ds")
-    assert registry.latest_checkpoint("acme", "job-1") is not None
+    registry.datasets.fetch_images(registry.datasets.get("acme", dataset.id), tmp_path / "ds")
+    assert registry.checkpoints.latest("acme", "job-1") is not None
     assert {f.sha256 for f in base.files} <= _blob_keys(registry)
 
 
@@ -121,7 +121,7 @@ def test_a_blob_shared_with_a_live_version_survives_its_deleted_twin(registry_se
     lora = write_lora(tmp_path / "w.safetensors")
     first = _publish(registry, lora, "one")
     _publish(registry, lora, "two")
-    registry.delete_version("acme", "one", first.version)
+    registry.adapters.delete_version("acme", "one", first.version)
     assert collect_garbage(registry, grace_seconds=GRACE, clock=ahead).deleted == []
     assert first.files[0].sha256 in _blob_keys(registry)
 
@@ -131,12 +131,12 @@ def test_documents_that_are_not_manifests_are_never_parsed_as_such(registry_sett
     """Claims, publish markers, aliases and tombstones, also of an adapter *named* "versions"."""
     registry = Registry(open_store(registry_settings))
     lora = write_lora(tmp_path / "w.safetensors")
-    registry.publish_adapter("acme", "versions", kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: lora},
+    registry.adapters.publish("acme", "versions", kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: lora},
                              source_job_id="job-1")
-    registry.set_alias("acme", "versions", "prod", 1)
-    doomed = registry.publish_adapter("acme", "deleted", kind="LORA", base_model="tiny",
+    registry.adapters.set_alias("acme", "versions", "prod", 1)
+    doomed = registry.adapters.publish("acme", "deleted", kind="LORA", base_model="tiny",
                                       files={LORA_WEIGHTS_FILE: write_lora(tmp_path / "d.safetensors", seed=3)})
-    registry.delete_version("acme", "deleted", doomed.version)
+    registry.adapters.delete_version("acme", "deleted", doomed.version)
     report = collect_garbage(registry, grace_seconds=GRACE, clock=ahead)
     assert [i.key.rsplit("/", 1)[-1] for i in report.deleted] == [doomed.files[0].sha256]
     assert report.manifests == 1
@@ -145,7 +145,7 @@ def test_documents_that_are_not_manifests_are_never_parsed_as_such(registry_sett
 def test_an_unreadable_manifest_aborts_before_deleting_anything(registry_settings: Settings,
                                                                 tmp_path: Path) -> None:
     registry = Registry(open_store(registry_settings))
-    registry.put_blob_bytes(b"orphan")
+    registry.blobs.put_bytes(b"orphan")
     registry.store.put_bytes(registry.keys.dataset("acme", "ds-broken"), b"{not json")
     with pytest.raises(DataLoss, match="ds-broken"):
         collect_garbage(registry, grace_seconds=GRACE, clock=ahead)
@@ -156,7 +156,7 @@ def _old_orphan(registry: Registry, lora: Path, grace: float = REAL_GRACE) -> No
     """Make `lora`'s blob an unreferenced blob older than `grace` (real time: a touch must
     be able to make it young again, and S3 dates have one-second resolution)."""
     old = _publish(registry, lora, "old")
-    registry.delete_version("acme", "old", old.version)
+    registry.adapters.delete_version("acme", "old", old.version)
     time.sleep(grace + 0.3)
 
 
@@ -225,7 +225,7 @@ def test_publishers_reusing_an_old_orphan_race_a_gc_loop_and_lose_nothing(regist
 
 def test_periodic_collector_runs_on_its_interval(local_settings: Settings, tmp_path: Path) -> None:
     registry = Registry(open_store(local_settings))
-    orphan = registry.put_blob_bytes(b"orphan")
+    orphan = registry.blobs.put_bytes(b"orphan")
     collector = PeriodicCollector(registry, interval=0.05, grace_seconds=0.0).start()
     try:
         deadline = time.monotonic() + 20
@@ -239,7 +239,7 @@ def test_periodic_collector_runs_on_its_interval(local_settings: Settings, tmp_p
 
 def test_cli_registry_gc_dry_run_then_real(local_settings: Settings, tmp_path: Path) -> None:
     registry = Registry(open_store(local_settings))
-    orphan = registry.put_blob_bytes(b"orphan bytes")
+    orphan = registry.blobs.put_bytes(b"orphan bytes")
     env = {**os.environ, "ATELIER_REGISTRY_URL": local_settings.registry_url, "ATELIER_GC_GRACE_SECONDS": "0"}
     cli = [sys.executable, "-m", "atelier.cli", "registry", "gc"]
     dry = subprocess.run([*cli, "--dry-run", "-v"], env=env, capture_output=True, text=True, timeout=120)
@@ -252,7 +252,7 @@ def test_cli_registry_gc_dry_run_then_real(local_settings: Settings, tmp_path: P
     real = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
     assert real.returncode == 0 and "deleted 1 blobs" in real.stdout
     assert orphan.sha256 not in _blob_keys(registry)
-    registry.put_blob_bytes(b"another orphan")
+    registry.blobs.put_bytes(b"another orphan")
     registry.store.put_bytes(registry.keys.dataset("acme", "ds-broken"), b"{not json")
     refused = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "ds-broken" in refused.stderr and len(_blob_keys(registry)) == 1

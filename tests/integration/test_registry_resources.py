@@ -28,57 +28,57 @@ def registry(registry_settings: Settings) -> Registry:
 # --- datasets ---------------------------------------------------------------------------
 def test_dataset_roundtrip_and_listing(registry: Registry, tmp_path: Path) -> None:
     images = [(f"img{i}.PNG", f"a photo {i}", f"bytes-{i}".encode() * 10, 64, 64 + i) for i in range(3)]
-    made = registry.put_dataset("acme", "cats", images)
-    got = registry.get_dataset("acme", made.id)
+    made = registry.datasets.put("acme", "cats", images)
+    got = registry.datasets.get("acme", made.id)
     assert got == made and got.total_bytes == sum(len(i[2]) for i in images)
     assert [(r.index, r.caption, r.height) for r in got.images] == [(0, "a photo 0", 64), (1, "a photo 1", 65),
                                                                     (2, "a photo 2", 66)]
-    paths = registry.fetch_dataset_images(got, tmp_path / "imgs")
+    paths = registry.datasets.fetch_images(got, tmp_path / "imgs")
     assert [p.name for p in paths] == ["0000.png", "0001.png", "0002.png"]
     assert [p.read_bytes() for p in paths] == [i[2] for i in images]
-    second = registry.put_dataset("acme", "dogs", images[:1])
-    page, token = registry.list_datasets("acme", page_size=1)
-    rest, end = registry.list_datasets("acme", page_size=1, page_token=token)
+    second = registry.datasets.put("acme", "dogs", images[:1])
+    page, token = registry.datasets.list_page("acme", page_size=1)
+    rest, end = registry.datasets.list_page("acme", page_size=1, page_token=token)
     assert {page[0].id, rest[0].id} == {made.id, second.id} and end == ""
     with pytest.raises(NotFound):
-        registry.get_dataset("other", made.id)
+        registry.datasets.get("other", made.id)
     with pytest.raises(InvalidInput) as err:
-        registry.put_dataset("acme", "empty", [])
+        registry.datasets.put("acme", "empty", [])
     assert err.value.violations[0].field == "images"
 
 
 def test_dataset_image_corruption_is_data_loss(registry: Registry, tmp_path: Path) -> None:
-    made = registry.put_dataset("acme", "cats", [("a.png", "", b"real image bytes", 64, 64)])
+    made = registry.datasets.put("acme", "cats", [("a.png", "", b"real image bytes", 64, 64)])
     registry.store.put_bytes(registry.keys.blob(made.images[0].sha256), b"evil")
     with pytest.raises(DataLoss):
-        registry.fetch_dataset_images(made, tmp_path / "imgs")
+        registry.datasets.fetch_images(made, tmp_path / "imgs")
 
 
 # --- base models ------------------------------------------------------------------------
 def test_base_model_import_get_list_materialize_delete(registry: Registry, tmp_path: Path) -> None:
     folder = write_fake_pipeline(tmp_path / "pipe")
-    manifest = registry.import_base_model("tiny", folder, description="test")
+    manifest = registry.base_models.import_folder("tiny", folder, description="test")
     assert manifest.architecture == "stable-diffusion" and len(manifest.files) == 9
     assert {f.path for f in manifest.files} >= {"model_index.json", "unet/diffusion_pytorch_model.safetensors"}
-    assert registry.get_base_model("tiny") == manifest and manifest.version == 1
-    assert registry.import_base_model("tiny", folder) == manifest  # same bytes: that version again
-    registry.import_base_model("other", write_fake_pipeline(tmp_path / "pipe2", seed=1))
-    page, token = registry.list_base_models(page_size=1)
-    rest, end = registry.list_base_models(page_size=1, page_token=token)
+    assert registry.base_models.get("tiny") == manifest and manifest.version == 1
+    assert registry.base_models.import_folder("tiny", folder) == manifest  # same bytes: that version again
+    registry.base_models.import_folder("other", write_fake_pipeline(tmp_path / "pipe2", seed=1))
+    page, token = registry.base_models.list_page(page_size=1)
+    rest, end = registry.base_models.list_page(page_size=1, page_token=token)
     assert [m.name for m in page + rest] == ["other", "tiny"] and end == ""
 
     root = tmp_path / "models"
     with ThreadPoolExecutor(4) as pool:  # concurrent callers share one materialisation
-        dirs = list(pool.map(lambda _: registry.materialize_base_model("tiny", root), range(4)))
+        dirs = list(pool.map(lambda _: registry.base_models.materialize("tiny", root), range(4)))
     assert len(set(dirs)) == 1 and dirs[0] == root / manifest.digest
     for f in manifest.files:
         assert (dirs[0] / f.path).read_bytes() == (folder / f.path).read_bytes()
     assert [p.name for p in root.iterdir()] == [manifest.digest]  # no temp dirs left
-    registry.delete_base_model("tiny")
+    registry.base_models.delete("tiny")
     with pytest.raises(NotFound):
-        registry.get_base_model("tiny")
+        registry.base_models.get("tiny")
     with pytest.raises(NotFound):
-        registry.delete_base_model("tiny")
+        registry.base_models.delete("tiny")
 
 
 @pytest.mark.parametrize("bad_file", ["unet/diffusion_pytorch_model.bin", "vae/model.ckpt", "x.pkl", "notes.exe"])
@@ -86,17 +86,17 @@ def test_base_model_refuses_pickles_and_unknown_files(registry: Registry, tmp_pa
     folder = write_fake_pipeline(tmp_path / "pipe")
     (folder / bad_file).write_bytes(b"\x80\x04data")
     with pytest.raises(InvalidInput) as err:
-        registry.import_base_model("tiny", folder)
+        registry.base_models.import_folder("tiny", folder)
     assert bad_file in str(err.value)
     with pytest.raises(NotFound):
-        registry.get_base_model("tiny")
+        registry.base_models.get("tiny")
 
 
 def test_base_model_needs_model_index(registry: Registry, tmp_path: Path) -> None:
     folder = write_fake_pipeline(tmp_path / "pipe")
     (folder / "model_index.json").unlink()
     with pytest.raises(InvalidInput, match=r"model_index\.json"):
-        registry.import_base_model("tiny", folder)
+        registry.base_models.import_folder("tiny", folder)
 
 
 def test_materialized_tiny_pipeline_loads_in_diffusers(tmp_path: Path) -> None:
@@ -106,36 +106,36 @@ def test_materialized_tiny_pipeline_loads_in_diffusers(tmp_path: Path) -> None:
 
     folder = pipeline.build_random_pipeline(tmp_path / "tiny")
     registry = Registry(open_store(Settings(registry_url=f"file://{tmp_path / 'reg'}")))
-    registry.import_base_model("tiny-sd", folder)
-    local = registry.materialize_base_model("tiny-sd", tmp_path / "cache")
+    registry.base_models.import_folder("tiny-sd", folder)
+    local = registry.base_models.materialize("tiny-sd", tmp_path / "cache")
     pipe = StableDiffusionPipeline.from_pretrained(str(local), safety_checker=None)
     assert pipe.unet is not None and pipe.tokenizer is not None
 
 
 # --- checkpoints ------------------------------------------------------------------------
 def test_checkpoints_latest_fetch_delete(registry: Registry, tmp_path: Path) -> None:
-    assert registry.latest_checkpoint("acme", "job-1") is None
+    assert registry.checkpoints.latest("acme", "job-1") is None
     state = tmp_path / "state.json"
     for step in (10, 20, 5):
         state.write_text(json.dumps({"step": step}))
         weights = write_lora(tmp_path / f"w{step}.safetensors", seed=step)
-        registry.put_checkpoint("acme", "job-1", step, {"lora.safetensors": weights, "state.json": state})
-    latest = registry.latest_checkpoint("acme", "job-1")
+        registry.checkpoints.put("acme", "job-1", step, {"lora.safetensors": weights, "state.json": state})
+    latest = registry.checkpoints.latest("acme", "job-1")
     assert latest is not None and latest.step == 20
-    files = registry.fetch_checkpoint(latest, tmp_path / "resume")
+    files = registry.checkpoints.fetch(latest, tmp_path / "resume")
     assert json.loads(files["state.json"].read_text()) == {"step": 20}
-    assert registry.latest_checkpoint("acme", "job-2") is None
-    assert registry.latest_checkpoint("other", "job-1") is None
+    assert registry.checkpoints.latest("acme", "job-2") is None
+    assert registry.checkpoints.latest("other", "job-1") is None
     with pytest.raises(InvalidInput):
-        registry.put_checkpoint("acme", "job-1", 30, {"optimizer.pt": state})
-    registry.delete_checkpoints("acme", "job-1")
-    assert registry.latest_checkpoint("acme", "job-1") is None
+        registry.checkpoints.put("acme", "job-1", 30, {"optimizer.pt": state})
+    registry.checkpoints.delete_all("acme", "job-1")
+    assert registry.checkpoints.latest("acme", "job-1") is None
 
 
 # --- adapter import ---------------------------------------------------------------------
 @pytest.fixture
 def with_base(registry: Registry, tmp_path: Path) -> Registry:
-    registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "pipe"))
+    registry.base_models.import_folder("tiny", write_fake_pipeline(tmp_path / "pipe"))
     return registry
 
 
@@ -149,12 +149,12 @@ def _import(registry: Registry, path: Path, **kw: object) -> object:
 def test_import_diffusers_lora_and_ti(with_base: Registry, tmp_path: Path) -> None:
     lora = _import(with_base, write_lora(tmp_path / "my_lora.safetensors"))
     assert lora.kind == "LORA" and lora.files[0].path == LORA_WEIGHTS_FILE  # type: ignore[attr-defined]
-    assert lora.base_model_digest == with_base.get_base_model("tiny").digest  # type: ignore[attr-defined]
+    assert lora.base_model_digest == with_base.base_models.get("tiny").digest  # type: ignore[attr-defined]
     assert lora.source_format == "diffusers"  # type: ignore[attr-defined]
     ti = _import(with_base, write_ti(tmp_path / "emb.safetensors", token="<old>"), name="tok",
                  trigger_token="<cat-toy>", kind_hint="TEXTUAL_INVERSION")
     assert ti.kind == "TEXTUAL_INVERSION" and ti.trigger_tokens == ["<cat-toy>"]  # type: ignore[attr-defined]
-    files = with_base.fetch_adapter_files(ti, tmp_path / "ti")  # type: ignore[arg-type]
+    files = with_base.adapters.fetch_files(ti, tmp_path / "ti")  # type: ignore[arg-type]
     assert list(ensure_safetensors(files[TI_EMBEDS_FILE], "f")) == ["<cat-toy>"]  # renamed to the trigger
 
 

@@ -32,7 +32,7 @@ def registry(s3_settings: Settings) -> Registry:
 @pytest.fixture
 def stub(registry: Registry, tmp_path: Path, grpc_server: Callable[..., ServerThread]
          ) -> registry_pb2_grpc.RegistryServiceStub:
-    registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "pipe"))
+    registry.base_models.import_folder("tiny", write_fake_pipeline(tmp_path / "pipe"))
     settings = loopback_settings(auth_enabled=True, api_keys="key-a=tenant-a,key-b=tenant-b,key-ops=ops",
                                  admin_tenants="ops")
     server = grpc_server(settings, lambda: registry_bindings(registry, work_dir=tmp_path / "work"))

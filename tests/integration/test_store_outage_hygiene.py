@@ -141,7 +141,7 @@ def test_create_training_job_during_an_outage_is_unavailable_and_reads_keep_work
                               auth_enabled=True, api_keys=KEYS, s3_connect_timeout_seconds=1.0,
                               s3_read_timeout_seconds=5.0, s3_max_attempts=1)
     with TrainingStack(settings, workers=0) as stack:
-        stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        stack.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
         dataset = stack.training.UploadDataset(iter(upload_messages(concept_images(), "photos", 4096)),
                                                metadata=A, timeout=30).dataset.id
         before = stack.training.CreateTrainingJob(training_pb2.CreateTrainingJobRequest(

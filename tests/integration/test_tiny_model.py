@@ -90,14 +90,14 @@ def test_create_tiny_random_defaults_under_data_dir_and_imports(local_settings: 
     result = CliRunner().invoke(app, args, env=_env(local_settings))
     assert result.exit_code == 0, result.output
     _load(local_settings.data_dir / "base-models" / "tiny-sd-random")
-    assert Registry(open_store(local_settings)).get_base_model("tiny-sd-random").files
+    assert Registry(open_store(local_settings)).base_models.get("tiny-sd-random").files
 
 
 def test_create_tiny_imports_into_the_registry(registry_settings: Settings, tmp_path: Path) -> None:
     args = ["base-model", "create-tiny", "--out", str(tmp_path / "m"), "--import"]
     first = CliRunner().invoke(app, args, env=_env(registry_settings))
     assert first.exit_code == 0, first.output
-    manifest = Registry(open_store(registry_settings)).get_base_model("tiny-sd")
+    manifest = Registry(open_store(registry_settings)).base_models.get("tiny-sd")
     assert manifest.architecture == "stable-diffusion"
     assert {f.path for f in manifest.files} >= {"model_index.json", "tokenizer/merges.txt"}
     again = CliRunner().invoke(app, args, env=_env(registry_settings))  # idempotent

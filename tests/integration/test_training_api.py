@@ -39,7 +39,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 def stack(tmp_path: Path, local_settings: Settings, sqlite_url: str) -> Iterator[TrainingStack]:
     settings = stack_settings(tmp_path, local_settings, sqlite_url)
     with TrainingStack(settings, workers=0) as running:
-        running.registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
+        running.registry.base_models.import_folder("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
         yield running
 
 
@@ -194,7 +194,7 @@ def test_tenants_see_only_their_own_datasets_and_jobs(tmp_path: Path, local_sett
     settings = stack_settings(tmp_path, local_settings, sqlite_url, auth_enabled=True,
                               api_keys="key-a=alice,key-b=bob")
     with TrainingStack(settings, workers=0) as stack:
-        stack.registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
+        stack.registry.base_models.import_folder("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
         alice, bob = bearer("key-a"), bearer("key-b")
         msgs = list(upload_messages(concept_images(2), "mine", 4096))
         ds = stack.training.UploadDataset(iter(msgs), metadata=alice).dataset

@@ -80,7 +80,7 @@ def method_stack(
         registry = request.getfixturevalue("local_settings")
         database = request.getfixturevalue("sqlite_url")
     with TrainingStack(stack_settings(tmp_path, registry, database), workers=1) as stack:
-        stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        stack.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
         yield method, stack
 
 
@@ -100,23 +100,23 @@ def test_method_end_to_end(method_stack: tuple[int, TrainingStack], tiny_random_
     done = stack.get(job.id)
     assert done.output.version == 1 and done.step == 4 and done.attempts == 1 and done.metrics["final_loss"] > 0
 
-    manifest = stack.registry.resolve_adapter("default", job.spec.output_name)
+    manifest = stack.registry.adapters.resolve("default", job.spec.output_name)
     assert manifest.version == 1 and manifest.source_job_id == job.id
     assert manifest.base_model == "tiny"
-    assert manifest.base_model_digest == stack.registry.get_base_model("tiny").digest
+    assert manifest.base_model_digest == stack.registry.base_models.get("tiny").digest
     assert manifest.training_config["max_train_steps"] == 4
     assert manifest.training_config["seed"] == (7 if method == LORA else 3)
     assert {"final_loss", "steps", "wall_time_seconds"} <= set(manifest.metrics)
-    assert stack.registry.latest_checkpoint("default", job.id) is None  # cleaned up after success
+    assert stack.registry.checkpoints.latest("default", job.id) is None  # cleaned up after success
     got = stack.registry_stub.GetAdapter(registry_pb2.GetAdapterRequest(
         ref=common_pb2.AdapterRef(name=job.spec.output_name)))
     assert got is not None
 
-    files = stack.registry.fetch_adapter_files(manifest, tmp_path / "artifact")
+    files = stack.registry.adapters.fetch_files(manifest, tmp_path / "artifact")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_random_pipeline_dir, safety_checker=None)
     if method == LORA:
         assert [e for e in events if e.validation_images], "validation previews expected in the stream"
-        assert stack.registry.get_aliases("default", "toy-lora") == {"prod": 1}
+        assert stack.registry.adapters.aliases("default", "toy-lora") == {"prod": 1}
         before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
         pipe.load_lora_weights(str(tmp_path / "artifact"), weight_name="pytorch_lora_weights.safetensors")
         pipe.fuse_lora()
@@ -141,7 +141,7 @@ def sqlite_stack(tmp_path: Path, local_settings: Settings, sqlite_url: str,
                  tiny_random_pipeline_dir: Path) -> Iterator[TrainingStack]:
     settings = stack_settings(tmp_path, local_settings, sqlite_url, heartbeat_seconds=0.2)
     with TrainingStack(settings, workers=1, metrics=CollectorRegistry()) as stack:
-        stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        stack.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
         yield stack
 
 
@@ -158,8 +158,8 @@ def test_cancel_mid_run_stops_within_a_step_and_publishes_nothing(sqlite_stack: 
     final = events[-1]
     assert final.state == "CANCELLED" and final.step - requested.step <= 1  # at most the step in flight
     with pytest.raises(AdapterNotFound):
-        stack.registry.resolve_adapter("default", "never")
-    assert stack.registry.latest_checkpoint("default", job.id) is None
+        stack.registry.adapters.resolve("default", "never")
+    assert stack.registry.checkpoints.latest("default", job.id) is None
     # The worker is free again: the next job runs to completion.
     nxt = stack.create(lora_spec(ds, output="after", steps=2)).job
     assert stack.wait(nxt.id, lambda j: j.state in (training_pb2.JOB_STATE_SUCCEEDED,

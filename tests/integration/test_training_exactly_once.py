@@ -34,7 +34,7 @@ def stack(tmp_path: Path, local_settings: Settings, sqlite_url: str,
           tiny_random_pipeline_dir: Path) -> Iterator[TrainingStack]:
     settings = stack_settings(tmp_path, local_settings, sqlite_url, lease_seconds=1.0, heartbeat_seconds=0.2)
     with TrainingStack(settings, workers=1) as running:
-        running.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        running.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
         yield running
 
 
@@ -52,7 +52,7 @@ def test_a_worker_whose_job_was_taken_stops_and_publishes_nothing(stack: Trainin
     row = stack.store.get_job(job.id)
     assert row.state == "RUNNING" and row.worker_id == "thief"  # untouched by the fenced-out worker
     with pytest.raises(AdapterNotFound):
-        stack.registry.resolve_adapter("default", "stolen")
+        stack.registry.adapters.resolve("default", "stolen")
 
 
 def _idle(worker: object) -> bool:
@@ -67,7 +67,7 @@ def test_a_publish_from_a_crashed_attempt_is_adopted_not_repeated(stack: Trainin
     job = stack.create(lora_spec(ds, output="once", steps=2)).job
     claimed = stack.store.claim("crashed-worker")
     assert claimed is not None and claimed.id == job.id
-    published = stack.registry.publish_adapter(
+    published = stack.registry.adapters.publish(
         "default", "once", kind="LORA", base_model="tiny", source_job_id=job.id,
         files={"pytorch_lora_weights.safetensors": write_lora(tmp_path / "w.safetensors")},
     )
@@ -79,7 +79,7 @@ def test_a_publish_from_a_crashed_attempt_is_adopted_not_repeated(stack: Trainin
     done = stack.get(job.id)
     assert done.state == training_pb2.JOB_STATE_SUCCEEDED and done.output.version == published.version
     assert done.attempts == 2 and done.worker_id == "successor"
-    versions, _ = stack.registry.list_versions("default", "once")
+    versions, _ = stack.registry.adapters.list_versions("default", "once")
     assert [v.version for v in versions] == [1]
     with stack.store.engine.begin() as conn:
         messages = conn.execute(sa.text("SELECT message FROM training_job_events WHERE job_id = :j"),
@@ -121,10 +121,10 @@ def test_a_worker_stalled_inside_its_publish_past_its_lease_adds_no_second_versi
         first.join(120)
     done = stack.get(job.id)
     assert done.state == training_pb2.JOB_STATE_SUCCEEDED and done.worker_id == "successor"
-    versions, _ = stack.registry.list_versions("default", "stall")
+    versions, _ = stack.registry.adapters.list_versions("default", "stall")
     assert [v.version for v in versions] == [done.output.version]
     assert versions[0].source_job_id == job.id
-    assert stack.registry.job_version("default", "stall", job.id) == versions[0]
+    assert stack.registry.adapters.job_version("default", "stall", job.id) == versions[0]
 
 
 def _expire_and_reap(stack: TrainingStack, job_id: str) -> bool:

@@ -39,7 +39,7 @@ def stack(tmp_path: Path, local_settings: Settings, sqlite_url: str,
           tiny_random_pipeline_dir: Path) -> Iterator[TrainingStack]:
     settings = stack_settings(tmp_path, local_settings, sqlite_url, progress_event_interval_seconds=0.0)
     with TrainingStack(settings, workers=1) as running:
-        running.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        running.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
         yield running
 
 
@@ -86,10 +86,10 @@ def test_each_optimizer_succeeds_is_recorded_and_follows_its_schedule(stack: Tra
                 "adafactor": ("adafactor", "polynomial")}
     for name, events in watched.items():
         assert events[-1].job.state == training_pb2.JOB_STATE_SUCCEEDED, events[-1].job.error
-        config = stack.registry.resolve_adapter("default", name).training_config
+        config = stack.registry.adapters.resolve("default", name).training_config
         assert (config["optimizer"], config["lr_scheduler"]) == expected[name]
         assert events[-1].job.metrics["final_loss"] > 0
-    assert stack.registry.resolve_adapter("default", "prodigy").training_config["learning_rate"] == 1.0
+    assert stack.registry.adapters.resolve("default", "prodigy").training_config["learning_rate"] == 1.0
     curves = {name: {e.step: e.learning_rate for e in watched[name] if e.step > 0 and e.loss > 0}
               for name in ("prodigy", "adafactor")}
     assert sorted(curves["prodigy"]) == list(range(1, STEPS + 1)) == sorted(curves["adafactor"])
@@ -104,7 +104,7 @@ def test_caption_template_dropout_and_shuffling_train_and_are_recorded(stack: Tr
     spec.instance_prompt = "a photo of sks toy, {caption}"
     events = stack.watch(stack.create(spec).job.id, timeout=240)
     assert events[-1].job.state == training_pb2.JOB_STATE_SUCCEEDED, events[-1].job.error
-    config = stack.registry.resolve_adapter("default", "captioned").training_config
+    config = stack.registry.adapters.resolve("default", "captioned").training_config
     assert config["instance_prompt"] == "a photo of sks toy, {caption}"
     assert (config["caption_dropout"], config["shuffle_tags"], config["keep_tokens"]) == (0.25, True, 1)
 
@@ -123,7 +123,7 @@ def test_bad_options_are_invalid_argument_naming_the_field(
     tmp_path: Path, local_settings: Settings, sqlite_url: str, hyper: dict[str, object], field: str
 ) -> None:
     with TrainingStack(stack_settings(tmp_path, local_settings, sqlite_url), workers=0) as idle:
-        idle.registry.import_base_model("tiny", _fake_base(tmp_path))
+        idle.registry.base_models.import_folder("tiny", _fake_base(tmp_path))
         err = rpc_error(lambda: idle.create(_spec(_dataset(idle), "bad", **hyper)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violation_fields(err) == [H + field]
@@ -143,7 +143,7 @@ def test_an_eight_bit_job_that_reaches_a_cpu_worker_fails_with_a_clear_message(
     """The API was told it trains on CUDA; the worker that claims the job trains on the CPU."""
     api = stack_settings(tmp_path, local_settings, sqlite_url, training_device="cuda")
     with TrainingStack(api, workers=0) as stack:
-        stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        stack.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
         job = stack.create(_spec(_dataset(stack), "eight", optimizer=training_pb2.OPTIMIZER_KIND_ADAMW_8BIT)).job
         cpu = stack_settings(tmp_path, local_settings, sqlite_url, training_device="cpu")
         assert Worker(cpu, stack.store, stack.registry, worker_id="cpu-worker").run_once()

@@ -57,7 +57,7 @@ def make_stack(tmp_path: Path, local_settings: Settings, sqlite_url: str) -> Ite
                                   api_keys="key-a=alice,key-b=bob", **quotas)
         stack = TrainingStack(settings, workers=0).__enter__()
         stacks.append(stack)
-        stack.registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
+        stack.registry.base_models.import_folder("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
         return stack
 
     yield make
@@ -112,7 +112,7 @@ def test_stored_bytes_quota_refuses_uploads_and_jobs_per_tenant(make_stack: Any,
     assert create(stack, BOB, bob_ds.id).created
     # adapter versions count too: bob's published LoRA takes him over the limit
     weights = write_lora(tmp_path / "w.safetensors", dim=2048)
-    stack.registry.publish_adapter("bob", "dog", kind="LORA", base_model="tiny",
+    stack.registry.adapters.publish("bob", "dog", kind="LORA", base_model="tiny",
                                    files={"pytorch_lora_weights.safetensors": weights})
     assert stack.registry.stored_bytes("bob") == bob_ds.total_bytes + weights.stat().st_size
     assert_quota_refusal(rpc_error(lambda: create(stack, BOB, bob_ds.id)), "bob", "stored bytes")

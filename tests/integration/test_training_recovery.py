@@ -39,7 +39,7 @@ def cluster(tmp_path: Path, s3_settings: Settings, postgres_url: str,
     settings = stack_settings(tmp_path, s3_settings, postgres_url, lease_seconds=3.0, heartbeat_seconds=0.5,
                               worker_poll_seconds=0.2, shutdown_grace_seconds=20.0)
     with TrainingStack(settings, workers=0) as stack:
-        stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        stack.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
         yield stack
 
 
@@ -58,7 +58,7 @@ def test_sigkilled_worker_is_taken_over_and_resumed_from_its_checkpoint(
     job = stack.create(lora_spec(ds, output="crash", steps=100, checkpointing_steps=2)).job
     with worker_process(stack.settings, "worker-a", tmp_path / "a.log") as worker_a:
         stack.wait(job.id, lambda j: j.state == RUNNING and j.step >= 6, timeout=150)
-        checkpoint = wait_for(lambda: stack.registry.latest_checkpoint("default", job.id),
+        checkpoint = wait_for(lambda: stack.registry.checkpoints.latest("default", job.id),
                               lambda c: c is not None and c.step >= 2, 30)
         worker_a.send_signal(signal.SIGKILL)
         worker_a.wait(timeout=10)
@@ -70,7 +70,7 @@ def test_sigkilled_worker_is_taken_over_and_resumed_from_its_checkpoint(
     assert done.resumed_from_step > 0 and done.resumed_from_step >= checkpoint.step
     assert done.resumed_from_step <= killed_at.step + 2
     assert done.metrics["resumed_from_step"] == done.resumed_from_step
-    versions, _ = stack.registry.list_versions("default", "crash")
+    versions, _ = stack.registry.adapters.list_versions("default", "crash")
     assert [(v.version, v.source_job_id) for v in versions] == [(1, job.id)]
     messages = [e.message for e in stack.store.events_after(job.id, 0)]
     assert any("lease of worker worker-a expired" in m for m in messages)
@@ -90,7 +90,7 @@ def test_two_workers_run_six_jobs_each_exactly_once(cluster: TrainingStack, tmp_
     assert all(j.attempts == 1 for j in finished)
     assert all(len(_claims(stack, j.id)) == 1 for j in jobs)
     assert set(Counter(j.worker_id for j in finished)) == {"w1", "w2"}
-    versions, _ = stack.registry.list_versions("default", "shared")
+    versions, _ = stack.registry.adapters.list_versions("default", "shared")
     assert sorted(v.source_job_id for v in versions) == sorted(j.id for j in jobs)
     assert sorted(v.version for v in versions) == [1, 2, 3, 4, 5, 6]
     assert sorted(j.output.version for j in finished) == [1, 2, 3, 4, 5, 6]
@@ -109,11 +109,11 @@ def test_sigterm_checkpoints_releases_the_lease_and_another_worker_resumes(
         drain_seconds = time.monotonic() - signalled_at
     released = stack.get(job.id)
     assert released.state == QUEUED and released.attempts == 0, released  # a clean release costs no attempt
-    checkpoint = stack.registry.latest_checkpoint("default", job.id)
+    checkpoint = stack.registry.checkpoints.latest("default", job.id)
     assert checkpoint is not None and checkpoint.step == released.step  # stopped right after a checkpoint
     assert drain_seconds < 30
     with worker_process(stack.settings, "successor", tmp_path / "s.log"):
         done = stack.wait(job.id, lambda j: j.state == SUCCEEDED, timeout=180)
     assert done.resumed_from_step == checkpoint.step and done.attempts == 1
-    versions, _ = stack.registry.list_versions("default", "drain")
+    versions, _ = stack.registry.adapters.list_versions("default", "drain")
     assert len(versions) == 1

@@ -88,7 +88,7 @@ def stack(tmp_path: Path, local_settings: Settings, sqlite_url: str) -> Iterator
     settings = stack_settings(tmp_path, local_settings, sqlite_url, webhook_backoff_seconds=0.05,
                               webhook_poll_seconds=0.05, webhook_timeout_seconds=5.0, webhook_max_attempts=4)
     with TrainingStack(settings, workers=0) as running:
-        running.registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
+        running.registry.base_models.import_folder("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
         yield running
 
 
@@ -141,7 +141,7 @@ def test_a_delivery_survives_a_crash_after_the_state_change(tmp_path: Path, loca
     receiver.failures = 0
     settings = stack_settings(tmp_path, local_settings, sqlite_url, webhook_poll_seconds=3600.0)
     with TrainingStack(settings, workers=0) as stack:  # its dispatcher sleeps: nothing is sent
-        stack.registry.import_base_model("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
+        stack.registry.base_models.import_folder("tiny", write_fake_pipeline(tmp_path / "fake-sd"))
         job = create(stack, stack.upload(concept_images(2)).dataset.id, receiver.url)
         stack.training.CancelTrainingJob(training_pb2.CancelTrainingJobRequest(id=job.id))
         engine = stack.store.engine
@@ -191,7 +191,7 @@ def test_real_workers_honour_the_concurrent_quota_and_deliver_success(
                               webhook_backoff_seconds=0.05, webhook_poll_seconds=0.05)
     alice, bob = bearer("key-a"), bearer("key-b")
     with TrainingStack(settings, workers=2) as stack:
-        stack.registry.import_base_model("tiny", tiny_random_pipeline_dir)
+        stack.registry.base_models.import_folder("tiny", tiny_random_pipeline_dir)
 
         def start(who: Any, url: str = "") -> str:
             ds = stack.training.UploadDataset(iter(upload_messages(concept_images(2), "d", 4096)),

@@ -75,7 +75,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer, d
     s3_settings = make_s3_settings(moto_server.endpoint, moto_server.create_bucket())
     settings = stack_settings(tmp, s3_settings, database, auth_enabled=True, api_keys=KEYS, admin_tenants="ops",
                               training_port=free_port(), usage_flush_seconds=3600.0)
-    Registry.from_settings(settings).import_base_model("tiny", tiny_random_pipeline_dir)
+    Registry.from_settings(settings).base_models.import_folder("tiny", tiny_random_pipeline_dir)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -51,7 +51,7 @@ def env(tiny_random_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory
         auth_enabled=True, api_keys=KEYS, admin_tenants="ops", registry_url=f"file://{tmp / 'registry'}",
         database_url=f"sqlite:///{tmp / 'jobs.db'}", data_dir=tmp / "var", cache_dir=tmp / "cache",
         training_port=free_port(), inference_port=free_port(), worker_poll_seconds=0.2)
-    Registry.from_settings(settings).import_base_model("tiny", tiny_random_pipeline_dir)
+    Registry.from_settings(settings).base_models.import_folder("tiny", tiny_random_pipeline_dir)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -33,7 +33,7 @@ def pool_over(tmp_path: Path, pipeline_dir: Path, ttl: float) -> tuple[PipelineP
                         adapter_ref_ttl_seconds=ttl, base_model_paths="")
     store = SwitchableStore(open_store(settings))
     registry = Registry(store)  # type: ignore[arg-type]
-    registry.import_base_model("tiny-sd", pipeline_dir)
+    registry.base_models.import_folder("tiny-sd", pipeline_dir)
     return PipelinePool(settings, registry), registry, store
 
 
@@ -46,7 +46,7 @@ def test_plain_name_follows_new_versions_and_survives_an_outage(tmp_path: Path,
     assert pool.peek("tiny-sd@1") is v1 and pool.get("tiny-sd@1") is v1
     changed = Path(shutil.copytree(tiny_random_pipeline_dir, tmp_path / "changed"))
     (changed / "NOTES.md").write_text("v2")  # one more file: new bytes, same loadable pipeline
-    registry.import_base_model("tiny-sd", changed)
+    registry.base_models.import_folder("tiny-sd", changed)
     v2 = pool.get("tiny-sd")
     assert v2.name == "tiny-sd@2" and v2.digest != v1.digest and v2.pipe is not v1.pipe
     assert pool.loaded() == ["tiny-sd@1", "tiny-sd@2"]

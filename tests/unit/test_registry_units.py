@@ -11,7 +11,7 @@ from atelier.v1 import common_pb2
 
 from services.common.errors import InvalidInput
 from services.registry import proto_convert as pc
-from services.registry.documents import decode_token, encode_token, page_size
+from services.registry.documents import checked_page_size, decode_token, encode_token
 from services.registry.keys import Keys, number_from_key
 from services.registry.manifests import AdapterManifest, FileRecord, files_digest
 from services.registry.names import validate_alias, validate_name, validate_relpath
@@ -73,7 +73,7 @@ def test_page_tokens_are_scoped_and_opaque() -> None:
     for bad, scope in [(token, "versions:cat"), ("@@@", "adapters::"), ("e30", "adapters::")]:
         with pytest.raises(InvalidInput):
             decode_token(bad, scope)
-    assert page_size(0) == 50 and page_size(5) == 5 and page_size(10**6) == 1000
+    assert checked_page_size(0) == 50 and checked_page_size(5) == 5 and checked_page_size(10**6) == 1000
 
 
 def test_key_layout() -> None:

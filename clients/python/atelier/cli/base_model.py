@@ -49,7 +49,7 @@ def create_tiny(
         typer.echo(f"wrote {folder}")
         if import_:
             registry = Registry(open_store(settings))
-            before = {m.version for m in registry.base_model_versions(name)}
+            before = {m.version for m in registry.base_models.versions(name)}
             manifest = import_into_registry(registry, folder, name)  # same bytes: that version again
             what = f"base model {manifest.ref} (digest {manifest.digest})"
             typer.echo(f"{what} already in {settings.registry_url}" if manifest.version in before
