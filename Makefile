@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-PROTO_OUT := clients/python
+PROTO_OUT := api/python
 
 .PHONY: install proto proto-check lint typecheck test bench demo deploy-check browser clean
 

@@ -39,8 +39,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import grpc  # noqa: E402
 import psycopg  # noqa: E402
 from _chaos_ctx import row  # noqa: E402
-from atelier.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 
+from atelier_api.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 from services.common.config import Settings  # noqa: E402
 from services.inference.synthetic import LoraFactory  # noqa: E402
 from services.registry.manifests import LORA_WEIGHTS_FILE  # noqa: E402

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from atelier.v1 import (
+
+from atelier_api.v1 import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
@@ -27,7 +28,6 @@ from atelier.v1 import (
     training_pb2,
     training_pb2_grpc,
 )
-
 from bench._chaos_ctx import ChaosContext
 from services.registry.registry import Registry
 

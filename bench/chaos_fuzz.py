@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from atelier.v1 import inference_pb2, registry_pb2, training_pb2, usage_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from atelier_api.v1 import inference_pb2, registry_pb2, training_pb2, usage_pb2
 
 MODULES = (training_pb2, registry_pb2, inference_pb2, usage_pb2)
 ALLOWED = frozenset({

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from atelier.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
+
+from atelier_api.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
 
 SIDE = 64
 

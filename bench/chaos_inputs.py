@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from atelier.v1 import (  # noqa: E402
+from google.protobuf.message import Message  # noqa: E402
+
+from atelier_api.v1 import (  # noqa: E402
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
@@ -31,8 +33,6 @@ from atelier.v1 import (  # noqa: E402
     training_pb2,
     training_pb2_grpc,
 )
-from google.protobuf.message import Message  # noqa: E402
-
 from bench._chaos_ctx import ChaosContext, row  # noqa: E402
 from bench.chaos_corrupt import CorruptionRun, corruption_run, describe  # noqa: E402
 from bench.chaos_fuzz import (  # noqa: E402

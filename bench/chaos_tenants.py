@@ -17,7 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from atelier.v1 import (
+from google.protobuf.message_factory import GetMessageClass
+from grpc_status import rpc_status
+
+from atelier_api.v1 import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
@@ -28,9 +31,6 @@ from atelier.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
-from google.protobuf.message_factory import GetMessageClass
-from grpc_status import rpc_status
-
 from bench.chaos_fuzz import all_methods, caller
 
 ROUNDS = 5

@@ -28,9 +28,9 @@ from _common import (
     setup_torch,
     tiny_pipeline,
 )
-from atelier.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from diffusers import StableDiffusionPipeline
 
+from atelier_api.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.engine import InferenceEngine
 from services.inference.servicer import inference_bindings
 from services.registry.registry import Registry

@@ -1,5 +1,6 @@
-"""Generate Python stubs (protobuf, gRPC, mypy) from protos/ into clients/python/atelier/v1,
-and the descriptor set Envoy's gRPC-JSON transcoder reads (deploy/k8s/components/http-gateway).
+"""Generate Python stubs (protobuf, gRPC, mypy) from protos/ into api/python/atelier_api/v1
+(the `atelier-api` distribution), and the descriptor set Envoy's gRPC-JSON transcoder reads
+(deploy/k8s/components/http-gateway).
 
 `--check` regenerates into a temporary folder and fails when the committed files differ,
 so CI catches a contract edit whose stubs were not regenerated.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -20,18 +22,44 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-OUT_ROOT = ROOT / "clients" / "python"
-PACKAGE_DIR = Path("atelier") / "v1"
+OUT_ROOT = ROOT / "api" / "python"
+# protoc names the output after the proto path (atelier/v1); the Python package is atelier_api.v1,
+# so the generated files are moved there and their imports of each other rewritten.
+PROTO_DIR = Path("atelier") / "v1"
+PACKAGE_DIR = Path("atelier_api") / "v1"
+MODULE_REFS = (
+    (re.compile(r"^from atelier\.v1 import ", re.M), "from atelier_api.v1 import "),
+    (re.compile(r"'atelier\.v1\.(\w+_pb2)'"), r"'atelier_api.v1.\1'"),
+)
 # Shipped to Envoy (deploy/k8s/components/http-gateway) in a ConfigMap; checked for drift like the stubs.
 DESCRIPTOR_SET = ROOT / "deploy" / "k8s" / "components" / "http-gateway" / "atelier.pb"
 RPC_PROTOS = ("google/rpc/status.proto", "google/rpc/error_details.proto")
 
 
+def proto_files() -> list[str]:
+    return sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PROTO_DIR).glob("*.proto"))
+
+
 def generate(out_root: Path) -> None:
+    """protoc into a scratch folder, then move the files under atelier_api/v1 with their imports
+    rewritten (what `--check` compares is this post-processed output)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_protoc(Path(tmp))
+        target = out_root / PACKAGE_DIR
+        target.mkdir(parents=True, exist_ok=True)
+        for src in sorted((Path(tmp) / PROTO_DIR).glob("*")):
+            text = src.read_text()
+            for pattern, repl in MODULE_REFS:
+                text = pattern.sub(repl, text)
+            (target / src.name).write_text(text)
+    (out_root / PACKAGE_DIR / "__init__.py").touch()
+
+
+def run_protoc(out_root: Path) -> None:
     """Run protoc with the python, grpc and mypy plugins over every .proto file."""
     well_known = str(resources.files("grpc_tools") / "_proto")
     bin_dir = Path(sys.executable).parent
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    protos = proto_files()
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
@@ -46,7 +74,6 @@ def generate(out_root: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    (out_root / PACKAGE_DIR / "__init__.py").touch()
 
 
 def write_descriptor_set(path: Path) -> None:
@@ -54,7 +81,7 @@ def write_descriptor_set(path: Path) -> None:
     imports, and google.rpc.Status + error details so `convert_grpc_status` can print them)."""
     well_known = str(resources.files("grpc_tools") / "_proto")
     googleapis = str(Path(status_pb2.__file__).resolve().parents[2])
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
+    protos = proto_files()
     path.parent.mkdir(parents=True, exist_ok=True)
     args = ["protoc", f"-I{PROTO_ROOT}", f"-I{googleapis}", f"-I{well_known}", "--include_imports",
             f"--descriptor_set_out={path}", *protos, *RPC_PROTOS]

@@ -14,9 +14,9 @@ import math
 from typing import Any
 
 import grpc
-from atelier.v1 import usage_pb2, usage_pb2_grpc
 from google.protobuf import timestamp_pb2
 
+from atelier_api.v1 import usage_pb2, usage_pb2_grpc
 from services.common.auth import current_tenant, require_admin
 from services.common.errors import InvalidInput
 from services.common.server import ServiceBinding

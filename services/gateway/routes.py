@@ -16,11 +16,12 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-import atelier.v1
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, FileDescriptor, MethodDescriptor
 from google.protobuf.message import Message
+
+import atelier_api.v1
 
 VERBS = ("get", "put", "post", "delete", "patch")
 _VARIABLE = re.compile(r"\{([a-zA-Z0-9_.]+)(?:=[^}]*)?\}")
@@ -94,9 +95,9 @@ def _rule_routes(method: MethodDescriptor, rule: http_pb2.HttpRule) -> list[Rout
 def public_files() -> list[FileDescriptor]:
     """Every generated atelier.v1 proto file (discovered, so a new .proto needs no edit here)."""
     files = []
-    for info in sorted(pkgutil.iter_modules(atelier.v1.__path__), key=lambda m: m.name):
+    for info in sorted(pkgutil.iter_modules(atelier_api.v1.__path__), key=lambda m: m.name):
         if info.name.endswith("_pb2"):
-            module = importlib.import_module(f"atelier.v1.{info.name}")
+            module = importlib.import_module(f"atelier_api.v1.{info.name}")
             files.append(module.DESCRIPTOR)
     return files
 

@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader
-from atelier.v1 import registry_pb2, training_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from atelier_api.v1 import registry_pb2, training_pb2
 from services.gateway.transcode import BadHttpRequest
 
 CHUNK_BYTES = 1024 * 1024

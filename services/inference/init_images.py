@@ -19,8 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from atelier.v1 import inference_pb2
-
+from atelier_api.v1 import inference_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.training.datasets import convert_pixels, decode_image

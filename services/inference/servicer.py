@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from atelier.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
+from atelier_api.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.auth import current_tenant
 from services.common.server import RunningServer, ServiceBinding
 from services.inference.cache import TierStatus

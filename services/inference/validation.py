@@ -12,8 +12,7 @@ import math
 import random
 from collections.abc import Sequence
 
-from atelier.v1 import common_pb2, inference_pb2
-
+from atelier_api.v1 import common_pb2, inference_pb2
 from services.common.config import Settings
 from services.common.errors import FieldViolation, InvalidInput
 from services.inference.init_images import check_init_images

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from atelier.v1 import common_pb2, registry_pb2
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from atelier_api.v1 import common_pb2, registry_pb2
 from services.common.errors import InvalidInput
 from services.registry.manifests import (
     AdapterKindName,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from atelier.v1 import common_pb2, training_pb2
 from google.protobuf import json_format, timestamp_pb2
 
+from atelier_api.v1 import common_pb2, training_pb2
 from services.common.errors import InvalidInput
 from services.training.records import JobEvent, JobRecord
 from services.training.schema import STATES

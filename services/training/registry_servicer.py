@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
-from atelier.v1 import registry_pb2, registry_pb2_grpc
 
+from atelier_api.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import current_tenant, require_admin
 from services.common.config import GiB
 from services.common.errors import FailedPrecondition, InvalidInput

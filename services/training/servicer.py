@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from atelier.v1 import training_pb2, training_pb2_grpc
 
+from atelier_api.v1 import training_pb2, training_pb2_grpc
 from services.common.auth import current_tenant
 from services.common.config import Settings
 from services.common.errors import InvalidInput

@@ -8,8 +8,7 @@ an oversized upload is refused without buffering it all.
 
 from __future__ import annotations
 
-from atelier.v1 import training_pb2
-
+from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.training.datasets import UploadedImage

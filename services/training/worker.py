@@ -27,9 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from atelier.v1 import training_pb2
 from google.protobuf import json_format
 
+from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.common.errors import DataLoss, FailedPrecondition, InvalidInput, NotFound
 from services.registry.manifests import AdapterManifest, BaseModelManifest

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from atelier import Client
-from atelier.demo_images import concept_images
-from atelier.v1 import training_pb2
 from PIL import Image
 
+from atelier import Client
+from atelier.demo_images import concept_images
+from atelier_api.v1 import training_pb2
 from tests.browser.conftest import API_KEY, ARTIFACTS, ConsoleServer
 from tests.e2e.conftest import BASE_MODEL
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from atelier.refs import ROUTING_HEADER
-from atelier.v1 import inference_pb2
 
+from atelier.refs import ROUTING_HEADER
+from atelier_api.v1 import inference_pb2
 from services.common.config import Settings
 from services.training.sql import QUEUED_JOBS_COUNT_SQL
 from tests.deploy.manifests import (

@@ -6,8 +6,8 @@ import base64
 from typing import Any
 
 import pytest
-from atelier.v1 import inference_pb2, training_pb2
 
+from atelier_api.v1 import inference_pb2, training_pb2
 from services.training.worker_health import WORKER_SERVICE
 from tests.deploy.manifests import (
     ATELIER_COMPONENTS,

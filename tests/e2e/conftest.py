@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from atelier.health import wait_until_serving
 
 BASE_MODEL = "tiny-sd"

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from atelier.demo_images import concept_images, save_all
 from PIL import Image
 
+from atelier.demo_images import concept_images, save_all
 from tests.e2e.conftest import BASE_MODEL, Services
 
 pytestmark = pytest.mark.slow

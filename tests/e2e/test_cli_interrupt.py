@@ -15,10 +15,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from atelier import Client
 from atelier.demo_images import concept_images, save_all
-from atelier.v1 import training_pb2
-
+from atelier_api.v1 import training_pb2
 from tests.e2e.conftest import BASE_MODEL, Services
 
 pytestmark = pytest.mark.slow

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from atelier import AsyncClient, Client, GenerationResult, InvalidArgumentError, NotFoundError
-from atelier.demo_images import concept_images
-from atelier.v1 import common_pb2, inference_pb2, training_pb2
 from PIL import Image
 
+from atelier import AsyncClient, Client, GenerationResult, InvalidArgumentError, NotFoundError
+from atelier.demo_images import concept_images
+from atelier_api.v1 import common_pb2, inference_pb2, training_pb2
 from tests.e2e.conftest import BASE_MODEL, Services
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
-from atelier.demo_images import concept_images
 from prometheus_client import CollectorRegistry
 
+from atelier.demo_images import concept_images
 from services.common.config import Settings
 from services.runtime import Runtime, start_runtime
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import grpc
 import pytest
-from atelier.v1 import registry_pb2, registry_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from atelier_api.v1 import registry_pb2, registry_pb2_grpc
 from services.common import errors
 from services.common.auth import current_tenant
 from services.common.server import ServiceBinding

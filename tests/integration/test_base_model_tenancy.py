@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 import pytest
-from atelier.transport import base_model_upload
-from atelier.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, training_pb2
 
+from atelier.transport import base_model_upload
+from atelier_api.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, training_pb2
 from services.common.config import Settings
 from services.inference.engine import InferenceEngine
 from services.inference.servicer import inference_bindings

@@ -12,7 +12,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from atelier.v1 import (
+from PIL import Image
+from safetensors import safe_open
+
+from atelier_api.v1 import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
@@ -21,9 +24,6 @@ from atelier.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
-from PIL import Image
-from safetensors import safe_open
-
 from bench._chaos_ctx import ChaosContext
 from bench.chaos_corrupt import corruption_run
 from bench.chaos_fuzz import all_methods

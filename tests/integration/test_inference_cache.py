@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atelier.v1 import inference_pb2
 
+from atelier_api.v1 import inference_pb2
 from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.grpc_servers import bearer

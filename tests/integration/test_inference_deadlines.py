@@ -20,10 +20,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from atelier.health import wait_until_serving
-from atelier.v1 import inference_pb2, inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from atelier.health import wait_until_serving
+from atelier_api.v1 import inference_pb2, inference_pb2_grpc
 from tests.fixtures.s3 import MotoServer
 from tests.integration.test_inference_support import InferenceEnv, details, engine_settings, rpc_error, spec, start_env
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from atelier.v1 import inference_pb2
 
+from atelier_api.v1 import inference_pb2
 from services.inference.synthetic import LoraFactory, write_dreambooth, write_textual_inversion
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from tests.fixtures.s3 import MotoServer

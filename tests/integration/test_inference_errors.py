@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 import pytest
-from atelier.v1 import inference_pb2
 
+from atelier_api.v1 import inference_pb2
 from services.inference.synthetic import LoraFactory, write_dreambooth
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.s3 import MotoServer, s3_client

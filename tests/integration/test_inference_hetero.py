@@ -20,9 +20,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from atelier.v1 import inference_pb2
 from safetensors.torch import load_file, save_file
 
+from atelier_api.v1 import inference_pb2
 from services.inference.synthetic import LoraFactory, write_textual_inversion
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from tests.fixtures.s3 import MotoServer

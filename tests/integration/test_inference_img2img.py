@@ -22,13 +22,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from atelier.cli.main import app
-from atelier.client import Client
-from atelier.v1 import inference_pb2
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 from PIL import Image
 from typer.testing import CliRunner
 
+from atelier.cli.main import app
+from atelier.client import Client
+from atelier_api.v1 import inference_pb2
 from services.inference.synthetic import LoraFactory, write_dreambooth, write_textual_inversion
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from tests.fixtures.s3 import MotoServer

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atelier.v1 import inference_pb2
 from diffusers import StableDiffusionPipeline
 from peft.utils import merge_utils
 from safetensors.torch import load_file
 
+from atelier_api.v1 import inference_pb2
 from services.inference.merge_methods import layer_seed
 from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE

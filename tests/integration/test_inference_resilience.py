@@ -13,9 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from atelier.v1 import inference_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from atelier_api.v1 import inference_pb2
 from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.s3 import MotoServer

@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from atelier.cli.main import app
-from atelier.client import Client
-from atelier.v1 import inference_pb2
 from typer.testing import CliRunner
 
+from atelier.cli.main import app
+from atelier.client import Client
+from atelier_api.v1 import inference_pb2
 from services.common.config import Settings
 from services.inference.safety import SafetyHook
 from tests.fixtures.s3 import MotoServer

@@ -21,13 +21,13 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
-from atelier.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 from transformers import CLIPTextModel
 
+from atelier_api.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.config import Settings
 from services.inference.engine import InferenceEngine
 from services.inference.pipelines import folder_digest

@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 import pytest
-from atelier.v1 import inference_pb2, inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from atelier_api.v1 import inference_pb2, inference_pb2_grpc
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.server import RunningServer, ServiceBinding, start_server

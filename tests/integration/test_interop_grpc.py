@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import typer
-from atelier.cli.adapters_io import import_messages, register
-from atelier.cli.context import root_callback
-from atelier.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from atelier.cli.adapters_io import import_messages, register
+from atelier.cli.context import root_callback
+from atelier_api.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common.config import Settings
 from services.registry.registry import Registry
 from services.registry.store import open_store

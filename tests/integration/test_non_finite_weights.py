@@ -19,11 +19,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from atelier.cli.adapters_io import import_messages
-from atelier.v1 import common_pb2, registry_pb2, registry_pb2_grpc, training_pb2
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from atelier.cli.adapters_io import import_messages
+from atelier_api.v1 import common_pb2, registry_pb2, registry_pb2_grpc, training_pb2
 from services.common.config import Settings
 from services.inference.synthetic import LoraFactory, write_textual_inversion
 from services.registry.registry import Registry

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from atelier.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from atelier_api.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common.config import Settings
 from services.registry.registry import Registry
 from services.registry.store import REGISTRY_UNAVAILABLE, open_store

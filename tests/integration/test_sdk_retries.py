@@ -8,9 +8,9 @@ from typing import Any
 
 import grpc
 import pytest
-from atelier import AsyncClient, Client, InvalidArgumentError, RetryPolicy, UnavailableError
-from atelier.v1 import inference_pb2, inference_pb2_grpc
 
+from atelier import AsyncClient, Client, InvalidArgumentError, RetryPolicy, UnavailableError
+from atelier_api.v1 import inference_pb2, inference_pb2_grpc
 from services.common.errors import InvalidInput, Unavailable
 from services.common.server import ServiceBinding
 from tests.fixtures.grpc_servers import loopback_settings, serve_bindings

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from atelier.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
+from atelier_api.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common.telemetry import RpcMetrics, configure_logging, start_metrics_http
 from tests.fixtures.grpc_servers import ServerThread, bearer, loopback_settings, serve_bindings
 from tests.integration.plumbing_service import (

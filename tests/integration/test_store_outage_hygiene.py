@@ -21,8 +21,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from atelier.v1 import inference_pb2, registry_pb2, training_pb2
 
+from atelier_api.v1 import inference_pb2, registry_pb2, training_pb2
 from services.registry.store import REGISTRY_UNAVAILABLE
 from tests.fixtures.grpc_servers import bearer
 from tests.fixtures.s3 import LOOPBACK, MotoServer, free_port, make_s3_settings

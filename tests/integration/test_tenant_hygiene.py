@@ -20,9 +20,9 @@ from typing import Any
 
 import grpc
 import pytest
-from atelier import Client, ResourceExhaustedError, RetryPolicy
-from atelier.v1 import inference_pb2, inference_pb2_grpc
 
+from atelier import Client, ResourceExhaustedError, RetryPolicy
+from atelier_api.v1 import inference_pb2, inference_pb2_grpc
 from services.common.errors import ResourceExhausted
 from services.common.server import ServiceBinding
 from services.inference.synthetic import LoraFactory

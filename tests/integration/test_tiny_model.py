@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from atelier.cli.main import app
 from diffusers import StableDiffusionPipeline
 from typer.testing import CliRunner
 
+from atelier.cli.main import app
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition
 from services.registry.registry import Registry

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from atelier.v1 import common_pb2, training_pb2
 from prometheus_client import CollectorRegistry
 
+from atelier_api.v1 import common_pb2, training_pb2
 from services.common.config import Settings
 from services.training.metrics import register_store_metrics
 from tests.fixtures.grpc_servers import bearer

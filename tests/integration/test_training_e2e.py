@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from atelier.v1 import common_pb2, registry_pb2, training_pb2
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from prometheus_client import CollectorRegistry
 
+from atelier_api.v1 import common_pb2, registry_pb2, training_pb2
 from services.common.config import Settings
 from services.common.errors import AdapterNotFound
 from services.training.convert import spec_to_dict

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from atelier.v1 import training_pb2
 
+from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.common.errors import AdapterNotFound
 from services.training.schema import jobs

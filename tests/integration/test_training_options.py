@@ -16,8 +16,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from atelier.v1 import training_pb2
 
+from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.training.worker import Worker
 from tests.fixtures.models import make_concept_images

@@ -14,10 +14,10 @@ from typing import Any
 
 import grpc
 import pytest
-from atelier.v1 import registry_pb2, training_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from atelier_api.v1 import registry_pb2, training_pb2
 from services.common.config import Settings
 from tests.fixtures.grpc_servers import bearer
 from tests.fixtures.s3 import write_fake_pipeline, write_lora

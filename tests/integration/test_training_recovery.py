@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from atelier.v1 import training_pb2
 
+from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from tests.integration.test_training_support import (
     TrainingStack,

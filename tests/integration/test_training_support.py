@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from atelier.v1 import common_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from atelier_api.v1 import common_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 from services.common.config import Settings
 from services.registry.registry import Registry
 from services.training.embedded import EmbeddedTraining, open_registry

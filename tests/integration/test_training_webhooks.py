@@ -18,8 +18,8 @@ from typing import Any
 
 import grpc
 import pytest
-from atelier.v1 import training_pb2
 
+from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.training import webhook_outbox as outbox
 from services.training.webhooks import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, WebhookDispatcher, verify

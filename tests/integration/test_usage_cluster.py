@@ -17,13 +17,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from typer.testing import CliRunner
+
 from atelier import Client
 from atelier.cli.main import app
 from atelier.demo_images import concept_images
 from atelier.usage import usage_rows
-from atelier.v1 import training_pb2
-from typer.testing import CliRunner
-
+from atelier_api.v1 import training_pb2
 from services.registry.registry import Registry
 from services.runtime import Runtime, start_runtime
 from tests.fixtures.postgres import _server_url

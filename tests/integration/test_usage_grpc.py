@@ -18,12 +18,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
+
 from atelier import Client
 from atelier.demo_images import concept_images
 from atelier.usage import usage_rows
-from atelier.v1 import training_pb2, usage_pb2, usage_pb2_grpc
-from prometheus_client import CollectorRegistry
-
+from atelier_api.v1 import training_pb2, usage_pb2, usage_pb2_grpc
 from services.registry.registry import Registry
 from services.runtime import Runtime, start_runtime
 from tests.fixtures.grpc_servers import bearer, loopback_settings

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from atelier.v1 import registry_pb2, training_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from atelier_api.v1 import registry_pb2, training_pb2
 from services.gateway.routes import compile_template, find_route, load_routes
 from services.gateway.transcode import HTTP_STATUS, BadHttpRequest, build_request, http_status
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from atelier.v1 import common_pb2, inference_pb2
 
+from atelier_api.v1 import common_pb2, inference_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.inference.textual_inversion import TiBinding, rewrite_prompts

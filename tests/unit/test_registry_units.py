@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from atelier.v1 import common_pb2
 
+from atelier_api.v1 import common_pb2
 from services.common.errors import InvalidInput
 from services.registry import proto_convert as pc
 from services.registry.documents import checked_page_size, decode_token, encode_token

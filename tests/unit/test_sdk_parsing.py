@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from atelier.refs import format_ref, parse_ref, parse_weighted, routing_value, to_adapter_weights
 from atelier.requests import TrainArgs, generation_spec, training_request
 from atelier.retry import RetryPolicy
-from atelier.v1 import common_pb2, training_pb2
+from atelier_api.v1 import common_pb2, training_pb2
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
+
 from atelier.cli.main import app
 from atelier.requests import TrainArgs, training_request
-from atelier.v1 import training_pb2
-from typer.testing import CliRunner
+from atelier_api.v1 import training_pb2
 
 
 def _hyper(**options: Any) -> training_pb2.Hyperparameters:

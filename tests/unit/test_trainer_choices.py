@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from atelier.v1 import training_pb2
 
+from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.training.trainers.config import TrainConfig, validate_config

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from atelier.v1 import common_pb2, training_pb2
 from transformers import CLIPTokenizer
 
+from atelier_api.v1 import common_pb2, training_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.training.trainers.config import (

@@ -26,7 +26,7 @@ from atelier.requests import (
 from atelier.retry import RetryPolicy, call_with_retry
 from atelier.transport import call_metadata, channel_credentials, channel_options
 from atelier.usage import TimeLike, usage_request
-from atelier.v1 import (
+from atelier_api.v1 import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,

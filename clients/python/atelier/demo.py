@@ -27,7 +27,7 @@ from rich.table import Table
 from atelier.client import Client
 from atelier.demo_images import concept_images, contact_sheet, save_all
 from atelier.health import wait_until_serving
-from atelier.v1 import training_pb2
+from atelier_api.v1 import training_pb2
 
 console = Console()
 BASE = "tiny-sd"

@@ -9,7 +9,7 @@ request is built (protobuf's own "bad argument type for built-in operation" name
 
 from __future__ import annotations
 
-from atelier.v1 import common_pb2, training_pb2
+from atelier_api.v1 import common_pb2, training_pb2
 
 
 def _refuse(param: str, expected: str, value: object) -> TypeError:

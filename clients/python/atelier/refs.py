@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from atelier import ids
-from atelier.v1 import common_pb2, inference_pb2
+from atelier_api.v1 import common_pb2, inference_pb2
 
 
 def parse_ref(text: str) -> common_pb2.AdapterRef:

@@ -14,7 +14,7 @@ from PIL import Image
 from atelier import ids
 from atelier.refs import AdapterSpec, to_adapter_weights
 from atelier.train_choices import set_lr_scheduler, set_optimizer
-from atelier.v1 import common_pb2, inference_pb2, training_pb2
+from atelier_api.v1 import common_pb2, inference_pb2, training_pb2
 
 METHODS: dict[str, int] = {
     "lora": common_pb2.ADAPTER_KIND_LORA,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from atelier.v1 import training_pb2
+from atelier_api.v1 import training_pb2
 
 OPTIMIZERS: dict[str, int] = {
     "adamw": training_pb2.OPTIMIZER_KIND_ADAMW,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from atelier.v1 import registry_pb2
+from atelier_api.v1 import registry_pb2
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024

@@ -6,7 +6,7 @@ import datetime as dt
 
 from google.protobuf import timestamp_pb2
 
-from atelier.v1 import usage_pb2
+from atelier_api.v1 import usage_pb2
 
 TimeLike = float | dt.datetime | None
 KIND_NAMES = {usage_pb2.USAGE_KIND_TRAINING: "training", usage_pb2.USAGE_KIND_GENERATION: "generation"}

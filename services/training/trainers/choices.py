@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from atelier.v1 import training_pb2
-
+from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 

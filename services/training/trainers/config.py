@@ -13,9 +13,9 @@ from __future__ import annotations
 import secrets
 from typing import Any, Literal
 
-from atelier.v1 import common_pb2, training_pb2
 from pydantic import BaseModel, Field
 
+from atelier_api.v1 import common_pb2, training_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.training.trainers.choices import Optimizer, choice_values, resolve_choices, validate_choices

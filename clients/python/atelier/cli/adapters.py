@@ -8,7 +8,7 @@ from atelier.cli.adapters_io import register as register_import_export
 from atelier.cli.context import options
 from atelier.cli.jobs import method_name
 from atelier.cli.output import console, emit, handle_errors, print_json, to_dict
-from atelier.v1 import common_pb2
+from atelier_api.v1 import common_pb2
 
 app = typer.Typer(no_args_is_help=True, help="Adapters in the registry: versions, aliases, import and export.")
 register_import_export(app)

@@ -26,7 +26,7 @@ from atelier.cli.output import console, handle_errors, print_json, to_dict
 from atelier.errors import from_grpc_error
 from atelier.refs import parse_ref
 from atelier.transport import call_metadata, file_chunks
-from atelier.v1 import common_pb2, registry_pb2
+from atelier_api.v1 import common_pb2, registry_pb2
 
 T = TypeVar("T")
 

@@ -12,7 +12,7 @@ import typer
 
 from atelier.cli.context import options
 from atelier.cli.output import console, emit, handle_errors, print_json, to_dict
-from atelier.v1 import common_pb2
+from atelier_api.v1 import common_pb2
 
 BASE_MODEL_COLUMNS = ["name", "version", "architecture", "size", "files", "digest", "created"]
 

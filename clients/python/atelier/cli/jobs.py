@@ -8,7 +8,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from atelier.cli.context import options
 from atelier.cli.output import console, emit, handle_errors, print_json_line, to_dict
 from atelier.client import JobHandle
-from atelier.v1 import common_pb2, training_pb2
+from atelier_api.v1 import common_pb2, training_pb2
 
 app = typer.Typer(no_args_is_help=True, help="Training jobs.")
 

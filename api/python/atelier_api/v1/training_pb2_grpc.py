@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from atelier.v1 import training_pb2 as atelier_dot_v1_dot_training__pb2
+from atelier_api.v1 import training_pb2 as atelier_dot_v1_dot_training__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

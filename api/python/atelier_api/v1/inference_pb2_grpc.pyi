@@ -3,7 +3,7 @@
 isort:skip_file
 """
 
-from atelier.v1 import inference_pb2 as _inference_pb2
+from atelier_api.v1 import inference_pb2 as _inference_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
