@@ -23,7 +23,7 @@ from services.registry.gc import PeriodicCollector
 from services.registry.registry import Registry
 from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics, register_store_metrics
-from services.training.registry_servicer import registry_bindings
+from services.registry.servicer import registry_bindings
 from services.training.servicer import training_bindings
 from services.training.usage_store import SqlUsage
 from services.training.webhooks import WebhookDispatcher

@@ -22,7 +22,7 @@ from services.common.auth import current_tenant
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.common.server import ServiceBinding
-from services.registry import proto_convert as pc
+from services.registry import convert as pc
 from services.registry.names import validate_alias, validate_base_ref, validate_name
 from services.registry.registry import Registry
 from services.training import convert

@@ -28,7 +28,7 @@ from services.common.config import Settings
 from services.inference.synthetic import LoraFactory, write_textual_inversion
 from services.registry.registry import Registry
 from services.registry.store import open_store
-from services.training.registry_servicer import registry_bindings
+from services.registry.servicer import registry_bindings
 from tests.fixtures.grpc_servers import ServerThread, bearer, loopback_settings
 from tests.integration.test_inference_support import details
 from tests.integration.test_training_support import (

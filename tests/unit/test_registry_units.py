@@ -10,7 +10,7 @@ import pytest
 
 from atelier_api.v1 import common_pb2
 from services.common.errors import InvalidInput
-from services.registry import proto_convert as pc
+from services.registry import convert as pc
 from services.registry.documents import checked_page_size, decode_token, encode_token
 from services.registry.keys import Keys, number_from_key
 from services.registry.manifests import AdapterManifest, FileRecord, files_digest

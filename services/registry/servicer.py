@@ -23,14 +23,14 @@ from services.common.auth import current_tenant, require_admin
 from services.common.config import GiB
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.common.server import ServiceBinding
-from services.registry import proto_convert as pc
+from services.registry import convert as pc
 from services.registry.adapter_export import export_adapter
 from services.registry.adapter_import import LocalBaseModels, import_adapter_file
 from services.registry.blobs import sha256_file
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE, AdapterManifest, FileRecord
 from services.registry.names import validate_relpath
+from services.registry.quotas import check_stored_bytes
 from services.registry.registry import Registry
-from services.training.quotas import check_stored_bytes
 
 SERVICE_NAME = "atelier.v1.RegistryService"
 EXPORT_CHUNK_BYTES = 1024 * 1024
@@ -49,7 +49,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         stored_bytes_quota: int = 0,
     ) -> None:
         self._registry = registry
-        self._stored_bytes_quota = stored_bytes_quota  # per tenant, 0 = unlimited (training/quotas.py)
+        self._stored_bytes_quota = stored_bytes_quota  # per tenant, 0 = unlimited (quotas.py)
         # A name -> folder mapping lets imports and exports validate against local base models.
         self._local_base_models: LocalBaseModels = (
             dict(local_base_models) if isinstance(local_base_models, Mapping) else frozenset(local_base_models)

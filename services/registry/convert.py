@@ -1,4 +1,4 @@
-"""Manifest <-> protobuf conversion for the registry's messages (used by several servicers)."""
+"""Manifest <-> protobuf conversion for the registry's messages (RegistryService, and TrainingService for datasets)."""
 
 from __future__ import annotations
 
