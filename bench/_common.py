@@ -26,10 +26,10 @@ if str(ROOT) not in sys.path:
 
 from services.common.config import Settings  # noqa: E402
 from services.inference.engine import InferenceEngine  # noqa: E402
-from services.inference.synthetic import LoraFactory  # noqa: E402
 from services.inference.types import AdapterSpec, GenerationRequest, GenerationResult  # noqa: E402
 from services.registry.manifests import LORA_WEIGHTS_FILE  # noqa: E402
 from services.registry.registry import Registry  # noqa: E402
+from tests.fixtures.synthetic import LoraFactory  # noqa: E402
 
 T = TypeVar("T")
 BASE = "tiny"

@@ -42,13 +42,13 @@ from _chaos_ctx import row  # noqa: E402
 
 from atelier_api.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 from services.common.config import Settings  # noqa: E402
-from services.inference.synthetic import LoraFactory  # noqa: E402
 from services.registry.manifests import LORA_WEIGHTS_FILE  # noqa: E402
 from tests.fixtures.chaos import overload, retry_after, rss_bytes, sustained_overload  # noqa: E402
 from tests.fixtures.chaos_training import ChaosReport, db_restart_run, sigkill_rounds  # noqa: E402
 from tests.fixtures.fault_proxy import FaultProxy, via  # noqa: E402
 from tests.fixtures.postgres import ADMIN_URL, _server_url  # noqa: E402
 from tests.fixtures.s3 import MotoServer, free_port, make_s3_settings  # noqa: E402
+from tests.fixtures.synthetic import LoraFactory  # noqa: E402
 from tests.integration.test_inference_support import InferenceEnv, engine_settings, spec, start_env  # noqa: E402
 from tests.integration.test_training_support import TrainingStack, concept_images, stack_settings  # noqa: E402
 

@@ -164,7 +164,7 @@ def fuzz_templates(ctx: ChaosContext) -> dict[str, list[Message]]:
 
 
 def _lora_file(ctx: ChaosContext, dest: Path) -> bytes:
-    from services.inference.synthetic import LoraFactory
+    from tests.fixtures.synthetic import LoraFactory
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     written = LoraFactory(ctx.pipeline_dir).write(ctx.tmp_dir / "fuzz-lora", seed=3)

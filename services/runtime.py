@@ -23,7 +23,6 @@ from services.common.server import RunningServer, serve_until_signalled, start_s
 from services.common.telemetry import RpcMetrics, configure_logging, start_metrics_http
 from services.common.usage import UsageLedger
 from services.common.usage_service import usage_bindings
-from services.inference.pipelines import parse_model_paths
 from services.registry.registry import Registry
 from services.training.embedded import EmbeddedTraining
 
@@ -85,7 +84,7 @@ async def start_runtime(settings: Settings, role: str = "all",
     if role in ("all", "training-api"):
         runtime.training = EmbeddedTraining(
             settings, registry=registry, metrics_registry=metrics_registry, workers=1 if role == "all" else 0,
-            local_base_models=parse_model_paths(settings.base_model_paths), usage=usage,
+            local_base_models=settings.local_base_models(), usage=usage,
         )
         runtime.servers["training"] = await start_server(
             settings, [*runtime.training.bindings(), *usage_bindings(usage)], settings.training_port, authenticator,

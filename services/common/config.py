@@ -174,3 +174,17 @@ class Settings(BaseSettings):
     webhook_max_backoff_seconds: float = Field(300.0, description="Cap on the webhook retry delay.")
     webhook_timeout_seconds: float = Field(10.0, description="HTTP timeout of one webhook delivery attempt.")
     webhook_poll_seconds: float = Field(1.0, description="How often a process looks for due webhook deliveries.")
+
+    def local_base_models(self) -> dict[str, Path]:
+        """`base_model_paths` parsed: 'a=/models/a,b=/models/b' -> {'a': Path('/models/a'), ...}.
+
+        Here, not in inference, because the registry API validates adapter imports against the
+        same folders the inference engine serves.
+        """
+        paths: dict[str, Path] = {}
+        for item in filter(None, (part.strip() for part in self.base_model_paths.split(","))):
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"base_model_paths entry {item!r}: expected name=DIR")
+            paths[name.strip()] = Path(path.strip())
+        return paths

@@ -62,17 +62,6 @@ if is_scipy_available():  # LMS needs scipy, which the base image does not ship
     SCHEDULERS["lms"] = LMSDiscreteScheduler.from_config
 
 
-def parse_model_paths(spec: str) -> dict[str, Path]:
-    """'a=/models/a,b=/models/b' -> {'a': Path('/models/a'), ...}."""
-    paths: dict[str, Path] = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"base_model_paths entry {item!r}: expected name=DIR")
-        paths[name.strip()] = Path(path.strip())
-    return paths
-
-
 def folder_digest(folder: Path) -> str:
     """The registry's base-model digest of a local diffusers folder."""
     records = []
@@ -150,7 +139,7 @@ class PipelinePool:
     def __init__(self, settings: Settings, registry: Registry | None, ti_slots: int = DEFAULT_SLOTS) -> None:
         self._settings = settings
         self._registry = registry
-        self._paths = parse_model_paths(settings.base_model_paths)
+        self._paths = settings.local_base_models()
         self._ti_slots = ti_slots
         self.device = torch.device(settings.inference_device)
         if settings.inference_dtype not in DTYPES:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from bench._chaos_ctx import ChaosContext
 from services.common.config import Settings
-from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from services.registry.registry import Registry
 from services.runtime import Runtime, start_runtime
 from tests.fixtures.grpc_servers import loopback_settings
 from tests.fixtures.s3 import free_port
+from tests.fixtures.synthetic import LoraFactory
 
 KEYS = {"tenant-a": "key-a", "tenant-b": "key-b", "fuzz": "key-fuzz", "ops": "key-ops"}
 BASE = "tiny"

@@ -23,10 +23,10 @@ from atelier_api.v1 import common_pb2, inference_pb2, inference_pb2_grpc, regist
 from services.common.config import Settings
 from services.inference.engine import InferenceEngine
 from services.inference.servicer import inference_bindings
-from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from services.registry.registry import Registry
 from tests.fixtures.grpc_servers import ServerThread, bearer
+from tests.fixtures.synthetic import LoraFactory
 from tests.integration.test_inference_support import details, rpc_error
 from tests.integration.test_training_support import (
     TrainingStack,

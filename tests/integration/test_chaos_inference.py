@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.chaos import overload, rss_bytes, sustained_overload
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.synthetic import LoraFactory
 from tests.integration.test_inference_support import InferenceEnv, details, engine_settings, rpc_error, start_env
 
 QUEUE = 4

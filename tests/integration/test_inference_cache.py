@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from atelier_api.v1 import inference_pb2
-from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.grpc_servers import bearer
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.synthetic import LoraFactory
 from tests.integration.test_inference_support import BASE, InferenceEnv, engine_settings, pixels, ref, start_env
 
 ADAPTERS = [f"style-{i}" for i in range(8)]

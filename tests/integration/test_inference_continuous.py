@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from atelier_api.v1 import inference_pb2
-from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.synthetic import LoraFactory
 from tests.integration.test_inference_hetero import LORAS as HETERO_LORAS
 from tests.integration.test_inference_hetero import TOLERANCE, _broken_lora, max_diff, together
 from tests.integration.test_inference_hetero import (

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from atelier_api.v1 import inference_pb2
-from services.inference.synthetic import LoraFactory, write_dreambooth, write_textual_inversion
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.synthetic import LoraFactory, write_dreambooth, write_textual_inversion
 from tests.integration.test_inference_support import (
     InferenceEnv,
     diffusers_reference,

@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from atelier_api.v1 import inference_pb2
-from services.inference.synthetic import LoraFactory, write_dreambooth
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.s3 import MotoServer, s3_client
+from tests.fixtures.synthetic import LoraFactory, write_dreambooth
 from tests.integration.test_inference_support import (
     InferenceEnv,
     details,

@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from atelier_api.v1 import inference_pb2
-from services.inference.synthetic import LoraFactory, write_textual_inversion
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.synthetic import LoraFactory, write_textual_inversion
 from tests.integration.test_inference_support import (
     InferenceEnv,
     engine_settings,

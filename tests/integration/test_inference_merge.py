@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from atelier_api.v1 import inference_pb2
 from services.inference.merge_methods import layer_seed
-from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.synthetic import LoraFactory
 from tests.integration.test_inference_support import (
     BASE,
     SIZE,

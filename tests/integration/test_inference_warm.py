@@ -27,12 +27,12 @@ from services.common.server import RunningServer, ServiceBinding, start_server
 from services.inference.engine import InferenceEngine
 from services.inference.pipelines import folder_digest
 from services.inference.servicer import inference_bindings
-from services.inference.synthetic import LoraFactory
 from services.inference.warm import parse_refs
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from services.registry.registry import Registry
 from services.runtime import start_runtime
 from tests.fixtures.s3 import MotoServer, free_port
+from tests.fixtures.synthetic import LoraFactory
 from tests.integration.test_inference_support import BASE, SIZE, engine_settings
 
 OTHERS = [f"other-{i}" for i in range(5)]

@@ -25,11 +25,11 @@ from safetensors.torch import save_file
 from atelier.cli.adapters_io import import_messages
 from atelier_api.v1 import common_pb2, registry_pb2, registry_pb2_grpc, training_pb2
 from services.common.config import Settings
-from services.inference.synthetic import LoraFactory, write_textual_inversion
 from services.registry.registry import Registry
-from services.registry.store import open_store
 from services.registry.servicer import registry_bindings
+from services.registry.store import open_store
 from tests.fixtures.grpc_servers import ServerThread, bearer, loopback_settings
+from tests.fixtures.synthetic import LoraFactory, write_textual_inversion
 from tests.integration.test_inference_support import details
 from tests.integration.test_training_support import (
     TERMINAL,

@@ -25,10 +25,10 @@ from atelier import Client, ResourceExhaustedError, RetryPolicy
 from atelier_api.v1 import inference_pb2, inference_pb2_grpc
 from services.common.errors import ResourceExhausted
 from services.common.server import ServiceBinding
-from services.inference.synthetic import LoraFactory
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.fixtures.grpc_servers import bearer, loopback_settings, serve_bindings
 from tests.fixtures.s3 import MotoServer
+from tests.fixtures.synthetic import LoraFactory
 from tests.integration.test_inference_support import BASE, InferenceEnv, details, engine_settings, ref, spec, start_env
 
 A, B = bearer("key-a"), bearer("key-b")

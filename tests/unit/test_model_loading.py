@@ -13,8 +13,8 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from services.inference.lora import load_lora
-from services.inference.synthetic import LoraFactory
 from services.training.trainers.models import load_components
+from tests.fixtures.synthetic import LoraFactory
 
 LOADS = 4
 
