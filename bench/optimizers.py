@@ -31,8 +31,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from services.training.trainers import TrainConfig, TrainImage, run_training  # noqa: E402
+from services.training.trainers import TrainConfig, TrainImage  # noqa: E402
 from services.training.trainers.choices import Optimizer  # noqa: E402
+from services.training.trainers.engine import run_training  # noqa: E402
 
 BASELINE = "adamw"
 # the LoRA recipe rate; Prodigy's own 1.0

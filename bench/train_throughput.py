@@ -55,7 +55,8 @@ def _sync(device: str) -> None:
 
 # --- the two contenders (each runs in a child process) ---------------------------------------
 def run_ours(args: argparse.Namespace, images: list[Path]) -> dict[str, float]:
-    from services.training.trainers import TrainConfig, TrainImage, run_training
+    from services.training.trainers import TrainConfig, TrainImage
+    from services.training.trainers.engine import run_training
 
     stamps: list[float] = []
 

@@ -24,7 +24,7 @@ from services.common.telemetry import RpcMetrics, configure_logging, start_metri
 from services.common.usage import UsageLedger
 from services.common.usage_service import usage_bindings
 from services.registry.registry import Registry
-from services.training.embedded import EmbeddedTraining
+from services.training.runtime import TrainingRuntime
 
 if TYPE_CHECKING:
     from services.gateway.server import RunningGateway
@@ -51,7 +51,7 @@ class Runtime:
 
     settings: Settings
     servers: dict[str, RunningServer] = field(default_factory=dict)
-    training: EmbeddedTraining | None = None
+    training: TrainingRuntime | None = None
     closers: list[Callable[[], object]] = field(default_factory=list)
     gateway: RunningGateway | None = None
 
@@ -82,7 +82,7 @@ async def start_runtime(settings: Settings, role: str = "all",
     usage = UsageLedger.from_settings(settings, metrics_registry)  # one per process: both servers answer
     registry = Registry.from_settings(settings)
     if role in ("all", "training-api"):
-        runtime.training = EmbeddedTraining(
+        runtime.training = TrainingRuntime(
             settings, registry=registry, metrics_registry=metrics_registry, workers=1 if role == "all" else 0,
             local_base_models=settings.local_base_models(), usage=usage,
         )

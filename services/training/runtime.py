@@ -1,10 +1,12 @@
-"""Composition of the training side for one process: API servicers plus optional workers.
+"""The training side of one process: API servicers, optional in-process workers, and the
+background parts every training process runs (webhook delivery, registry garbage collection).
 
-`atelier serve` (embedded default) uses `EmbeddedTraining` to host TrainingService and
+`atelier serve` (embedded default) uses `TrainingRuntime` to host TrainingService and
 RegistryService on its server and run one worker in a background thread, all sharing one
 job store (SQLite file by default) and one registry (local directory by default). The
 cluster's training-API Deployment uses the same class with `workers=0`; worker pods run
-`atelier worker` (services/training/worker_main.py) instead.
+`atelier worker` (services/training/worker_main.py) instead. services/runtime.py composes it
+with inference into a whole process.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from services.common.server import ServiceBinding
 from services.common.usage import UsageLedger, device_label
 from services.registry.gc import PeriodicCollector
 from services.registry.registry import Registry
+from services.registry.servicer import registry_bindings
 from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics, register_store_metrics
-from services.registry.servicer import registry_bindings
 from services.training.servicer import training_bindings
 from services.training.usage_store import SqlUsage
 from services.training.webhooks import WebhookDispatcher
@@ -32,12 +34,7 @@ from services.training.worker import Worker
 log = logging.getLogger(__name__)
 
 
-def open_registry(settings: Settings) -> Registry:
-    """The registry named by `settings.registry_url`."""
-    return Registry.from_settings(settings)
-
-
-class EmbeddedTraining:
+class TrainingRuntime:
     """Training API + registry API bindings and `workers` in-process worker threads."""
 
     def __init__(
@@ -52,7 +49,7 @@ class EmbeddedTraining:
         usage: UsageLedger | None = None,
     ) -> None:
         self.settings = settings
-        self.registry = registry or open_registry(settings)
+        self.registry = registry or Registry.from_settings(settings)
         self.store = store or JobStore.open(settings)
         self._owns_store = store is None
         self._local_base_models = local_base_models
@@ -117,7 +114,7 @@ class EmbeddedTraining:
         if self._owns_store:
             self.store.close()
 
-    def __enter__(self) -> EmbeddedTraining:
+    def __enter__(self) -> TrainingRuntime:
         self.start_workers()
         return self
 

@@ -44,7 +44,6 @@ from services.training.trainers import (
     TrainConfig,
     TrainImage,
     TrainResult,
-    run_training,
     validate_against_tokenizer,
     validate_config,
 )
@@ -90,8 +89,12 @@ class Worker:
 
     def __init__(
         self, settings: Settings, store: JobStore, registry: Registry, *,
-        worker_id: str = "", metrics: WorkerMetrics | None = None, trainer: Trainer = run_training,
+        worker_id: str = "", metrics: WorkerMetrics | None = None, trainer: Trainer | None = None,
     ) -> None:
+        if trainer is None:  # the real trainer imports torch: only processes that train load it
+            from services.training.trainers import engine
+
+            trainer = engine.run_training
         self.settings = settings
         self.store = store
         self.registry = registry

@@ -26,7 +26,7 @@ from services.common.process import apply_torch_threads
 from services.common.telemetry import configure_logging, start_metrics_http
 from services.common.usage import device_label
 from services.registry.gc import PeriodicCollector
-from services.training.embedded import open_registry
+from services.registry.registry import Registry
 from services.training.jobstore import JobStore
 from services.training.metrics import WorkerMetrics, register_store_metrics
 from services.training.usage_store import SqlUsage
@@ -46,7 +46,7 @@ def run_worker(settings: Settings, *, worker_id: str = "") -> int:
     metrics_registry = CollectorRegistry()
     register_store_metrics(metrics_registry, store)
     metrics_http = start_metrics_http(metrics_registry, settings.metrics_port)
-    registry = open_registry(settings)
+    registry = Registry.from_settings(settings)
     metrics = WorkerMetrics(metrics_registry, device=device_label(settings.training_device))
     metrics.usage.share(SqlUsage.from_settings(store.engine, settings))  # the training API sums every worker's
     worker = Worker(settings, store, registry, worker_id=worker_id, metrics=metrics)

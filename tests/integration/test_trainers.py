@@ -16,7 +16,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from services.common.errors import InvalidInput
-from services.training.trainers import TrainConfig, TrainImage, TrainResult, run_training
+from services.training.trainers import TrainConfig, TrainImage, TrainResult
+from services.training.trainers.engine import run_training
 from services.training.trainers.evaluate import TRAINING_EVAL_TIMESTEPS, pipeline_denoising_loss
 from tests.fixtures.models import make_concept_images
 

@@ -25,7 +25,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from services.training.trainers import TrainConfig, TrainImage, run_training
+from services.training.trainers import TrainConfig, TrainImage
+from services.training.trainers.engine import run_training
 from services.training.trainers.evaluate import pipeline_denoising_loss
 from tests.fixtures.models import make_concept_images, make_control_images
 

@@ -1,7 +1,7 @@
 """Shared helpers for the training integration tests (no tests here).
 
 `TrainingStack` runs the real thing: TrainingService + RegistryService on a loopback gRPC
-server (tests.fixtures.grpc_servers.ServerThread) over `EmbeddedTraining`, a real job store
+server (tests.fixtures.grpc_servers.ServerThread) over `TrainingRuntime`, a real job store
 (SQLite file or a fresh PostgreSQL database) and a real registry (directory or moto S3).
 """
 
@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry
 from atelier_api.v1 import common_pb2, registry_pb2_grpc, training_pb2, training_pb2_grpc
 from services.common.config import Settings
 from services.registry.registry import Registry
-from services.training.embedded import EmbeddedTraining, open_registry
 from services.training.jobstore import JobStore
+from services.training.runtime import TrainingRuntime
 from tests.fixtures.grpc_servers import ServerThread, loopback_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,10 +65,10 @@ class TrainingStack:
 
     def __init__(self, settings: Settings, workers: int, metrics: CollectorRegistry | None = None) -> None:
         self.settings = settings
-        self.registry: Registry = open_registry(settings)
+        self.registry: Registry = Registry.from_settings(settings)
         self.store = JobStore.open(settings)
         self.metrics = metrics
-        self.embedded = EmbeddedTraining(settings, registry=self.registry, store=self.store, workers=workers,
+        self.embedded = TrainingRuntime(settings, registry=self.registry, store=self.store, workers=workers,
                                          metrics_registry=metrics)
         self.server = ServerThread(settings, self.embedded.bindings)
 

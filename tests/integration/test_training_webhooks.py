@@ -1,5 +1,5 @@
 """Job webhooks end to end: gRPC create with a webhook, real job-store transitions, a loopback
-HTTP receiver, and the dispatcher that EmbeddedTraining runs.
+HTTP receiver, and the dispatcher that TrainingRuntime runs.
 
 Terminal states are produced through the job store's own worker API (claim/complete/fail) and
 CancelTrainingJob, so no training runs here; the worker calls exactly these methods.

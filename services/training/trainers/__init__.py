@@ -1,10 +1,11 @@
 """Trainers: DreamBooth, LoRA and Textual Inversion over one shared core.
 
 Public surface: `TrainConfig`, `validate_config`, `validate_against_tokenizer` (config.py) and
-`run_training`, `TrainImage`, `TrainerCallbacks`, `TrainResult` (base.py).
+`TrainImage`, `TrainerCallbacks`, `TrainResult` (base.py). The entry point, `run_training`, is in
+engine.py and is not re-exported here, so importing this package never imports torch.
 """
 
-from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult, run_training
+from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult
 from services.training.trainers.config import TrainConfig, validate_against_tokenizer, validate_config
 
 __all__ = [
@@ -12,7 +13,6 @@ __all__ = [
     "TrainImage",
     "TrainResult",
     "TrainerCallbacks",
-    "run_training",
     "validate_against_tokenizer",
     "validate_config",
 ]

@@ -1,9 +1,9 @@
 """The trainer interface the job worker codes against.
 
 A worker resolves a job into a `TrainConfig`, downloads the base model and the dataset to
-local paths, and calls `run_training` with callbacks that report progress, answer "stop?"
-(cancellation or a lost lease), persist checkpoints to the registry and forward validation
-images. The trainer never touches the registry or the job store itself.
+local paths, and calls `engine.run_training` (imported lazily: torch) with callbacks that
+report progress, answer "stop?" (cancellation or a lost lease), persist checkpoints to the
+registry and forward validation images. The trainer never touches the registry or the job store itself.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-from services.training.trainers.config import TrainConfig
 
 
 @dataclass
@@ -57,35 +55,3 @@ class TrainResult:
     stopped: bool
     resumed_from_step: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config (resolution etc.)
-
-
-def run_training(
-    config: TrainConfig,
-    *,
-    base_model_dir: Path,
-    images: list[TrainImage],
-    work_dir: Path,
-    callbacks: TrainerCallbacks,
-    resume_dir: Path | None = None,
-    device: str = "cpu",
-    class_images: list[TrainImage] | None = None,
-) -> TrainResult:
-    """Train `config.method` on `images` and write the artifact under `work_dir`.
-
-    `resume_dir` is a directory previously handed to `callbacks.save_checkpoint`; the run
-    continues from its step with the same RNG streams, so the result equals an uninterrupted
-    run. `class_images` are prior-preservation images (generated with the base model when
-    prior preservation is on and fewer than `num_class_images` are given).
-    """
-    from services.training.trainers.engine import train  # heavy imports (torch, diffusers) stay lazy
-
-    return train(
-        config,
-        base_model_dir=base_model_dir,
-        images=images,
-        work_dir=work_dir,
-        callbacks=callbacks,
-        resume_dir=resume_dir,
-        device=device,
-        class_images=class_images or [],
-    )

@@ -320,17 +320,25 @@ class TrainingRun:
         )
 
 
-def train(
+def run_training(
     config: TrainConfig,
     *,
     base_model_dir: Path,
     images: list[TrainImage],
     work_dir: Path,
     callbacks: TrainerCallbacks,
-    resume_dir: Path | None,
-    device: str,
-    class_images: list[TrainImage],
+    resume_dir: Path | None = None,
+    device: str = "cpu",
+    class_images: list[TrainImage] | None = None,
 ) -> TrainResult:
+    """Train `config.method` on `images` and write the artifact under `work_dir`.
+
+    `resume_dir` is a directory previously handed to `callbacks.save_checkpoint`; the run
+    continues from its step with the same RNG streams, so the result equals an uninterrupted
+    run. `class_images` are prior-preservation images (generated with the base model when
+    prior preservation is on and fewer than `num_class_images` are given). Importing this
+    module imports torch and diffusers: API-only processes never do.
+    """
     run = TrainingRun(
         config,
         base_model_dir=base_model_dir,
@@ -339,6 +347,6 @@ def train(
         callbacks=callbacks,
         resume_dir=resume_dir,
         device=device,
-        class_images=class_images,
+        class_images=class_images or [],
     )
     return run.run()
