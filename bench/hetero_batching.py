@@ -7,6 +7,9 @@ Arms (one engine each, one process, interleaved rounds, medians of a round's wal
   one-lora-fast 8 requests on one LoRA, batched, exact_batching=false (merged, one forward)
   per-request   8 requests, 8 LoRAs, max batch 1: one pipeline call per request (the loop a
                 replica ran before: different LoRAs never shared a batch)
+  stream-hetero / stream-one  the same two workloads on the step-level scheduler
+                (continuous_batching, exact_batching=false): hooks built once per running-set
+                composition instead of once per batch, one UNet forward per step
 
 Targets: hetero >= 0.9x the throughput of one LoRA batched together; the speed-up over the
 per-request loop is reported.
@@ -63,19 +66,22 @@ def main() -> None:
             "one-lora-fast": EngineHandle(loop, settings_for(tmp, pipeline_dir, "fast", **batched), registry,
                                           exact_batching=False),
             "per-request": EngineHandle(loop, settings_for(tmp, pipeline_dir, "loop"), registry),
+            **{arm: EngineHandle(loop, settings_for(tmp, pipeline_dir, arm, continuous_batching=True, **batched),
+                                 registry, exact_batching=False) for arm in ("stream-hetero", "stream-one")},
         }
         specs = [AdapterSpec(n, None, None, 1.0, "x") for n in names]
         for handle in engines.values():
-            loop.run(handle.engine.preload(TENANT, "tiny", specs[:1] if handle is engines["one-lora"] else specs))
+            one = handle in (engines["one-lora"], engines["stream-one"])
+            loop.run(handle.engine.preload(TENANT, "tiny", specs[:1] if one else specs))
         mixed = [request([(names[i], 1.0)], steps=args.steps, seed=i, size=args.size) for i in range(N)]
         single = [request([(names[0], 1.0)], steps=args.steps, seed=i, size=args.size) for i in range(N)]
         work = {"hetero": mixed, "hetero-fast": mixed, "one-lora": single, "one-lora-fast": single,
-                "per-request": mixed}
+                "per-request": mixed, "stream-hetero": mixed, "stream-one": single}
         arms = {name: (lambda h=engines[name], r=work[name]: h.generate_many(r)) for name in engines}
         for fn in arms.values():
             fn()  # warm-up
         ms = interleaved(arms, args.rounds)
-        paths = {name: dict(h.engine.runner.paths) for name, h in engines.items()}
+        paths = {name: dict(h.engine.runner.paths) | dict(h.engine.stepper.paths) for name, h in engines.items()}
         for handle in engines.values():
             handle.close()
         loop.stop()
@@ -91,6 +97,14 @@ def main() -> None:
             baseline_value=rps["one-lora"], target=">= 0.9x", ok=rps["hetero"] >= 0.9 * rps["one-lora"]),
         Row("hetero vs per-request loop (speed-up)", rps["hetero"], unit="/s", baseline="per-request",
             baseline_value=rps["per-request"], target="report"),
+        Row("one LoRA, step loop (one forward per step)", rps["stream-one"], unit="/s"),
+        Row("step loop, 8 LoRAs vs one LoRA", rps["stream-hetero"], unit="/s", baseline="stream-one",
+            baseline_value=rps["stream-one"], target=">= 0.9x", ok=rps["stream-hetero"] >= 0.9 * rps["stream-one"]),
+        Row("step loop 8 LoRAs vs one LoRA batched (one forward, pipeline)", rps["stream-hetero"], unit="/s",
+            baseline="one-lora-fast", baseline_value=rps["one-lora-fast"], target=">= 0.9x",
+            ok=rps["stream-hetero"] >= 0.9 * rps["one-lora-fast"]),
+        Row("step loop 8 LoRAs vs per-request loop (speed-up)", rps["stream-hetero"], unit="/s",
+            baseline="per-request", baseline_value=rps["per-request"], target="report"),
     ])
     print(f"paths taken: {paths}")
 

@@ -227,7 +227,7 @@ class Stepper:
         unet = [m for m in self._device.mergers.for_pipeline(pipe) if m.prefix in UNET_PREFIXES]
         mixes = {s.mix for s in group}
         names = {n for mix in mixes for n, _w in mix}
-        path = "merged" if len(mixes) == 1 else "hetero" if supported(unet, names) else "per-mix"
+        path = "merged" if len(mixes) == 1 else "hetero" if self._plain(key, group, unet, names) else "per-mix"
         self.paths[path] += 1
         if path == "merged":
             for merger in unet:
@@ -245,6 +245,13 @@ class Stepper:
                 for merger in unet:
                     merger.apply(mix)
                 self._denoise(pipe, [s for s in group if s.mix == mix])
+
+    def _plain(self, key: Hashable, group: list[RowState], unet: list[LoraMerger], names: set[str]) -> bool:
+        """supported() walks every layer: asked once per composition (cached hooks mean yes)."""
+        cached = self._hooks.get(key)
+        if cached is not None and cached[0] == tuple((id(s), s.rows, s.mix) for s in group):
+            return True
+        return supported(unet, names)
 
     def _group_hooks(self, key: Hashable, group: list[RowState], unet: list[LoraMerger]) -> list[Any]:
         composition = tuple((id(s), s.rows, s.mix) for s in group)
