@@ -10,7 +10,7 @@ from grpc import aio
 
 from atelier import ids
 from atelier.errors import from_grpc_error
-from atelier.refs import ROUTING_HEADER, AdapterSpec, routing_value
+from atelier.refs import ROUTING_HEADER, WeightedAdapterLike, routing_value
 from atelier.requests import (
     GenerationResult,
     ImageInput,
@@ -109,7 +109,7 @@ class AsyncClient:
         response = await self.call(self.training.CancelTrainingJob, request)
         return response.job  # type: ignore[no-any-return]
 
-    async def generate(self, prompt: str, *, base_model: str, adapters: list[AdapterSpec] | None = None,
+    async def generate(self, prompt: str, *, base_model: str, adapters: list[WeightedAdapterLike] | None = None,
                        timeout: float | None = None, **options: Any) -> GenerationResult:
         spec = generation_spec(prompt, base_model=base_model, adapters=adapters, **options)
         routing = routing_value(list(spec.adapters))

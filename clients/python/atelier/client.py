@@ -14,7 +14,7 @@ import grpc
 
 from atelier import ids
 from atelier.errors import AtelierRpcError, RetryableError, from_grpc_error
-from atelier.refs import ROUTING_HEADER, AdapterLike, AdapterSpec, routing_value
+from atelier.refs import ROUTING_HEADER, AdapterLike, WeightedAdapterLike, routing_value
 from atelier.requests import (
     GenerationResult,
     ImageInput,
@@ -156,7 +156,7 @@ class Client:
         return JobHandle(self, response.job)
 
     # --- generation -------------------------------------------------------------------
-    def generate(self, prompt: str, *, base_model: str, adapters: list[AdapterSpec] | None = None,
+    def generate(self, prompt: str, *, base_model: str, adapters: list[WeightedAdapterLike] | None = None,
                  timeout: float | None = None, **options: Any) -> GenerationResult:
         """Generate images; adapters like `["dog@2=0.8", ("style", 0.5)]`."""
         spec = generation_spec(prompt, base_model=base_model, adapters=adapters, **options)
@@ -166,7 +166,7 @@ class Client:
         )
         return GenerationResult.from_proto(response)
 
-    def generate_stream(self, prompt: str, *, base_model: str, adapters: list[AdapterSpec] | None = None,
+    def generate_stream(self, prompt: str, *, base_model: str, adapters: list[WeightedAdapterLike] | None = None,
                         timeout: float | None = None,
                         **options: Any) -> Iterator[inference_pb2.GenerationProgress | GenerationResult]:
         """Progress events per denoising step, then one GenerationResult."""

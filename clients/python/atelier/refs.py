@@ -37,11 +37,14 @@ def format_ref(ref: common_pb2.AdapterRef) -> str:
     return ref.name
 
 
+# What names one adapter (registry calls) ...
 AdapterLike = str | common_pb2.AdapterVersion | common_pb2.Adapter
-AdapterSpec = AdapterLike | tuple[AdapterLike, float] | inference_pb2.AdapterWeight
+# ... and what `generate(adapters=[...])` takes: an adapter with an optional weight. The server's
+# parsed form of one such entry is services.inference.types.AdapterSpec (a different layer).
+WeightedAdapterLike = AdapterLike | tuple[AdapterLike, float] | inference_pb2.AdapterWeight
 
 
-def to_adapter_weights(adapters: list[AdapterSpec] | None) -> list[inference_pb2.AdapterWeight]:
+def to_adapter_weights(adapters: list[WeightedAdapterLike] | None) -> list[inference_pb2.AdapterWeight]:
     """Accept strings (`"dog@2=0.8"`), AdapterVersion/Adapter objects (weight 1), (ref or
     object, weight) pairs or ready protos; anything else is a TypeError naming the item."""
     result = []

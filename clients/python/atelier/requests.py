@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 
 from atelier import ids
-from atelier.refs import AdapterSpec, to_adapter_weights
+from atelier.refs import WeightedAdapterLike, to_adapter_weights
 from atelier.train_choices import set_lr_scheduler, set_optimizer
 from atelier_api.v1 import common_pb2, inference_pb2, training_pb2
 
@@ -166,7 +166,7 @@ def generation_spec(
     prompt: str,
     *,
     base_model: str,
-    adapters: list[AdapterSpec] | None = None,
+    adapters: list[WeightedAdapterLike] | None = None,
     negative_prompt: str = "",
     num_images: int = 1,
     steps: int = 0,

@@ -56,7 +56,7 @@ class Batch:
 
 
 @dataclass
-class Batcher:
+class MicroBatchSampler:
     """Draws instance (and class) samples, their latents, noise and timesteps for one micro-batch."""
 
     config: TrainConfig

@@ -24,7 +24,7 @@ import torch
 from services.common.model_loading import MODEL_LOAD_LOCK
 from services.training.trainers import checkpoint as ckpt
 from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult
-from services.training.trainers.batches import Batcher, PromptEncoder
+from services.training.trainers.batches import MicroBatchSampler, PromptEncoder
 from services.training.trainers.cache import LatentCache
 from services.training.trainers.captions import CaptionBuilder
 from services.training.trainers.config import TrainConfig
@@ -129,7 +129,7 @@ class TrainingRun:
             self.method = METHODS[config.method](config, self.comps)
         if config.gradient_checkpointing:
             self.method.enable_gradient_checkpointing()
-        self.batcher = self._build_batcher(images)
+        self.sampler = self._build_sampler(images)
         self._release_frozen_encoders()
         self.opt = build_optimisation(config, self.method, self.comps)
         self.start_step = 0
@@ -139,7 +139,7 @@ class TrainingRun:
         else:
             self.extra["eval_loss_initial"] = self._eval_loss()
 
-    def _build_batcher(self, images: list[TrainImage]) -> Batcher:
+    def _build_sampler(self, images: list[TrainImage]) -> MicroBatchSampler:
         c = self.config
         instance = build_views([i.path for i in images], self.resolution, c.center_crop, c.random_flip)
         captions = CaptionBuilder(
@@ -162,7 +162,7 @@ class TrainingRun:
         encoder = PromptEncoder(self.comps, cached=not self.method.text_encoder_in_graph,
                                 open_ended=captions.open_ended)
         encoder.warm(captions.variants() + class_prompts)
-        return Batcher(
+        return MicroBatchSampler(
             config=c,
             instance=instance,
             instance_cache=inst_cache,
@@ -183,7 +183,7 @@ class TrainingRun:
         if self.config.validation_prompts:
             return
         self.comps.vae = None
-        if not self.method.text_encoder_in_graph and not self.batcher.encoder.open_ended:
+        if not self.method.text_encoder_in_graph and not self.sampler.encoder.open_ended:
             self.comps.text_encoder = None
         gc.collect()
 
@@ -200,7 +200,7 @@ class TrainingRun:
         log.info("resumed %s at step %d", self.config.method, state.step)
 
     def _eval_loss(self) -> float:
-        b = self.batcher
+        b = self.sampler
         return fixed_denoising_loss(self.comps, b.instance_cache, b.eval_views(), b.eval_embeddings())
 
     def step(self, step: int) -> float:
@@ -208,7 +208,7 @@ class TrainingRun:
         c, o, comps = self.config, self.opt, self.comps
         total = torch.zeros((), device=comps.device)
         for micro in range(c.gradient_accumulation_steps):
-            b = self.batcher.batch(step, micro)
+            b = self.sampler.batch(step, micro)
             with comps.autocast():
                 pred = comps.unet(b.noisy, b.timesteps, b.embeddings).sample
             loss, _ = diffusion_loss(
@@ -295,7 +295,7 @@ class TrainingRun:
             "wall_seconds": wall,
             "steps_per_second": ran / wall if wall > 0 else 0.0,
             "resumed_from_step": float(self.start_step),
-            "num_images": float(len(self.batcher.instance_prompts)),
+            "num_images": float(len(self.sampler.instance_prompts)),
             "resolution": float(self.resolution),
             **self.extra,
         }
