@@ -21,8 +21,8 @@ from atelier.cli.context import root_callback
 from atelier_api.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common.config import Settings
 from services.registry.registry import Registry
-from services.registry.store import open_store
 from services.registry.servicer import registry_bindings
+from services.registry.store import open_store
 from tests.fixtures.grpc_servers import ServerThread, loopback_settings
 from tests.fixtures.s3 import write_fake_pipeline
 from tests.unit.test_interop_fixtures import generate, load_pipe, write_kohya

@@ -15,8 +15,8 @@ from grpc_status import rpc_status
 from atelier_api.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common.config import Settings
 from services.registry.registry import Registry
-from services.registry.store import REGISTRY_UNAVAILABLE, open_store
 from services.registry.servicer import registry_bindings
+from services.registry.store import REGISTRY_UNAVAILABLE, open_store
 from tests.fixtures.grpc_servers import ServerThread, bearer, loopback_settings
 from tests.fixtures.s3 import MotoServer, make_s3_settings, write_fake_pipeline, write_lora
 
