@@ -15,8 +15,8 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from http.server import HTTPServer
 from threading import Thread
@@ -109,6 +109,21 @@ def configure_logging(settings: Settings, stream: Any = None) -> logging.Handler
     return handler
 
 
+@contextmanager
+def timed_outcome(finish: Callable[[BaseException | None, float], None]) -> Iterator[None]:
+    """Run the block, then always call `finish(error, seconds)`: what it raised (None when it
+    returned) and how long it took. The error still propagates."""
+    started = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        finish(error, time.perf_counter() - started)
+
+
 class RequestIdInterceptor(GuardInterceptor):
     """Outermost interceptor: sets the request id, echoes it, logs one line per RPC."""
 
@@ -118,21 +133,18 @@ class RequestIdInterceptor(GuardInterceptor):
         request_id = _clean_request_id(metadata_value(context, REQUEST_ID_KEY))
         token = _request_id.set(request_id)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        started = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            yield
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
+
+        def finish(error: BaseException | None, seconds: float) -> None:
             code = status_code_of(context, error)
             # Probes and reflection would drown the access log; they stay visible at DEBUG.
             level = logging.DEBUG if is_infrastructure_method(details.method) else logging.INFO
             log.log(level, "rpc", extra={"rpc_method": details.method, "grpc_code": code.name,
-                                   "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+                                         "duration_ms": round(seconds * 1000, 2)})
             with suppress(ValueError):  # a stream finished in another context: nothing to restore
                 _request_id.reset(token)
+
+        with timed_outcome(finish):
+            yield
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -175,16 +187,13 @@ class MetricsInterceptor(GuardInterceptor):
         method = details.method
         gauge = self.metrics.in_flight.labels(method)
         gauge.inc()
-        started = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            yield
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
+
+        def finish(error: BaseException | None, seconds: float) -> None:
             gauge.dec()
-            self.metrics.observe(method, status_code_of(context, error), time.perf_counter() - started)
+            self.metrics.observe(method, status_code_of(context, error), seconds)
+
+        with timed_outcome(finish):
+            yield
 
 
 @dataclass
