@@ -30,6 +30,16 @@ metadata = sa.MetaData()
 # Integer primary keys autoincrement as BIGINT on PostgreSQL, INTEGER (rowid) on SQLite.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
+
+def _job_child_keys() -> tuple[sa.Column[Any], sa.Column[Any]]:
+    """The keys of a table whose rows belong to one job: its own autoincrement id, and the job's
+    id (the rows go when the job does). New columns each call: a Column belongs to one table."""
+    return (
+        sa.Column("id", BigId, primary_key=True, autoincrement=True),
+        sa.Column("job_id", sa.String(64), sa.ForeignKey(f"{JOBS_TABLE}.id", ondelete="CASCADE"), nullable=False),
+    )
+
+
 jobs = sa.Table(
     JOBS_TABLE,
     metadata,
@@ -71,13 +81,7 @@ jobs = sa.Table(
 events = sa.Table(
     EVENTS_TABLE,
     metadata,
-    sa.Column("id", BigId, primary_key=True, autoincrement=True),
-    sa.Column(
-        "job_id",
-        sa.String(64),
-        sa.ForeignKey(f"{JOBS_TABLE}.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    *_job_child_keys(),
     sa.Column("created_at", sa.Double(), nullable=False),
     # "state" (a transition), "progress" (step/loss/lr/eta), "validation", "published".
     sa.Column("kind", sa.String(16), nullable=False),
@@ -97,13 +101,7 @@ events = sa.Table(
 webhook_deliveries = sa.Table(
     WEBHOOKS_TABLE,
     metadata,
-    sa.Column("id", BigId, primary_key=True, autoincrement=True),
-    sa.Column(
-        "job_id",
-        sa.String(64),
-        sa.ForeignKey(f"{JOBS_TABLE}.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    *_job_child_keys(),
     sa.Column("idempotency_key", sa.String(128), nullable=False),
     sa.Column("url", sa.String(2048), nullable=False),
     sa.Column("body", sa.Text(), nullable=False),
