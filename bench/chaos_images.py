@@ -3,7 +3,7 @@ init_image / mask_image.
 
 Each image has an expected verdict. "refuse": INVALID_ARGUMENT whose BadRequest names the
 image's field (images[0], spec.init_image, spec.mask_image). "accept": the call succeeds
-(CMYK and 16-bit greyscale are converted, see services/training/datasets.convert_pixels; an
+(CMYK and 16-bit greyscale are converted, see services/common/images.convert_pixels; an
 animated PNG/WebP uses its first frame; EXIF and trailing bytes after the image are ignored).
 Either way the server stays SERVING and a refused upload stores nothing; a dataset of all the
 accepted images trains (2 steps) to SUCCEEDED.

@@ -1,6 +1,6 @@
 """GenerationSpec.init_image / strength / mask_image -> decoded images for img2img and inpainting.
 
-Decoding reuses the dataset upload checks (`services.training.datasets.decode_image`): PNG, JPEG
+Decoding reuses the dataset upload checks (`services.common.images.decode_image`): PNG, JPEG
 or WebP only, the decompression-bomb guard read from the header before any pixel is decoded,
 truncated data refused. The guard here is the smaller of `max_image_pixels` and
 `max_image_side`², since nothing larger could be served anyway.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from atelier_api.v1 import inference_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
-from services.training.datasets import convert_pixels, decode_image
+from services.common.images import convert_pixels, decode_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PilImage

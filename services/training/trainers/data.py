@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from services.training.datasets import convert_pixels
+from services.common.images import convert_pixels
 
 MAX_CROP_POSITIONS = 8
 
