@@ -15,9 +15,9 @@ from pathlib import Path
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
 from services.registry.adapter_import import LocalBaseModels, resolve_base_model
 from services.registry.interop import EXPORT_FORMATS, BaseModelShapes
-from services.registry.interop.api import LORA_FILE, TI_FILE, export_dreambooth, export_embedding, export_lora
+from services.registry.interop.api import export_dreambooth, export_embedding, export_lora
 from services.registry.interop.dreambooth import TRAINABLE
-from services.registry.manifests import AdapterManifest
+from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE, AdapterManifest
 from services.registry.registry import Registry
 
 _SUFFIX = {"diffusers": ".zip", "checkpoint": ".safetensors"}
@@ -41,11 +41,11 @@ def export_adapter(
     title = manifest.name
     trigger = manifest.trigger_tokens[0] if manifest.trigger_tokens else ""
     if manifest.kind == "LORA":
-        stored = _download(registry, manifest, LORA_FILE, dest_dir)
+        stored = _download(registry, manifest, LORA_WEIGHTS_FILE, dest_dir)
         return export_lora(stored, shapes, fmt, dest_dir / f"{title}.safetensors", title,
                            manifest.description, trigger)
     if manifest.kind == "TEXTUAL_INVERSION":
-        stored = _download(registry, manifest, TI_FILE, dest_dir)
+        stored = _download(registry, manifest, TI_EMBEDS_FILE, dest_dir)
         return export_embedding(stored, shapes, fmt, dest_dir / f"{title}.safetensors", title, trigger)
     trained = dest_dir / "trained"
     for record in manifest.files:

@@ -28,11 +28,11 @@ from safetensors.torch import load_file, save_file
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.registry.interop import BaseModelShapes, detect, import_file, read_header
-from services.registry.interop.api import LORA_FILE, TI_FILE, check_hints
+from services.registry.interop.api import check_hints
 from services.registry.interop.detect import FMT_DIFFUSERS, KIND_LORA, Detection
 from services.registry.interop.shapes import CONFIG_FILES
 from services.registry.interop.textual_inversion import MAX_VECTORS, check_token
-from services.registry.manifests import AdapterKindName, AdapterManifest
+from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE, AdapterKindName, AdapterManifest
 from services.registry.names import parse_base_ref, validate_name
 from services.registry.registry import Registry
 from services.registry.safety import refuse_non_finite
@@ -138,15 +138,15 @@ def _store_as_is(
         )
     summary: dict[str, object] = {"variant": det.variant, "filename": filename, "validated": False}
     if det.kind == KIND_LORA:
-        return det.kind, det.source_format, {LORA_FILE: path}, [], summary
+        return det.kind, det.source_format, {LORA_WEIGHTS_FILE: path}, [], summary
     tensors = load_file(str(path))
     key, value = next(iter(tensors.items()))
     if value.ndim == 2 and not 1 <= value.shape[0] <= MAX_VECTORS:
         raise InvalidInput("file", f"embedding has {value.shape[0]} vectors; 1..{MAX_VECTORS} allowed")
     token = trigger_token or check_token(key, "file")
-    out = work / TI_FILE
+    out = work / TI_EMBEDS_FILE
     if token == key:
         shutil.copyfile(path, out)
     else:
         save_file({token: value}, str(out))
-    return det.kind, det.source_format, {TI_FILE: out}, [token], summary
+    return det.kind, det.source_format, {TI_EMBEDS_FILE: out}, [token], summary

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.registry.interop import export_lora, import_file
-from services.registry.interop.api import LORA_FILE, read_metadata
+from services.registry.interop.api import read_metadata
 from services.registry.interop.shapes import BaseModelShapes
+from services.registry.manifests import LORA_WEIGHTS_FILE
 from tests.unit import test_interop_fixtures as fx
 from tests.unit.test_interop_fixtures import generate, load_pipe, write_kohya
 
@@ -33,7 +34,7 @@ def _import(src: Path, shapes: BaseModelShapes, tmp: Path, **hints: str) -> Path
     work.mkdir(exist_ok=True)
     result = import_file(src, src.name, shapes, work, **hints)
     assert result.kind == "LORA"
-    return result.files[LORA_FILE]
+    return result.files[LORA_WEIGHTS_FILE]
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
@@ -48,15 +49,15 @@ def test_kohya_import_matches_diffusers_bit_exact(arch: str, request: pytest.Fix
     result = import_file(kohya, kohya.name, shapes, work)
     assert (result.kind, result.source_format) == ("LORA", "kohya")
     assert result.variant == ("sgm" if arch == "sdxl" else "diffusers-names")
-    assert set(result.files) == {LORA_FILE, "original/civitai_lora.safetensors"}
+    assert set(result.files) == {LORA_WEIGHTS_FILE, "original/civitai_lora.safetensors"}
     assert result.details["rank"] == 4 and result.details["source_alpha"] == 1.0
 
     plain = generate(load_pipe(base))
     reference = _image_with(base, kohya)  # diffusers' own kohya conversion
-    ours = _image_with(base, result.files[LORA_FILE])
+    ours = _image_with(base, result.files[LORA_WEIGHTS_FILE])
     assert np.abs(reference - plain).max() > 1e-3, "the LoRA must visibly change the image"
     assert np.array_equal(ours, reference)
-    stored = load_file(str(result.files[LORA_FILE]))
+    stored = load_file(str(result.files[LORA_WEIGHTS_FILE]))
     downs = [t for k, t in stored.items() if k.endswith("lora_A.weight")]
     assert all(t.dtype == torch.float16 for t in downs), "lora_A is never re-cast"
     # lora_B carries the folded 1/4 scale: float16 where that is lossless, else float32.
@@ -158,7 +159,7 @@ def test_diffusers_peft_import_matches_original(
     assert (result.source_format, result.variant) == ("diffusers", "peft")
     assert result.details["source_alpha"] == 2.0
     reference = _image_with(tiny_random_pipeline_dir, src)
-    assert np.array_equal(_image_with(tiny_random_pipeline_dir, result.files[LORA_FILE]), reference)
+    assert np.array_equal(_image_with(tiny_random_pipeline_dir, result.files[LORA_WEIGHTS_FILE]), reference)
 
 
 def test_diffusers_old_layout_import_matches_original(

@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from services.common.errors import FailedPrecondition
 from services.registry.interop import export_embedding, import_file
-from services.registry.interop.api import TI_FILE, read_metadata
+from services.registry.interop.api import read_metadata
 from services.registry.interop.shapes import BaseModelShapes
+from services.registry.manifests import TI_EMBEDS_FILE
 from tests.unit import test_interop_fixtures as fx
 from tests.unit.test_interop_fixtures import generate, load_pipe
 
@@ -35,7 +36,7 @@ def _import(src: Path, shapes: BaseModelShapes, tmp: Path, token: str = "") -> t
     work.mkdir(exist_ok=True)
     result = import_file(src, src.name, shapes, work, trigger_token=token)
     assert result.kind == "TEXTUAL_INVERSION"
-    return result.files[TI_FILE], result.trigger_tokens, result.source_format
+    return result.files[TI_EMBEDS_FILE], result.trigger_tokens, result.source_format
 
 
 def _sd1_image(base: Path, embeds: Path, token: str, prompt: str = PROMPT) -> np.ndarray:

@@ -19,8 +19,10 @@ from safetensors.torch import load_file, save_file
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.registry.interop.detect import (
     FMT_A1111,
+    FMT_CHECKPOINT,
     FMT_DIFFUSERS,
     FMT_KOHYA,
+    KIND_DREAMBOOTH,
     KIND_LORA,
     KIND_TI,
     detect,
@@ -32,12 +34,9 @@ from services.registry.interop.kohya import export_kohya, import_kohya
 from services.registry.interop.lora_layout import ModuleLora, load_stored, save_stored
 from services.registry.interop.shapes import BaseModelShapes
 from services.registry.interop.textual_inversion import choose_token, export_a1111, import_embedding
+from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-TI_FILE = "learned_embeds.safetensors"
 ORIGINAL_DIR = "original"
-FMT_CHECKPOINT = "checkpoint"
-KIND_DREAMBOOTH = "DREAMBOOTH"
 EXPORT_FORMATS = (FMT_DIFFUSERS, FMT_KOHYA, FMT_A1111, FMT_CHECKPOINT)
 
 
@@ -96,13 +95,13 @@ def import_file(
         mods = import_kohya(tensors, shapes) if det.source_format == FMT_KOHYA else normalise(
             tensors, header.metadata, shapes
         )
-        save_stored(mods, workdir / LORA_FILE)
-        files[LORA_FILE] = workdir / LORA_FILE
+        save_stored(mods, workdir / LORA_WEIGHTS_FILE)
+        files[LORA_WEIGHTS_FILE] = workdir / LORA_WEIGHTS_FILE
         return Imported(KIND_LORA, det.source_format, det.variant, files, [], lora_details(mods))
     token = choose_token(trigger_token, tensors, header.metadata, filename or path.name)
     stored, vectors = import_embedding(tensors, shapes, token)
-    save_file(stored, str(workdir / TI_FILE))
-    files[TI_FILE] = workdir / TI_FILE
+    save_file(stored, str(workdir / TI_EMBEDS_FILE))
+    files[TI_EMBEDS_FILE] = workdir / TI_EMBEDS_FILE
     details = {"vectors": vectors, "text_encoders": 2 if len(stored) == 2 else 1}
     return Imported(KIND_TI, det.source_format, det.variant, files, [token], details)
 

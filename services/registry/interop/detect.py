@@ -22,10 +22,12 @@ FIELD = "file"
 
 KIND_LORA = "LORA"
 KIND_TI = "TEXTUAL_INVERSION"
+KIND_DREAMBOOTH = "DREAMBOOTH"
 
 FMT_DIFFUSERS = "diffusers"
 FMT_KOHYA = "kohya"
 FMT_A1111 = "a1111"
+FMT_CHECKPOINT = "checkpoint"  # a single-file (LDM) checkpoint: DreamBooth export only
 
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"})
 MAX_HEADER_BYTES = 100 * 1024 * 1024

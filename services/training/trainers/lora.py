@@ -20,12 +20,11 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from services.common.errors import InvalidInput
+from services.registry.manifests import LORA_WEIGHTS_FILE
 from services.training.trainers.config import TrainConfig
 from services.training.trainers.lora_compute import use_merged_compute
 from services.training.trainers.method import MethodTrainer
 from services.training.trainers.models import Components
-
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 class LoraTrainer(MethodTrainer):
@@ -111,4 +110,4 @@ class LoraTrainer(MethodTrainer):
             text_encoder_lora_adapter_metadata=text_meta,
             safe_serialization=True,
         )
-        return {WEIGHT_NAME: out_dir / WEIGHT_NAME}
+        return {LORA_WEIGHTS_FILE: out_dir / LORA_WEIGHTS_FILE}

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 from services.common.errors import InvalidInput
+from services.registry.manifests import TI_EMBEDS_FILE
 from services.training.trainers.config import TrainConfig, is_existing_token
 from services.training.trainers.method import MethodTrainer
 from services.training.trainers.models import Components
 
-WEIGHT_NAME = "learned_embeds.safetensors"
 _F = "spec.textual_inversion."
 
 
@@ -75,6 +75,6 @@ class TextualInversionTrainer(MethodTrainer):
 
     def save_artifact(self, out_dir: Path) -> dict[str, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / WEIGHT_NAME
+        path = out_dir / TI_EMBEDS_FILE
         save_file({self.config.placeholder_token: self.vectors.detach().float().cpu().contiguous()}, str(path))
-        return {WEIGHT_NAME: path}
+        return {TI_EMBEDS_FILE: path}
