@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,7 +42,30 @@ class FileRecord(_Doc):
     size: int
 
 
-class AdapterManifest(_Doc):
+class _VersionedFiles:
+    """What an immutable `name@version` manifest of files offers (adapters, base models).
+
+    The fields belong to each subclass, in its own order (the serialised bytes, hence the
+    digest, depend on it), so they are declared here only for the type checker.
+    """
+
+    if TYPE_CHECKING:
+        name: str
+        version: int
+        files: list[FileRecord]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def ref(self) -> str:
+        """`name@version`: pinned (what a job records so every attempt uses these bytes) and
+        human-readable (error messages, logs)."""
+        return f"{self.name}@{self.version}"
+
+
+class AdapterManifest(_VersionedFiles, _Doc):
     """An immutable adapter version: adapters/<tenant>/<name>/versions/<n>.json."""
 
     tenant: str
@@ -61,15 +84,6 @@ class AdapterManifest(_Doc):
     created_at: datetime = Field(default_factory=utc_now)
     # sha256 of the stored document; filled in on read, never serialised.
     manifest_digest: str = Field(default="", exclude=True)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    @property
-    def ref(self) -> str:
-        """Human-readable reference used in error messages and logs."""
-        return f"{self.name}@{self.version}"
 
     def file(self, path: str) -> FileRecord | None:
         return next((f for f in self.files if f.path == path), None)
@@ -119,7 +133,7 @@ class DatasetManifest(_Doc):
     created_at: datetime = Field(default_factory=utc_now)
 
 
-class BaseModelManifest(_Doc):
+class BaseModelManifest(_VersionedFiles, _Doc):
     """An immutable base-model version: base-models/<name>/versions/<n>.json.
 
     Legacy registries hold base-models/<name>/manifest.json without a version: it reads as 1.
@@ -132,15 +146,6 @@ class BaseModelManifest(_Doc):
     files: list[FileRecord]
     description: str = ""
     created_at: datetime = Field(default_factory=utc_now)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    @property
-    def ref(self) -> str:
-        """The pinned reference `name@version` (what a job records so every attempt uses these bytes)."""
-        return f"{self.name}@{self.version}"
 
 
 class CheckpointManifest(_Doc):
