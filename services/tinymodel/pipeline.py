@@ -30,18 +30,28 @@ SCHEDULE = {
     "steps_offset": 1,
 }
 
+_LEVEL_CHANNELS = (32, 64)  # the VAE's and the UNet's levels: two, 32 then 64 channels wide
+
+
+def _levels(down_block: str, up_block: str) -> dict[str, Any]:
+    """The level structure the VAE and the UNet share: one block of each type per level, one
+    layer per block, 32 norm groups."""
+    return {
+        "down_block_types": (down_block,) * len(_LEVEL_CHANNELS),
+        "up_block_types": (up_block,) * len(_LEVEL_CHANNELS),
+        "block_out_channels": _LEVEL_CHANNELS,
+        "layers_per_block": 1,
+        "norm_num_groups": 32,
+    }
+
 
 def make_vae(resolution: int = RESOLUTION, scaling_factor: float = 1.0) -> AutoencoderKL:
     """A two-level KL autoencoder: 32 px RGB <-> 16x16x4 latents (downsampling factor 2)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **_levels("DownEncoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
-        norm_num_groups=32,
         sample_size=resolution,
         scaling_factor=scaling_factor,
     )
@@ -53,13 +63,9 @@ def make_unet(resolution: int = RESOLUTION) -> UNet2DConditionModel:
         sample_size=resolution // 2,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **_levels("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=4,
         cross_attention_dim=TEXT_HIDDEN,
-        norm_num_groups=32,
     )
 
 
