@@ -66,6 +66,15 @@ class ValidationPreview:
     prompt: str
     png: bytes
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-safe form the event log stores (PNG bytes base64-encoded)."""
+        return {"step": self.step, "prompt": self.prompt, "png_b64": base64.b64encode(self.png).decode()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ValidationPreview:
+        """Read back what `to_json` wrote."""
+        return cls(int(data["step"]), str(data["prompt"]), base64.b64decode(data["png_b64"]))
+
 
 @dataclass(frozen=True)
 class JobEvent:
@@ -99,20 +108,12 @@ class JobEvent:
 
     @property
     def previews(self) -> list[ValidationPreview]:
-        return [
-            ValidationPreview(int(p["step"]), str(p["prompt"]), base64.b64decode(p["png_b64"]))
-            for p in self.payload.get("images", [])
-        ]
+        return [ValidationPreview.from_json(p) for p in self.payload.get("images", [])]
 
 
 def previews_payload(previews: list[ValidationPreview]) -> dict[str, Any]:
     """JSON-safe form of validation previews for the event log."""
-    return {
-        "images": [
-            {"step": p.step, "prompt": p.prompt, "png_b64": base64.b64encode(p.png).decode()}
-            for p in previews
-        ]
-    }
+    return {"images": [p.to_json() for p in previews]}
 
 
 @dataclass(frozen=True)
