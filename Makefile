@@ -7,11 +7,13 @@ PROTO_OUT := api/python
 
 .PHONY: install proto proto-check lint typecheck test bench demo deploy-check browser clean
 
-$(STAMP): pyproject.toml
+# Three distributions, installed editable together: atelier-api (stubs), atelier (SDK + CLI), and
+# atelier-server (this directory), whose dependencies name the other two.
+$(STAMP): pyproject.toml api/python/pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e ./api/python -e './clients/python[demo]' -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check services clients tests bench tools
 	$(BIN)/buf lint
 	$(BIN)/mypy services clients/python/atelier
+	$(BIN)/lint-imports
 
 deploy-check: $(STAMP)
 	$(BIN)/python tools/deploy_check.py

@@ -1,4 +1,4 @@
-"""`atelier registry ...`: maintenance that runs directly on the registry named by ATELIER_* settings.
+"""`atelier registry gc`: maintenance that runs directly on the registry named by ATELIER_* settings.
 
 Like `serve` and `base-model create-tiny`, these commands talk to the object store itself
 (ATELIER_REGISTRY_URL, S3 settings), not to a server over gRPC: garbage collection is an
@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Registry maintenance on the configured store (no server needed).")
 
-
-@app.command("gc")
 def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be deleted; delete nothing."),
     grace_seconds: float = typer.Option(

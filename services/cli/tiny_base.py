@@ -1,4 +1,4 @@
-"""`atelier base-model ...`: build, pretrain and install the tiny Stable Diffusion base model.
+"""`atelier base-model create-tiny|pretrain-tiny`: build, pretrain and install the tiny SD base model.
 
 These commands work on local folders (and the registry named by ATELIER_* settings), not over
 gRPC: they are how a fresh checkout gets a base model without downloading anything.
@@ -11,15 +11,12 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Base models: create the tiny SD pipeline, pretrain it.")
-
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
-@app.command("create-tiny")
 def create_tiny(
     random: bool = typer.Option(False, "--random", help="Random-initialised weights instead of the pretrained asset."),
     out: Path = typer.Option(None, help="Pipeline folder [default: <data_dir>/base-models/<name>]."),
@@ -58,7 +55,6 @@ def create_tiny(
         raise _fail(error.message) from None
 
 
-@app.command("pretrain-tiny")
 def pretrain_tiny(
     out: Path = typer.Option(None, help="Output pipeline folder [default: the packaged tiny-sd asset]."),
     seed: int = typer.Option(0, help="Seed of the initial weights and of the data stream."),

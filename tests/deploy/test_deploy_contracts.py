@@ -160,4 +160,12 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     for sources in copied:
         assert set(sources.split()) <= allowed, sources
+        assert all((ROOT / source).exists() for source in sources.split()), sources
+
+
+def test_image_installs_all_three_distributions() -> None:
+    """atelier-server depends on atelier-api and atelier by name; the image installs them from source."""
+    for stage in ("builder-cpu", "builder-cuda"):
+        install = re.search(r"^RUN pip install --no-cache-dir (.+) && pip check$", _stage(stage), re.M)
+        assert install is not None and install.group(1).split() == ["./api/python", '"./clients/python[demo]"', "."]
 
