@@ -6,6 +6,8 @@ status codes with google.rpc details, so no domain module imports grpc for its e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -18,9 +20,19 @@ class AtelierError(Exception):
 
 
 @dataclass(frozen=True)
-class FieldViolation:
-    field: str
+class _Violation:
+    """One thing wrong with a call: `subject` names what (a field, a quota's holder), `description` why."""
+
+    subject: str
     description: str
+
+
+class FieldViolation(_Violation):
+    """A bad request field: a BadRequest field violation; `field` is its path (`spec.lora.rank`)."""
+
+    @property
+    def field(self) -> str:
+        return self.subject
 
 
 class InvalidInput(AtelierError):
@@ -31,13 +43,54 @@ class InvalidInput(AtelierError):
         self.violations: list[FieldViolation] = [FieldViolation(field_name, description), *more]
 
 
-class NotFound(AtelierError):
-    """The named resource does not exist in the caller's tenant: NOT_FOUND with ResourceInfo."""
+class Violations:
+    """Collects the field violations of one request; `raise_if_any` raises one InvalidInput
+    listing all of them, so a client fixes every bad field in one round trip."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def check(self, ok: bool, field: str, description: str) -> None:
+        """Add the violation unless `ok`."""
+        if not ok:
+            self.add(field, description)
+
+    @contextmanager
+    def collect(self) -> Iterator[None]:
+        """Run a check that raises InvalidInput, keeping its violations instead of raising."""
+        try:
+            yield
+        except InvalidInput as exc:
+            self.items.extend(exc.violations)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            first, *more = self.items
+            raise InvalidInput(first.field, first.description, *more)
+
+
+class _NamedResource:
+    """What NotFound and AlreadyExists share: the resource their ResourceInfo detail names.
+
+    A mixin, not an AtelierError, so every error class stays one mapped status code.
+    """
+
+    outcome = ""  # the default message's ending: "<type> '<name>' <outcome>"
 
     def __init__(self, resource_type: str, resource_name: str, description: str = "") -> None:
-        super().__init__(description or f"{resource_type} {resource_name!r} not found")
+        message = description or f"{resource_type} {resource_name!r} {self.outcome}"
+        super().__init__(message)  # type: ignore[call-arg]  # AtelierError, next in the MRO
         self.resource_type = resource_type
         self.resource_name = resource_name
+
+
+class NotFound(_NamedResource, AtelierError):
+    """The named resource does not exist in the caller's tenant: NOT_FOUND with ResourceInfo."""
+
+    outcome = "not found"
 
 
 class AdapterNotFound(NotFound):
@@ -45,13 +98,10 @@ class AdapterNotFound(NotFound):
         super().__init__("adapter", ref)
 
 
-class AlreadyExists(AtelierError):
+class AlreadyExists(_NamedResource, AtelierError):
     """A create lost to an existing resource: ALREADY_EXISTS with ResourceInfo."""
 
-    def __init__(self, resource_type: str, resource_name: str, description: str = "") -> None:
-        super().__init__(description or f"{resource_type} {resource_name!r} already exists")
-        self.resource_type = resource_type
-        self.resource_name = resource_name
+    outcome = "already exists"
 
 
 class FailedPrecondition(AtelierError):
@@ -82,12 +132,8 @@ class Unavailable(AtelierError):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class QuotaViolation:
+class QuotaViolation(_Violation):
     """One exceeded quota: `subject` names who (`tenant:<t>`), `description` what and the limit."""
-
-    subject: str
-    description: str
 
 
 class ResourceExhausted(AtelierError):

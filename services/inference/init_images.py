@@ -19,18 +19,26 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from atelier_api.v1 import inference_pb2
 from services.common.config import Settings
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, Violations
 from services.common.images import convert_pixels, decode_image
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PilImage
 
-    from services.inference.validation import Violations
-
 # diffusers' own defaults: StableDiffusionImg2ImgPipeline 0.8, StableDiffusionInpaintPipeline 1.0.
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
+
+
+@dataclass(frozen=True)
+class InitImageFields:
+    """The conditioning fields of a GenerationSpec as given (`strength` None when unset)."""
+
+    init_image: bytes = b""
+    mask_image: bytes = b""
+    strength: float | None = None
+    width: int = 0
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,17 +52,17 @@ class InitImages:
     height: int = 0
 
 
-def check_init_images(spec: inference_pb2.GenerationSpec, steps: int, settings: Settings,
-                      errors: Violations) -> InitImages:
+def check_init_images(spec: InitImageFields, steps: int, settings: Settings, errors: Violations) -> InitImages:
     """Validate the img2img/inpainting fields (adding violations to `errors`) and decode them."""
-    has_strength = spec.HasField("strength")
     if not spec.init_image:
         if spec.mask_image:
             errors.add("spec.mask_image", "needs spec.init_image (inpainting repaints part of an init image)")
-        if has_strength:
+        if spec.strength is not None:
             errors.add("spec.strength", "only meaningful with spec.init_image")
         return InitImages()
-    strength = spec.strength if has_strength else DEFAULT_STRENGTH["inpaint" if spec.mask_image else "img2img"]
+    strength = spec.strength
+    if strength is None:
+        strength = DEFAULT_STRENGTH["inpaint" if spec.mask_image else "img2img"]
     _check_strength(strength, steps, errors)
     max_pixels = min(settings.max_image_pixels, settings.max_image_side ** 2)
     image = _decode(spec.init_image, "spec.init_image", "RGB", max_pixels, errors)

@@ -18,11 +18,12 @@ import grpc
 
 from atelier_api.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.common.auth import current_tenant
+from services.common.errors import Violations
 from services.common.server import RunningServer, ServiceBinding
 from services.inference.cache import TierStatus
 from services.inference.engine import InferenceEngine
 from services.inference.types import GenerationRequest, GenerationResult, Progress
-from services.inference.validation import Violations, check_refs, parse_spec
+from services.inference.validation import check_refs, parse_spec
 from services.inference.warm import warm_start
 
 SERVICE_NAME = "atelier.v1.InferenceService"

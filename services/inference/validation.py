@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from atelier_api.v1 import common_pb2, inference_pb2
 from services.common.config import Settings
-from services.common.errors import FieldViolation, InvalidInput
-from services.inference.init_images import check_init_images
+from services.common.errors import FieldViolation, InvalidInput, Violations
+from services.inference.init_images import InitImageFields, check_init_images
 from services.inference.merge_methods import DARE_LINEAR, DARE_TIES, LINEAR, TIES, MergeSpec
 from services.inference.textual_inversion import RESERVED_MARK
 from services.inference.types import AdapterSpec, GenerationRequest
@@ -45,21 +45,6 @@ MERGE_NAMES = {
     inference_pb2.MERGE_METHOD_DARE_LINEAR: DARE_LINEAR,
     inference_pb2.MERGE_METHOD_DARE_TIES: DARE_TIES,
 }
-
-
-class Violations:
-    """Collects field violations; `raise_if_any` raises one InvalidInput listing all of them."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            first, *more = self.items
-            raise InvalidInput(first.field, first.description, *more)
 
 
 def _name_ok(value: str) -> bool:
@@ -154,6 +139,11 @@ def _check_merge(spec: inference_pb2.GenerationSpec, errors: Violations) -> Merg
     return MergeSpec(method or LINEAR, float(density), spec.merge_seed).normalised()
 
 
+def _init_fields(spec: inference_pb2.GenerationSpec) -> InitImageFields:
+    strength = spec.strength if spec.HasField("strength") else None
+    return InitImageFields(spec.init_image, spec.mask_image, strength, spec.width, spec.height)
+
+
 def parse_spec(spec: inference_pb2.GenerationSpec, settings: Settings) -> GenerationRequest:
     """Validate and normalise a GenerationSpec; InvalidInput lists every bad field."""
     errors = Violations()
@@ -175,7 +165,7 @@ def parse_spec(spec: inference_pb2.GenerationSpec, settings: Settings) -> Genera
     if scheduler is None:
         errors.add("spec.scheduler", f"unknown scheduler {spec.scheduler}")
     merge = _check_merge(spec, errors)
-    init = check_init_images(spec, spec.steps or DEFAULT_STEPS, settings, errors)
+    init = check_init_images(_init_fields(spec), spec.steps or DEFAULT_STEPS, settings, errors)
     errors.raise_if_any()
     seed = spec.seed if spec.HasField("seed") else random.SystemRandom().randrange(SEED_LIMIT)
     return GenerationRequest(
