@@ -33,6 +33,7 @@ from diffusers import StableDiffusionPipeline
 
 from services.inference.types import AdapterSpec
 from services.registry.manifests import LORA_WEIGHTS_FILE
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 
@@ -69,7 +70,7 @@ def main() -> None:
         lora = EngineHandle(loop, settings_for(tmp, pipeline_dir, "lora"), registry)
         attached = EngineHandle(loop, settings_for(tmp, pipeline_dir, "attached"), registry)
         loop.run(attached.engine.preload(TENANT_DEFAULT, "tiny", [AdapterSpec("style", None, None, 1.0, "x")]))
-        lora_file = registry.adapters.resolve(TENANT_DEFAULT, "style").files[0]
+        lora_file = registry.adapters.resolve(AdapterRef(TENANT_DEFAULT, "style")).files[0]
         local = registry.blobs.download(lora_file.sha256, tmp / "style.safetensors")
         diffusers_base = plain_pipeline(pipeline_dir)
         diffusers_lora = plain_pipeline(pipeline_dir)

@@ -36,6 +36,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from services.inference.types import AdapterSpec
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 NAMES = [f"style-{i}" for i in range(8)]
@@ -60,7 +61,7 @@ def main() -> None:
             load_file(
                 str(
                     registry.blobs.download(
-                        registry.adapters.resolve(TENANT, n).files[0].sha256, tmp / f"{n}.safetensors"
+                        registry.adapters.resolve(AdapterRef(TENANT, n)).files[0].sha256, tmp / f"{n}.safetensors"
                     )
                 )
             )

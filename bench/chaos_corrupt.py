@@ -29,6 +29,7 @@ from atelier_api.v1 import (
     training_pb2_grpc,
 )
 from bench._chaos_ctx import ChaosContext
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 JOB_TIMEOUT_S = 120.0
@@ -111,7 +112,7 @@ class Corruptor:
         self.ctx.make_lora(self.tenant, victim)
         self.ctx.make_lora(self.tenant, bystander)
         self.ctx.make_lora(self.other, victim)  # B's adapter of the same name: its own bytes
-        record = self.registry.adapters.resolve(self.tenant, victim, version=1).files[0]
+        record = self.registry.adapters.resolve(AdapterRef(self.tenant, victim, version=1)).files[0]
         corrupt(self.registry, record.sha256)
         self.run.blobs += 1
         a = self.ctx.metadata(self.tenant)
@@ -197,7 +198,7 @@ def _exists(registry: Registry, tenant: str, name: str) -> bool:
     from services.common.errors import NotFound
 
     try:
-        registry.adapters.resolve(tenant, name)
+        registry.adapters.resolve(AdapterRef(tenant, name))
     except NotFound:
         return False
     return True

@@ -29,6 +29,7 @@ from _common import (
     tiny_pipeline,
 )
 
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 from tests.fixtures.s3 import MotoServer, make_s3_settings
 
@@ -80,7 +81,7 @@ def run(moto: MotoServer, args: argparse.Namespace) -> None:
         cold, warm, get, extra = [], [], [], []
         size = 0
         for name in names:
-            blob = registry.adapters.resolve(TENANT, name).files[0]
+            blob = registry.adapters.resolve(AdapterRef(TENANT, name)).files[0]
             size = blob.size
             req = request([(name, 1.0)], steps=args.steps)
             cold.append(_ms(lambda r=req: engine.generate(r)))

@@ -33,6 +33,7 @@ from diffusers import StableDiffusionPipeline
 from atelier_api.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.engine import InferenceEngine
 from services.inference.servicer import inference_bindings
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 from tests.fixtures.grpc_servers import ServerThread, loopback_settings
 
@@ -97,7 +98,7 @@ def main() -> None:
 
 
 def plain_pipeline(pipeline_dir: Path, registry: Registry, tmp: Path) -> StableDiffusionPipeline:
-    record = registry.adapters.resolve(TENANT, "style").files[0]
+    record = registry.adapters.resolve(AdapterRef(TENANT, "style")).files[0]
     local = registry.blobs.download(record.sha256, tmp / "direct" / "pytorch_lora_weights.safetensors")
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)

@@ -35,6 +35,7 @@ from services.inference.payloads import (
 )
 from services.registry.blobs import sha256_file
 from services.registry.manifests import AdapterManifest, FileRecord
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 RESOLVED_CACHE_ENTRIES = 4096
@@ -57,14 +58,6 @@ class AdapterKey:
         return f"{self.tenant}/{self.name}@{self.version}"
 
 
-@dataclass(frozen=True)
-class RefKey:
-    tenant: str
-    name: str
-    version: int | None
-    alias: str | None
-
-
 @dataclass
 class _Resolved:
     manifest: AdapterManifest
@@ -78,18 +71,17 @@ class Resolver:
         self._registry = registry
         self._ttl = ttl_seconds
         self._lock = threading.Lock()
-        self._cache: OrderedDict[RefKey, _Resolved] = OrderedDict()
+        self._cache: OrderedDict[AdapterRef, _Resolved] = OrderedDict()
 
-    def resolve(self, ref: RefKey) -> AdapterManifest:
+    def resolve(self, ref: AdapterRef) -> AdapterManifest:
         with self._lock:
             hit = self._cache.get(ref)
             if hit is not None:
                 self._cache.move_to_end(ref)
-        if hit is not None and (ref.version is not None or time.monotonic() - hit.at < self._ttl):
+        if hit is not None and (ref.pinned or time.monotonic() - hit.at < self._ttl):
             return hit.manifest
         try:
-            manifest = self._registry.adapters.resolve(ref.tenant, ref.name, version=ref.version,
-                                                      alias=ref.alias)
+            manifest = self._registry.adapters.resolve(ref)
         except Unavailable:
             if hit is not None:
                 return hit.manifest
@@ -108,7 +100,7 @@ class Resolver:
         moved = []
         for ref, hit in refs:
             try:
-                manifest = self._registry.adapters.resolve(ref.tenant, ref.name, version=None, alias=ref.alias)
+                manifest = self._registry.adapters.resolve(ref)
             except AtelierError:
                 continue
             with self._lock:
@@ -118,7 +110,7 @@ class Resolver:
                 moved.append((hit.manifest, manifest))
         return moved
 
-    def cached(self, ref: RefKey) -> AdapterManifest | None:
+    def cached(self, ref: AdapterRef) -> AdapterManifest | None:
         """The last resolution of `ref`, however old (for preload status and fallbacks)."""
         with self._lock:
             hit = self._cache.get(ref)

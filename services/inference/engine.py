@@ -30,7 +30,7 @@ from services.common.errors import Cancelled, FailedPrecondition, InvalidInput
 from services.common.quotas import TenantRateLimiter
 from services.common.usage import UsageLedger, device_label
 from services.inference.abort import AbortGuard
-from services.inference.adapters import AdapterKey, DiskTier, HostTier, RefKey, Resolver, open_adapter_tiers
+from services.inference.adapters import AdapterKey, DiskTier, HostTier, Resolver, open_adapter_tiers
 from services.inference.batcher import WorkItem
 from services.inference.cache import TierStatus
 from services.inference.continuous import ContinuousBatcher
@@ -53,6 +53,7 @@ from services.inference.types import (
 )
 from services.inference.validation import check_latent_area
 from services.registry.manifests import AdapterManifest
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 T = TypeVar("T")
@@ -286,7 +287,7 @@ class InferenceEngine:
     async def _resolve(self, tenant: str, specs: Sequence[AdapterSpec], base: BaseModel,
                        for_device: bool = True) -> list[AdapterManifest]:
         async def one(spec: AdapterSpec) -> AdapterManifest:
-            ref = RefKey(tenant, spec.name, spec.version, spec.alias)
+            ref = AdapterRef(tenant, spec.name, spec.version, spec.alias)
             manifest = await self.on_io(self.resolver.resolve, ref)
             self._check_base(manifest, base, spec)
             return manifest

@@ -39,18 +39,12 @@ from services.registry.manifests import (
     utc_now,
 )
 from services.registry.names import validate_alias, validate_name, validate_tenant, validate_version
+from services.registry.refs import AdapterRef
 from services.registry.store import ObjectNotFound, ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
 MAX_ALIAS_ATTEMPTS = 8
-
-
-def adapter_ref(name: str, version: int | None = None, alias: str | None = None) -> str:
-    """How errors name a reference: name@3, name:prod or plain name (latest)."""
-    if version is not None:
-        return f"{name}@{version}"
-    return f"{name}:{alias}" if alias else name
 
 
 class Adapters:
@@ -125,49 +119,46 @@ class Adapters:
         if marker is None:
             return None
         try:
-            return self._read_version(tenant, name, marker.version, adapter_ref(name, marker.version))
+            return self._read_version(tenant, name, marker.version)
         except AdapterNotFound:
             return None
 
     # --- resolve --------------------------------------------------------------------
-    def resolve(
-        self, tenant: str, name: str, version: int | None = None, alias: str | None = None
-    ) -> AdapterManifest:
-        """The manifest named by version, alias, or (neither) the latest version.
+    def resolve(self, ref: AdapterRef) -> AdapterManifest:
+        """The manifest `ref` names: by version, by alias, or (neither) the latest version.
 
         Unknown tenant/name/version/alias -> AdapterNotFound, identical for a name that
         exists only in another tenant.
         """
-        validate_tenant(tenant)
-        validate_name(name, "name")
-        ref = adapter_ref(name, version, alias)
-        if version is not None and alias:
+        validate_tenant(ref.tenant)
+        validate_name(ref.name, "name")
+        if ref.version is not None and ref.alias:
             raise InvalidInput("alias", "give either a version or an alias, not both")
-        if alias:
-            validate_alias(alias)
-            version = self._alias_target(tenant, name, alias, ref)
-        elif version is not None:
-            validate_version(version)
+        if ref.alias:
+            version = self._alias_target(ref, validate_alias(ref.alias))
+        elif ref.version is not None:
+            version = validate_version(ref.version)
         else:
-            last = _last(self._store.list_keys(self._keys.versions_prefix(tenant, name)))
+            last = _last(self._store.list_keys(self._keys.versions_prefix(ref.tenant, ref.name)))
             if last is None:
-                raise AdapterNotFound(ref)
+                raise AdapterNotFound(str(ref))
             version = number_from_key(last)
-        return self._read_version(tenant, name, version, ref)
+        return self._read_version(ref.tenant, ref.name, version, str(ref))
 
-    def _alias_target(self, tenant: str, name: str, alias: str, ref: str) -> int:
+    def _alias_target(self, ref: AdapterRef, alias: str) -> int:
         try:
-            record, _, _ = read_doc(self._store, self._keys.alias(tenant, name, alias), AliasRecord)
+            record, _, _ = read_doc(self._store, self._keys.alias(ref.tenant, ref.name, alias), AliasRecord)
         except ObjectNotFound:
-            raise AdapterNotFound(ref) from None
+            raise AdapterNotFound(str(ref)) from None
         return record.version
 
-    def _read_version(self, tenant: str, name: str, version: int, ref: str) -> AdapterManifest:
+    def _read_version(self, tenant: str, name: str, version: int, ref: str = "") -> AdapterManifest:
+        """`ref`: how a miss names what was asked for (default: the version itself, name@N)."""
         key = self._keys.version(tenant, name, version)
         try:
             manifest, _, digest = read_doc(self._store, key, AdapterManifest)
         except ObjectNotFound:
-            raise AdapterNotFound(ref) from None
+            raise AdapterNotFound(ref or str(AdapterRef(tenant, name, version))) from None
         if (manifest.tenant, manifest.name, manifest.version) != (tenant, name, version):
             raise DataLoss(f"manifest at {key!r} names a different adapter")
         return manifest.model_copy(update={"manifest_digest": digest})
@@ -301,7 +292,7 @@ class Adapters:
         validate_version(version)
         if expected_version is not None and expected_version < 0:
             raise InvalidInput("expected_version", "must be 0 (alias must not exist) or a version")
-        self._read_version(tenant, name, version, adapter_ref(name, version))
+        self._read_version(tenant, name, version)
         key = self._keys.alias(tenant, name, alias)
         record = AliasRecord(tenant=tenant, name=name, alias=alias, version=version)
         for _ in range(MAX_ALIAS_ATTEMPTS):
@@ -333,7 +324,7 @@ class Adapters:
         validate_alias(alias)
         key = self._keys.alias(tenant, name, alias)
         if not self._store.exists(key):
-            raise NotFound("alias", adapter_ref(name, alias=alias))
+            raise NotFound("alias", str(AdapterRef(tenant, name, alias=alias)))
         self._store.delete(key)
 
     # --- delete ---------------------------------------------------------------------
@@ -347,7 +338,7 @@ class Adapters:
         validate_tenant(tenant)
         validate_name(name, "name")
         validate_version(version)
-        manifest = self._read_version(tenant, name, version, adapter_ref(name, version))
+        manifest = self._read_version(tenant, name, version)
         pointing = sorted(a for a, v in self.aliases(tenant, name).items() if v == version)
         if pointing:
             raise FailedPrecondition(

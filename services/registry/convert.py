@@ -17,6 +17,7 @@ from services.registry.manifests import (
     DatasetManifest,
     FileRecord,
 )
+from services.registry.refs import AdapterRef
 
 KIND_TO_PROTO: dict[AdapterKindName, int] = {
     "LORA": common_pb2.ADAPTER_KIND_LORA,
@@ -50,18 +51,18 @@ def format_from_proto(value: int, field: str = "format") -> str:
     return FORMAT_NAMES[value]
 
 
-def ref_from_proto(ref: common_pb2.AdapterRef, field: str = "ref") -> tuple[str, int | None, str | None]:
-    """(name, version or None, alias or None) of an AdapterRef; neither means latest."""
+def ref_from_proto(ref: common_pb2.AdapterRef, tenant: str, field: str = "ref") -> AdapterRef:
+    """The caller's (`tenant`'s) reference an AdapterRef message names; neither selector means latest."""
     if not ref.name:
         raise InvalidInput(f"{field}.name", "must not be empty")
     selector = ref.WhichOneof("selector")
     if selector == "version":
         if ref.version < 1:
             raise InvalidInput(f"{field}.version", "must be a version number >= 1")
-        return ref.name, ref.version, None
+        return AdapterRef(tenant, ref.name, version=ref.version)
     if selector == "alias":
-        return ref.name, None, ref.alias or None
-    return ref.name, None, None
+        return AdapterRef(tenant, ref.name, alias=ref.alias or None)
+    return AdapterRef(tenant, ref.name)
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:

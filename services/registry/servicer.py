@@ -80,9 +80,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def GetAdapter(self, request: registry_pb2.GetAdapterRequest, context: Any) -> Any:
         tenant = current_tenant()
-        name, version, alias = pc.ref_from_proto(request.ref)
-        manifest = await asyncio.to_thread(self._registry.adapters.resolve, tenant, name, version, alias)
-        summary = await asyncio.to_thread(self._registry.adapters.summary, tenant, name)
+        ref = pc.ref_from_proto(request.ref, tenant)
+        manifest = await asyncio.to_thread(self._registry.adapters.resolve, ref)
+        summary = await asyncio.to_thread(self._registry.adapters.summary, tenant, ref.name)
         return registry_pb2.GetAdapterResponse(
             adapter=pc.adapter_summary_to_proto(summary), version=pc.adapter_version_to_proto(manifest)
         )
@@ -176,9 +176,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.ExportAdapterRequest, context: Any
     ) -> AsyncIterator[registry_pb2.ExportAdapterResponse]:
         tenant = current_tenant()
-        name, version, alias = pc.ref_from_proto(request.ref)
+        ref = pc.ref_from_proto(request.ref, tenant)
         fmt = pc.format_from_proto(request.format)
-        manifest = await asyncio.to_thread(self._registry.adapters.resolve, tenant, name, version, alias)
+        manifest = await asyncio.to_thread(self._registry.adapters.resolve, ref)
         with self._tempdir() as tmp:
             path = await asyncio.to_thread(self._export_file, manifest, fmt, Path(tmp))
             sha, size = await asyncio.to_thread(sha256_file, path)

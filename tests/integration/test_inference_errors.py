@@ -15,6 +15,7 @@ import pytest
 
 from atelier_api.v1 import inference_pb2
 from services.registry.manifests import LORA_WEIGHTS_FILE
+from services.registry.refs import AdapterRef
 from tests.fixtures.s3 import MotoServer, s3_client
 from tests.fixtures.synthetic import LoraFactory, write_dreambooth
 from tests.integration.test_inference_support import (
@@ -118,7 +119,7 @@ def test_unavailable_scheduler_is_invalid_argument(env: InferenceEnv) -> None:
 
 def test_corrupted_blob_is_data_loss_and_never_applied(env: InferenceEnv) -> None:
     base = env.generate(seed=4).images[0].png
-    record = env.registry.adapters.resolve("default", "bad").files[0]
+    record = env.registry.adapters.resolve(AdapterRef("default", "bad")).files[0]
     bucket, _, prefix = env.settings.registry_url[len("s3://"):].partition("/")
     key = f"{prefix}/blobs/sha256/{record.sha256}" if prefix else f"blobs/sha256/{record.sha256}"
     s3 = s3_client(env.settings.s3_endpoint_url or "")

@@ -20,6 +20,7 @@ from atelier.cli.adapters_io import import_messages, register
 from atelier.cli.context import root_callback
 from atelier_api.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common.config import Settings
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 from services.registry.servicer import registry_bindings
 from services.registry.store import open_store
@@ -62,7 +63,7 @@ def _import(server: ServerThread, path: Path, name: str, **header: object) -> co
 
 def _stored_image(registry: Registry, base: Path, name: str, version: int, dest: Path) -> np.ndarray:
     """Generate with the stored file exactly as the registry hands it out."""
-    manifest = registry.adapters.resolve(loopback_settings().default_tenant, name, version)
+    manifest = registry.adapters.resolve(AdapterRef(loopback_settings().default_tenant, name, version))
     files = registry.adapters.fetch_files(manifest, dest)
     pipe = load_pipe(base)
     pipe.load_lora_weights(str(files["pytorch_lora_weights.safetensors"]))

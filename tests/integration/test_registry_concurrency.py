@@ -9,6 +9,7 @@ from pathlib import Path
 from services.common.config import Settings
 from services.common.errors import PreconditionConflict
 from services.registry.manifests import LORA_WEIGHTS_FILE
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 from services.registry.store import open_store
 from tests.fixtures.s3 import write_lora
@@ -63,7 +64,7 @@ def test_compare_and_swap_race_has_exactly_one_winner(registry_settings: Setting
     winners = [r for r in results if isinstance(r, int)]
     assert len(winners) == 1
     assert all("alias 'prod' of adapter 'cat' was not changed" in r for r in results if isinstance(r, str))
-    assert registry.adapters.resolve("acme", "cat", alias="prod").version == winners[0]
+    assert registry.adapters.resolve(AdapterRef("acme", "cat", alias="prod")).version == winners[0]
 
 
 def test_unconditional_alias_writers_all_succeed_last_one_wins(registry_settings: Settings, tmp_path: Path) -> None:
@@ -74,4 +75,4 @@ def test_unconditional_alias_writers_all_succeed_last_one_wins(registry_settings
         registry.adapters.publish("acme", "cat", kind="LORA", base_model="tiny", files={LORA_WEIGHTS_FILE: lora})
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda v: registry.adapters.set_alias("acme", "cat", "prod", v), range(1, 5)))
-    assert registry.adapters.resolve("acme", "cat", alias="prod").version in range(1, 5)
+    assert registry.adapters.resolve(AdapterRef("acme", "cat", alias="prod")).version in range(1, 5)

@@ -17,6 +17,7 @@ from services.common.errors import (
     PreconditionConflict,
 )
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 from services.registry.store import open_store
 from tests.fixtures.s3 import write_lora, write_ti
@@ -69,12 +70,12 @@ def test_publish_allocates_versions_and_resolves(registry: Registry, tmp_path: P
     v1 = publish(registry, tmp_path, seed=1, metrics={"loss": 0.5}, training_config={"rank": 4})
     v2 = publish(registry, tmp_path, seed=2, source_job_id="job-1")
     assert (v1.version, v2.version) == (1, 2)  # type: ignore[attr-defined]
-    latest = registry.adapters.resolve("acme", "cat")
+    latest = registry.adapters.resolve(AdapterRef("acme", "cat"))
     assert latest.version == 2 and latest.source_job_id == "job-1"
-    first = registry.adapters.resolve("acme", "cat", version=1)
+    first = registry.adapters.resolve(AdapterRef("acme", "cat", version=1))
     assert first.metrics == {"loss": 0.5} and first.training_config == {"rank": 4}
     assert first.manifest_digest and first.manifest_digest != latest.manifest_digest
-    assert registry.adapters.resolve("acme", "cat", version=1).manifest_digest == first.manifest_digest
+    assert registry.adapters.resolve(AdapterRef("acme", "cat", version=1)).manifest_digest == first.manifest_digest
     files = registry.adapters.fetch_files(first, tmp_path / "fetched")
     assert files[LORA_WEIGHTS_FILE].read_bytes() == (tmp_path / "lora-cat-1.safetensors").read_bytes()
 
@@ -82,10 +83,10 @@ def test_publish_allocates_versions_and_resolves(registry: Registry, tmp_path: P
 def test_unknown_references_are_not_found(registry: Registry, tmp_path: Path) -> None:
     publish(registry, tmp_path)
     for call in (
-        lambda: registry.adapters.resolve("acme", "dog"),
-        lambda: registry.adapters.resolve("acme", "cat", version=9),
-        lambda: registry.adapters.resolve("acme", "cat", alias="prod"),
-        lambda: registry.adapters.resolve("other", "cat"),
+        lambda: registry.adapters.resolve(AdapterRef("acme", "dog")),
+        lambda: registry.adapters.resolve(AdapterRef("acme", "cat", version=9)),
+        lambda: registry.adapters.resolve(AdapterRef("acme", "cat", alias="prod")),
+        lambda: registry.adapters.resolve(AdapterRef("other", "cat")),
         lambda: registry.adapters.list_versions("acme", "dog"),
     ):
         with pytest.raises(AdapterNotFound):
@@ -142,7 +143,7 @@ def test_alias_compare_and_swap(registry: Registry, tmp_path: Path) -> None:
         registry.adapters.set_alias("acme", "cat", "prod", 2, expected_version=3)
     assert registry.adapters.set_alias("acme", "cat", "prod", 2, expected_version=1) == 1
     assert registry.adapters.set_alias("acme", "cat", "prod", 3) == 2  # unconditional
-    assert registry.adapters.resolve("acme", "cat", alias="prod").version == 3
+    assert registry.adapters.resolve(AdapterRef("acme", "cat", alias="prod")).version == 3
     assert registry.adapters.aliases("acme", "cat") == {"prod": 3}
     with pytest.raises(AdapterNotFound):
         registry.adapters.set_alias("acme", "cat", "prod", 7)  # target must exist
@@ -164,8 +165,8 @@ def test_delete_version_refused_while_aliased_and_number_never_reused(registry: 
     registry.adapters.set_alias("acme", "cat", "prod", 1)
     registry.adapters.delete_version("acme", "cat", 2)
     with pytest.raises(AdapterNotFound):
-        registry.adapters.resolve("acme", "cat", version=2)
-    assert registry.adapters.resolve("acme", "cat").version == 1
+        registry.adapters.resolve(AdapterRef("acme", "cat", version=2))
+    assert registry.adapters.resolve(AdapterRef("acme", "cat")).version == 1
     assert publish(registry, tmp_path, seed=3).version == 3  # type: ignore[attr-defined]
     with pytest.raises(AdapterNotFound):
         registry.adapters.delete_version("acme", "cat", 2)
@@ -228,11 +229,11 @@ def test_list_versions_pages(registry: Registry, tmp_path: Path) -> None:
 def test_tenants_are_isolated(registry: Registry, tmp_path: Path) -> None:
     publish(registry, tmp_path, tenant="tenant-a", name="secret")
     with pytest.raises(AdapterNotFound) as err:
-        registry.adapters.resolve("tenant-b", "secret")
+        registry.adapters.resolve(AdapterRef("tenant-b", "secret"))
     assert "tenant-a" not in str(err.value)
     assert registry.adapters.list_adapters("tenant-b") == ([], "")
     with pytest.raises(AdapterNotFound):
         registry.adapters.set_alias("tenant-b", "secret", "prod", 1)
     with pytest.raises(AdapterNotFound):
         registry.adapters.delete_version("tenant-b", "secret", 1)
-    assert registry.adapters.resolve("tenant-a", "secret").version == 1
+    assert registry.adapters.resolve(AdapterRef("tenant-a", "secret")).version == 1

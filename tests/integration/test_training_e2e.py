@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from atelier_api.v1 import common_pb2, registry_pb2, training_pb2
 from services.common.config import Settings
 from services.common.errors import AdapterNotFound
+from services.registry.refs import AdapterRef
 from services.training.convert import spec_to_dict
 from services.training.trainers import TrainConfig
 from tests.fixtures.models import make_concept_images
@@ -100,7 +101,7 @@ def test_method_end_to_end(method_stack: tuple[int, TrainingStack], tiny_random_
     done = stack.get(job.id)
     assert done.output.version == 1 and done.step == 4 and done.attempts == 1 and done.metrics["final_loss"] > 0
 
-    manifest = stack.registry.adapters.resolve("default", job.spec.output_name)
+    manifest = stack.registry.adapters.resolve(AdapterRef("default", job.spec.output_name))
     assert manifest.version == 1 and manifest.source_job_id == job.id
     assert manifest.base_model == "tiny"
     assert manifest.base_model_digest == stack.registry.base_models.get("tiny").digest
@@ -158,7 +159,7 @@ def test_cancel_mid_run_stops_within_a_step_and_publishes_nothing(sqlite_stack: 
     final = events[-1]
     assert final.state == "CANCELLED" and final.step - requested.step <= 1  # at most the step in flight
     with pytest.raises(AdapterNotFound):
-        stack.registry.adapters.resolve("default", "never")
+        stack.registry.adapters.resolve(AdapterRef("default", "never"))
     assert stack.registry.checkpoints.latest("default", job.id) is None
     # The worker is free again: the next job runs to completion.
     nxt = stack.create(lora_spec(ds, output="after", steps=2)).job

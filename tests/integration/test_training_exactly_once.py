@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.common.errors import AdapterNotFound
+from services.registry.refs import AdapterRef
 from services.training.schema import jobs
 from tests.fixtures.s3 import write_lora
 from tests.integration.test_training_support import (
@@ -52,7 +53,7 @@ def test_a_worker_whose_job_was_taken_stops_and_publishes_nothing(stack: Trainin
     row = stack.store.get_job(job.id)
     assert row.state == "RUNNING" and row.worker_id == "thief"  # untouched by the fenced-out worker
     with pytest.raises(AdapterNotFound):
-        stack.registry.adapters.resolve("default", "stolen")
+        stack.registry.adapters.resolve(AdapterRef("default", "stolen"))
 
 
 def _idle(worker: object) -> bool:

@@ -19,6 +19,7 @@ import pytest
 
 from atelier_api.v1 import training_pb2
 from services.common.config import Settings
+from services.registry.refs import AdapterRef
 from services.training.worker import Worker
 from tests.fixtures.models import make_concept_images
 from tests.integration.test_training_support import (
@@ -86,10 +87,10 @@ def test_each_optimizer_succeeds_is_recorded_and_follows_its_schedule(stack: Tra
                 "adafactor": ("adafactor", "polynomial")}
     for name, events in watched.items():
         assert events[-1].job.state == training_pb2.JOB_STATE_SUCCEEDED, events[-1].job.error
-        config = stack.registry.adapters.resolve("default", name).training_config
+        config = stack.registry.adapters.resolve(AdapterRef("default", name)).training_config
         assert (config["optimizer"], config["lr_scheduler"]) == expected[name]
         assert events[-1].job.metrics["final_loss"] > 0
-    assert stack.registry.adapters.resolve("default", "prodigy").training_config["learning_rate"] == 1.0
+    assert stack.registry.adapters.resolve(AdapterRef("default", "prodigy")).training_config["learning_rate"] == 1.0
     curves = {name: {e.step: e.learning_rate for e in watched[name] if e.step > 0 and e.loss > 0}
               for name in ("prodigy", "adafactor")}
     assert sorted(curves["prodigy"]) == list(range(1, STEPS + 1)) == sorted(curves["adafactor"])
@@ -104,7 +105,7 @@ def test_caption_template_dropout_and_shuffling_train_and_are_recorded(stack: Tr
     spec.instance_prompt = "a photo of sks toy, {caption}"
     events = stack.watch(stack.create(spec).job.id, timeout=240)
     assert events[-1].job.state == training_pb2.JOB_STATE_SUCCEEDED, events[-1].job.error
-    config = stack.registry.adapters.resolve("default", "captioned").training_config
+    config = stack.registry.adapters.resolve(AdapterRef("default", "captioned")).training_config
     assert config["instance_prompt"] == "a photo of sks toy, {caption}"
     assert (config["caption_dropout"], config["shuffle_tags"], config["keep_tokens"]) == (0.25, True, 1)
 

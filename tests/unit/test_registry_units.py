@@ -15,6 +15,7 @@ from services.registry.documents import checked_page_size, decode_token, encode_
 from services.registry.keys import Keys, number_from_key
 from services.registry.manifests import AdapterManifest, FileRecord, files_digest
 from services.registry.names import validate_alias, validate_name, validate_relpath
+from services.registry.refs import AdapterRef
 from services.registry.safety import ensure_safetensors
 from tests.fixtures.s3 import write_lora
 
@@ -106,11 +107,11 @@ def test_proto_conversion() -> None:
     assert pc.kind_from_proto(common_pb2.ADAPTER_KIND_UNSPECIFIED) is None
     with pytest.raises(InvalidInput):
         pc.kind_from_proto(99)
-    assert pc.ref_from_proto(common_pb2.AdapterRef(name="cat", alias="prod")) == ("cat", None, "prod")
-    assert pc.ref_from_proto(common_pb2.AdapterRef(name="cat", version=2)) == ("cat", 2, None)
-    assert pc.ref_from_proto(common_pb2.AdapterRef(name="cat")) == ("cat", None, None)
+    assert pc.ref_from_proto(common_pb2.AdapterRef(name="cat", alias="prod"), "t") == AdapterRef("t", "cat", alias="prod")
+    assert pc.ref_from_proto(common_pb2.AdapterRef(name="cat", version=2), "t") == AdapterRef("t", "cat", version=2)
+    assert pc.ref_from_proto(common_pb2.AdapterRef(name="cat"), "t") == AdapterRef("t", "cat")
     with pytest.raises(InvalidInput) as err:
-        pc.ref_from_proto(common_pb2.AdapterRef(name="cat", version=0))
+        pc.ref_from_proto(common_pb2.AdapterRef(name="cat", version=0), "t")
     assert err.value.violations[0].field == "ref.version"
 
 
