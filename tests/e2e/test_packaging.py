@@ -10,6 +10,7 @@ failing obscurely.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,11 +35,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sdk_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding only `pip install ./api/python ./clients/python` and their dependencies."""
-    venv = tmp_path_factory.mktemp("sdk") / "venv"
+    work = tmp_path_factory.mktemp("sdk")
+    venv = work / "venv"
+    sources = []  # copies, so the build leaves no build/ folders in the checkout
+    for source in (ROOT / "api" / "python", ROOT / "clients" / "python"):
+        sources.append(work / source.parent.name)
+        shutil.copytree(source, sources[-1], ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    str(ROOT / "api" / "python"), str(ROOT / "clients" / "python")],
-                   check=True, timeout=600, cwd=venv.parent)
+                    *map(str, sources)], check=True, timeout=600, cwd=work)
     return venv
 
 
