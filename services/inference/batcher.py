@@ -22,13 +22,13 @@ All methods run on the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.background import BackgroundTask
 from services.common.errors import AtelierError, Cancelled, DeadlineExceeded, ResourceExhausted
 from services.inference.metrics import InferenceMetrics
 from services.inference.types import Progress
@@ -85,7 +85,7 @@ class Batcher:
         self._pending = 0
         self._queue: list[WorkItem] = []
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._worker = BackgroundTask("atelier-batcher", self._run)
         self._turn = 0
         self._served: dict[str, int] = {}  # tenant -> turn of its last batch
 
@@ -110,38 +110,73 @@ class Batcher:
 
     def submit(self, item: WorkItem) -> None:
         """Queue an admitted request (its slot is released when it enters a batch)."""
-        self._ensure_worker()
-        self._queue.append(item)
+        self._worker.ensure_started()
+        self._waiting_for(item).append(item)
         self._wakeup.set()
 
     def withdraw(self, item: WorkItem) -> bool:
         """Remove a queued request (its caller left); False when it already entered a batch."""
-        if item in self._queue:
-            self._queue.remove(item)
+        queue = self._waiting_for(item)
+        if item in queue:
+            queue.remove(item)
             self.release()
             return True
         return False
 
-    # --- the worker -------------------------------------------------------------------
-    def _ensure_worker(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="atelier-batcher")
+    # --- the waiting queues (a subclass may keep more than one) ---------------------------
+    def _waiting_for(self, item: WorkItem) -> list[WorkItem]:
+        """The queue an admitted request waits in until it enters a batch."""
+        return self._queue
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for item in self._queue:
+    def _waiting(self) -> tuple[list[WorkItem], ...]:
+        """Every queue of admitted requests not yet in a batch."""
+        return (self._queue,)
+
+    def _start(self, entering: list[WorkItem]) -> None:
+        """Requests leave their queue for the device: slots released, start time stamped, tenants
+        marked served."""
+        now = time.monotonic()
+        for item in entering:
+            self._waiting_for(item).remove(item)
+            self.release()
+            item.started_at = now
+        self._mark_served(entering)
+
+    def _drop_dead(self) -> None:
+        for queue in self._waiting():
+            for item in [i for i in queue if i.dead()]:
+                queue.remove(item)
+                self.release()
+                item.fail(item.why_dead())
+
+    @staticmethod
+    def _shut_out(items: list[WorkItem]) -> None:
+        for item in items:
             item.fail(Cancelled("the server is shutting down"))
-        self._queue.clear()
+        items.clear()
+
+    # --- the worker -------------------------------------------------------------------
+    async def close(self) -> None:
+        await self._worker.stop()
+        for queue in self._waiting():
+            self._shut_out(queue)
 
     async def _run(self) -> None:
         while True:
-            batch = await self._next_batch()
-            if batch:
-                self._record(batch, batch)
-                await self._execute(batch)
+            await self._run_next_batch()
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        """Sleep until `ready()` holds, woken by every submit."""
+        while not ready():
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _run_next_batch(self) -> None:
+        """Form the next pipeline batch (waiting for one) and execute it."""
+        batch = await self._next_batch()
+        if batch:
+            self._record(batch, batch)
+            await self._execute(batch)
 
     def _record(self, entered: list[WorkItem], batch: list[WorkItem]) -> None:
         """Metrics for requests `entered` into `batch` (the batch as it runs now)."""
@@ -151,9 +186,7 @@ class Batcher:
             self._metrics.queue_wait.observe(max(0.0, item.started_at - item.enqueued_at))
 
     async def _next_batch(self) -> list[WorkItem]:
-        while not self._queue:
-            self._wakeup.clear()
-            await self._wakeup.wait()
+        await self._until(lambda: bool(self._queue))
         self._drop_dead()
         if not self._queue:
             return []
@@ -165,12 +198,7 @@ class Batcher:
             if first not in self._queue:
                 return []
         batch = self._companions(first)
-        now = time.monotonic()
-        for item in batch:
-            self._queue.remove(item)
-            self.release()
-            item.started_at = now
-        self._mark_served(batch)
+        self._start(batch)
         return batch
 
     def _lead(self, queue: list[WorkItem] | None = None) -> WorkItem:
@@ -215,9 +243,3 @@ class Batcher:
         if len(self._served) > MAX_TRACKED_TENANTS:
             waiting = {item.tenant for item in self._queue}
             self._served = {t: turn for t, turn in self._served.items() if t in waiting}
-
-    def _drop_dead(self) -> None:
-        for item in [i for i in self._queue if i.dead()]:
-            self._queue.remove(item)
-            self.release()
-            item.fail(item.why_dead())

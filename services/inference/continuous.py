@@ -22,7 +22,6 @@ running request's remaining steps.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
@@ -47,48 +46,24 @@ class ContinuousBatcher(Batcher):
         self._stream: list[WorkItem] = []
         self.running: list[WorkItem] = []
 
-    def submit(self, item: WorkItem) -> None:
-        if not item.stream:
-            super().submit(item)
-            return
-        self._ensure_worker()
-        self._stream.append(item)
-        self._wakeup.set()
+    def _waiting_for(self, item: WorkItem) -> list[WorkItem]:
+        return self._stream if item.stream else self._queue
 
-    def withdraw(self, item: WorkItem) -> bool:
-        if item in self._stream:
-            self._stream.remove(item)
-            self.release()
-            return True
-        return super().withdraw(item)
+    def _waiting(self) -> tuple[list[WorkItem], ...]:
+        return (self._queue, self._stream)
 
     async def close(self) -> None:
         await super().close()
-        for item in self._stream + self.running:
-            item.fail(Cancelled("the server is shutting down"))
-        self._stream.clear()
-        self.running.clear()
-
-    def _drop_dead(self) -> None:
-        super()._drop_dead()
-        for item in [i for i in self._stream if i.dead()]:
-            self._stream.remove(item)
-            self.release()
-            item.fail(item.why_dead())
+        self._shut_out(self.running)
 
     # --- the worker -------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            while not (self._queue or self._stream or self.running):
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            await self._until(lambda: bool(self._queue or self._stream or self.running))
             self._drop_dead()
             self._retire_dead()
             if self._queue and not self.running:
-                batch = await self._next_batch()
-                if batch:
-                    self._record(batch, batch)
-                    await self._execute(batch)
+                await self._run_next_batch()
                 continue
             if not self._queue:
                 await self._admit()
@@ -112,12 +87,7 @@ class ContinuousBatcher(Batcher):
             union |= item.adapters
         if not picked:
             return
-        now = time.monotonic()
-        for item in picked:
-            self._stream.remove(item)
-            self.release()
-            item.started_at = now
-        self._mark_served(picked)
+        self._start(picked)
         errors = await self._admit_rows(picked)
         for item, error in zip(picked, errors, strict=True):
             if error is None:

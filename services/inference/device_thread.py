@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from services.common.background import BackgroundTask
 from services.inference.abort import AbortGuard
 
 log = logging.getLogger(__name__)
@@ -96,17 +97,14 @@ class DeviceWatchdog:
         self._stuck_seconds = stuck_seconds
         self._report = report
         self._interval = min(1.0, max(0.02, stuck_seconds / 5))
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("atelier-device-watchdog", self._run)
         self.stuck = False
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="atelier-device-watchdog")
+        self._task.ensure_started()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task.stop()
 
     async def _run(self) -> None:
         watched = -1
