@@ -24,7 +24,7 @@ from datetime import datetime
 from pydantic import Field
 
 from services.common.errors import DataLoss, FailedPrecondition, Unavailable
-from services.registry.documents import read_doc
+from services.registry.documents import put_if_absent, read_doc
 from services.registry.keys import Keys, number_from_key
 from services.registry.manifests import AdapterManifest, _Doc, utc_now
 from services.registry.store import ObjectNotFound, ObjectStore, PreconditionFailed
@@ -94,13 +94,10 @@ class VersionAllocator:
         version = self.highest(tenant, name) + 1
         for _ in range(MAX_CLAIM_ATTEMPTS):
             claim = VersionClaim(version=version, job_id=job_id)
-            try:
-                self._store.put_bytes(self._keys.claim(tenant, name, version), claim.to_json_bytes(),
-                                      if_none_match=True)
+            if put_if_absent(self._store, self._keys.claim(tenant, name, version), claim.to_json_bytes()):
                 return version
-            except PreconditionFailed:
-                log.info("version %s of %s claimed concurrently; trying the next", version, name)
-                version += 1
+            log.info("version %s of %s claimed concurrently; trying the next", version, name)
+            version += 1
         raise Unavailable(f"could not claim a version of {name!r}: too many concurrent publishers")
 
     def _job_version(self, draft: AdapterManifest) -> int:
@@ -111,16 +108,13 @@ class VersionAllocator:
             return found.version
         version = self._claim(tenant, name, job_id)
         marker = PublishMarker(job_id=job_id, version=version)
-        try:
-            self._store.put_bytes(self._keys.job_marker(tenant, name, job_id), marker.to_json_bytes(),
-                                  if_none_match=True)
+        if put_if_absent(self._store, self._keys.job_marker(tenant, name, job_id), marker.to_json_bytes()):
             return version
-        except PreconditionFailed:
-            winner = self.marker(tenant, name, job_id)
-            if winner is None:  # markers are never deleted; a vanished one is damage
-                raise DataLoss(f"publish marker of job {job_id!r} disappeared") from None
-            log.info("job %s already claimed version %s; number %s stays unused", job_id, winner.version, version)
-            return winner.version
+        winner = self.marker(tenant, name, job_id)
+        if winner is None:  # markers are never deleted; a vanished one is damage
+            raise DataLoss(f"publish marker of job {job_id!r} disappeared")
+        log.info("job %s already claimed version %s; number %s stays unused", job_id, winner.version, version)
+        return winner.version
 
     def _publish_for_job(self, draft: AdapterManifest, version: int) -> AdapterManifest:
         tenant, name, job_id = draft.tenant, draft.name, draft.source_job_id

@@ -10,7 +10,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from services.common.errors import DataLoss, InvalidInput
-from services.registry.store import ObjectStore
+from services.registry.store import ObjectStore, PreconditionFailed
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -29,6 +29,15 @@ def read_doc(store: ObjectStore, key: str, model: type[T]) -> tuple[T, str, str]
     except ValidationError as exc:
         raise DataLoss(f"stored document {key!r} is malformed: {exc.error_count()} error(s)") from None
     return doc, etag, hashlib.sha256(data).hexdigest()
+
+
+def put_if_absent(store: ObjectStore, key: str, data: bytes) -> bool:
+    """Create `key` with If-None-Match: True when this call wrote it, False when it existed."""
+    try:
+        store.put_bytes(key, data, if_none_match=True)
+    except PreconditionFailed:
+        return False
+    return True
 
 
 def checked_page_size(requested: int, field: str = "page_size") -> int:
