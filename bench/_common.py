@@ -28,6 +28,7 @@ from services.common.config import Settings  # noqa: E402
 from services.inference.engine import InferenceEngine  # noqa: E402
 from services.inference.types import AdapterSpec, GenerationRequest, GenerationResult  # noqa: E402
 from services.registry.manifests import LORA_WEIGHTS_FILE  # noqa: E402
+from services.registry.refs import AdapterRef  # noqa: E402
 from services.registry.registry import Registry  # noqa: E402
 from tests.fixtures.synthetic import LoraFactory  # noqa: E402
 
@@ -75,7 +76,7 @@ def publish_loras(registry: Registry, pipeline_dir: Path, tmp: Path, names: Sequ
 def request(
     adapters: Sequence[tuple[str, float]] = (), steps: int = 20, seed: int = 1, size: int = 32
 ) -> GenerationRequest:
-    specs = tuple(AdapterSpec(n, None, None, w, f"spec.adapters[{i}]") for i, (n, w) in enumerate(adapters))
+    specs = tuple(AdapterSpec(AdapterRef(TENANT, n), w, f"spec.adapters[{i}]") for i, (n, w) in enumerate(adapters))
     return GenerationRequest(
         BASE, "a red box on a blue floor", adapters=specs, steps=steps, width=size, height=size, seed=seed
     )

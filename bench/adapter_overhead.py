@@ -69,7 +69,8 @@ def main() -> None:
         bare = EngineHandle(loop, settings_for(tmp, pipeline_dir, "bare"), registry)
         lora = EngineHandle(loop, settings_for(tmp, pipeline_dir, "lora"), registry)
         attached = EngineHandle(loop, settings_for(tmp, pipeline_dir, "attached"), registry)
-        loop.run(attached.engine.preload(TENANT_DEFAULT, "tiny", [AdapterSpec("style", None, None, 1.0, "x")]))
+        style = AdapterRef(TENANT_DEFAULT, "style")
+        loop.run(attached.engine.preload(TENANT_DEFAULT, "tiny", [AdapterSpec(style, 1.0, "x")]))
         lora_file = registry.adapters.resolve(AdapterRef(TENANT_DEFAULT, "style")).files[0]
         local = registry.blobs.download(lora_file.sha256, tmp / "style.safetensors")
         diffusers_base = plain_pipeline(pipeline_dir)

@@ -56,7 +56,7 @@ def main() -> None:
         loop = LoopThread()
         same = EngineHandle(loop, settings_for(tmp, pipeline_dir, "same"), registry)
         rr = EngineHandle(loop, settings_for(tmp, pipeline_dir, "rr", device_cache_max_adapters=8), registry)
-        loop.run(rr.engine.preload(TENANT, "tiny", [AdapterSpec(n, None, None, 1.0, "x") for n in NAMES]))
+        loop.run(rr.engine.preload(TENANT, "tiny", [AdapterSpec(AdapterRef(TENANT, n), 1.0, "x") for n in NAMES]))
         state_dicts = [
             load_file(
                 str(
@@ -155,8 +155,8 @@ def direct_switch_costs(
     uses = [
         loop.run(
             engine._load(
-                loop.run(engine._resolve(TENANT, [AdapterSpec(n, None, None, 1.0, "x")], base)),
-                [AdapterSpec(n, None, None, 1.0, "x")],
+                loop.run(engine._resolve(TENANT, [AdapterSpec(AdapterRef(TENANT, n), 1.0, "x")], base)),
+                [AdapterSpec(AdapterRef(TENANT, n), 1.0, "x")],
             )
         )
         for n in NAMES

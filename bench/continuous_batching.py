@@ -39,6 +39,7 @@ from _common import (
 from many_adapters import zipf_choices
 
 from services.inference.types import AdapterSpec, GenerationRequest
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 ADAPTERS = 100
@@ -92,8 +93,8 @@ def main() -> None:
             continuous_batching=arm == "continuous", exact_batching=False), registry)
             for arm in ("static", "continuous")}
         for handle in handles.values():
-            loop.run(handle.engine.preload(TENANT, "tiny", [AdapterSpec(n, None, None, 1.0, "x") for n in names],
-                                           tier="host"))
+            specs = [AdapterSpec(AdapterRef(TENANT, n), 1.0, "x") for n in names]
+            loop.run(handle.engine.preload(TENANT, "tiny", specs, tier="host"))
 
         def reqs(count: int, seed: int) -> list[GenerationRequest]:
             picks = zipf_choices(ADAPTERS, count, args.zipf, seed)

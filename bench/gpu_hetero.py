@@ -16,6 +16,7 @@ from gpu_suite import build, median_ms, row
 
 from services.common.config import Settings
 from services.inference.types import AdapterSpec, GenerationRequest
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 
@@ -32,11 +33,11 @@ def hetero_rows(kind: str, tmp: Path, args: argparse.Namespace, registry: Regist
     handle.engine.pipelines.register(kind, build(kind, tmp / f"{kind}-hetero", device,
                                                  torch.float32 if args.cpu_smoke else torch.bfloat16, args.cpu_smoke))
     names = [f"{kind}-{i}" for i in range(8)]
-    loop.run(handle.engine.preload(TENANT, kind, [AdapterSpec(n, None, None, 1.0, "x") for n in names]))
+    loop.run(handle.engine.preload(TENANT, kind, [AdapterSpec(AdapterRef(TENANT, n), 1.0, "x") for n in names]))
 
     def reqs(adapter: Callable[[int], str]) -> list[GenerationRequest]:
         return [GenerationRequest(kind, "a photo of a red box", seed=i, **shape,
-                                  adapters=(AdapterSpec(adapter(i), None, None, 1.0, "x"),)) for i in range(8)]
+                                  adapters=(AdapterSpec(AdapterRef(TENANT, adapter(i)), 1.0, "x"),)) for i in range(8)]
 
     mixed, single = reqs(lambda i: names[i]), reqs(lambda i: names[0])
     arms = {"hetero": lambda: handle.generate_many(mixed), "one": lambda: handle.generate_many(single),

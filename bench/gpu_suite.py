@@ -48,6 +48,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from services.common.config import Settings
 from services.inference.types import AdapterSpec, GenerationRequest
 from services.registry.manifests import LORA_WEIGHTS_FILE
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 from services.tinymodel.tokenizer import BOS, EOS, MODEL_MAX_LENGTH, write_tokenizer
 
@@ -218,7 +219,7 @@ def generation(kind: str, tmp: Path, args: argparse.Namespace) -> None:
         registry.adapters.publish(TENANT, f"{kind}-{i}", kind="LORA", base_model=kind, files={LORA_WEIGHTS_FILE: path})
 
     def req(adapters: list[tuple[str, float]]) -> GenerationRequest:
-        specs = tuple(AdapterSpec(n, None, None, w, "x") for n, w in adapters)
+        specs = tuple(AdapterSpec(AdapterRef(TENANT, n), w, "x") for n, w in adapters)
         return GenerationRequest(kind, "a photo of a red box", adapters=specs, steps=steps, width=size, height=size,
                                  seed=1)
 
@@ -260,14 +261,14 @@ def generation(kind: str, tmp: Path, args: argparse.Namespace) -> None:
 def switching(handle: EngineHandle, loop: LoopThread, kind: str, req: Callable[..., GenerationRequest],
               reps: int, device: str, ours: dict[str, float]) -> None:
     names = [f"{kind}-{i}" for i in range(8)]
-    loop.run(handle.engine.preload(TENANT, kind, [AdapterSpec(n, None, None, 1.0, "x") for n in names]))
+    loop.run(handle.engine.preload(TENANT, kind, [AdapterSpec(AdapterRef(TENANT, n), 1.0, "x") for n in names]))
     cycle = iter(range(10**6))
     rr = median_ms(lambda: handle.generate(req([(names[next(cycle) % 8], 1.0)])), max(reps, 8), device)
     row(f"{kind} generate, round robin over 8 cached LoRAs", f"{rr:.0f} ms", f"{rr / ours['1 LoRA']:.3f}x same")
     engine = handle.engine
     base = engine.pipelines.get(kind)
-    uses = [loop.run(engine._load(loop.run(engine._resolve(TENANT, [AdapterSpec(n, None, None, 1.0, "x")], base)),
-                                  [AdapterSpec(n, None, None, 1.0, "x")])) for n in names]
+    one = [[AdapterSpec(AdapterRef(TENANT, n), 1.0, "x")] for n in names]
+    uses = [loop.run(engine._load(loop.run(engine._resolve(TENANT, spec, base)), spec)) for spec in one]
 
     # Timed on the device thread: Prepared.attach_ms is host time only, and the restore copies
     # and merge GEMMs it launches would still be running on the GPU.

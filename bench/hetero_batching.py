@@ -38,6 +38,7 @@ from _common import (
 )
 
 from services.inference.types import AdapterSpec
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 N = 8
@@ -69,7 +70,7 @@ def main() -> None:
             **{arm: EngineHandle(loop, settings_for(tmp, pipeline_dir, arm, continuous_batching=True, **batched),
                                  registry, exact_batching=False) for arm in ("stream-hetero", "stream-one")},
         }
-        specs = [AdapterSpec(n, None, None, 1.0, "x") for n in names]
+        specs = [AdapterSpec(AdapterRef(TENANT, n), 1.0, "x") for n in names]
         for handle in engines.values():
             one = handle in (engines["one-lora"], engines["stream-one"])
             loop.run(handle.engine.preload(TENANT, "tiny", specs[:1] if one else specs))

@@ -32,6 +32,7 @@ from _common import (
 )
 
 from services.inference.types import AdapterSpec
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 ADAPTERS = 100
@@ -62,7 +63,7 @@ def main() -> None:
         single = EngineHandle(loop, settings_for(tmp, pipeline_dir, "single", max_batch_size=4), registry)
         many = EngineHandle(loop, settings_for(tmp, pipeline_dir, "many", device_cache_max_adapters=DEVICE_TIER,
                                                max_batch_size=4), registry)
-        loop.run(many.engine.preload(TENANT, "tiny", [AdapterSpec(n, None, None, 1.0, "x") for n in names],
+        loop.run(many.engine.preload(TENANT, "tiny", [AdapterSpec(AdapterRef(TENANT, n), 1.0, "x") for n in names],
                                      tier="host"))
         picks = zipf_choices(ADAPTERS, args.requests, args.zipf)
         zipf_reqs = [request([(names[k], 1.0)], steps=args.steps, seed=i) for i, k in enumerate(picks)]

@@ -26,7 +26,7 @@ from PIL import Image as PILImage
 from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
-from services.common.errors import Cancelled, FailedPrecondition, InvalidInput
+from services.common.errors import Cancelled, FailedPrecondition, InvalidInput, PermissionDenied
 from services.common.quotas import TenantRateLimiter
 from services.common.usage import UsageLedger, device_label
 from services.inference.abort import AbortGuard
@@ -53,7 +53,6 @@ from services.inference.types import (
 )
 from services.inference.validation import check_latent_area
 from services.registry.manifests import AdapterManifest
-from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 
 T = TypeVar("T")
@@ -287,8 +286,9 @@ class InferenceEngine:
     async def _resolve(self, tenant: str, specs: Sequence[AdapterSpec], base: BaseModel,
                        for_device: bool = True) -> list[AdapterManifest]:
         async def one(spec: AdapterSpec) -> AdapterManifest:
-            ref = AdapterRef(tenant, spec.name, spec.version, spec.alias)
-            manifest = await self.on_io(self.resolver.resolve, ref)
+            if spec.ref.tenant != tenant:  # the edge parses refs in the caller's tenant: never cross it
+                raise PermissionDenied(f"{spec.field}: a reference of another tenant")
+            manifest = await self.on_io(self.resolver.resolve, spec.ref)
             self._check_base(manifest, base, spec)
             return manifest
 

@@ -85,21 +85,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._engine = engine
         self._settings = engine.settings
 
-    async def _parse(self, spec: inference_pb2.GenerationSpec) -> GenerationRequest:
+    async def _parse(self, spec: inference_pb2.GenerationSpec, tenant: str) -> GenerationRequest:
         """Specs carrying images are decoded on the I/O pool, not on the event loop."""
         if spec.init_image or spec.mask_image:
-            return await self._engine.on_io(parse_spec, spec, self._settings)
-        return parse_spec(spec, self._settings)
+            return await self._engine.on_io(parse_spec, spec, self._settings, tenant)
+        return parse_spec(spec, self._settings, tenant)
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
-        spec = await self._parse(request.spec)
-        result = await self._engine.generate(current_tenant(), spec, deadline=_deadline(context))
+        tenant = current_tenant()
+        spec = await self._parse(request.spec, tenant)
+        result = await self._engine.generate(tenant, spec, deadline=_deadline(context))
         return result_to_proto(result)
 
     async def GenerateStream(self, request: inference_pb2.GenerateStreamRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        spec = await self._parse(request.spec)
+        tenant = current_tenant()
+        spec = await self._parse(request.spec, tenant)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Progress] = asyncio.Queue()
 
@@ -107,7 +109,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         task = asyncio.ensure_future(
-            self._engine.generate(current_tenant(), spec, deadline=_deadline(context), progress=progress))
+            self._engine.generate(tenant, spec, deadline=_deadline(context), progress=progress))
         getter: asyncio.Future[Progress] | None = None
         try:
             while not task.done():
@@ -132,10 +134,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             errors.add("base_model", "must not be empty")
         tier = TIER_NAMES.get(request.tier, "device") if request.tier else "device"
         limit = self._settings.device_cache_max_adapters if tier == "device" else MAX_PRELOAD_BELOW_DEVICE
-        specs = check_refs(list(request.adapters), [1.0] * len(request.adapters), "adapters", "", limit, errors)
+        tenant = current_tenant()
+        specs = check_refs(tenant, list(request.adapters), [1.0] * len(request.adapters), "adapters", "", limit,
+                           errors)
         errors.raise_if_any()
         started = time.perf_counter()
-        resolved = await self._engine.preload(current_tenant(), request.base_model, specs, tier)
+        resolved = await self._engine.preload(tenant, request.base_model, specs, tier)
         return inference_pb2.PreloadAdaptersResponse(
             adapters=[inference_pb2.ResolvedAdapter(name=a.name, version=a.version, kind=KINDS[a.kind],
                                                     manifest_digest=a.manifest_digest, weight=a.weight)

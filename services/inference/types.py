@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.inference.merge_methods import LINEAR_MERGE, MergeSpec
+from services.registry.refs import AdapterRef
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PilImage
@@ -15,9 +16,7 @@ if TYPE_CHECKING:
 class AdapterSpec:
     """One `{adapter ref, weight}` of a request, validated."""
 
-    name: str
-    version: int | None
-    alias: str | None
+    ref: AdapterRef
     weight: float
     field: str  # "spec.adapters[i]", for errors about this entry
 

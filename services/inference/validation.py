@@ -20,6 +20,7 @@ from services.inference.merge_methods import DARE_LINEAR, DARE_TIES, LINEAR, TIE
 from services.inference.textual_inversion import RESERVED_MARK
 from services.inference.types import AdapterSpec, GenerationRequest
 from services.registry.names import ALIAS_RULE, NAME_PATTERN, NAME_RULE, RESERVED_ALIASES, parse_base_ref
+from services.registry.refs import AdapterRef
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -59,8 +60,8 @@ def _check_base_ref(ref: str, field: str, errors: Violations) -> None:
         errors.items.extend(exc.violations)
 
 
-def check_ref(ref: common_pb2.AdapterRef, field: str, errors: Violations) -> tuple[str, int | None, str | None]:
-    """Validate one AdapterRef; returns (name, version, alias)."""
+def check_ref(ref: common_pb2.AdapterRef, tenant: str, field: str, errors: Violations) -> AdapterRef:
+    """Validate one AdapterRef message; returns the caller's (`tenant`'s) parsed reference."""
     if not _name_ok(ref.name):
         errors.add(f"{field}.name", "must not be empty" if not ref.name else NAME_RULE)
     selector = ref.WhichOneof("selector")
@@ -70,25 +71,26 @@ def check_ref(ref: common_pb2.AdapterRef, field: str, errors: Violations) -> tup
         errors.add(f"{field}.version", "must be a version number >= 1")
     if alias is not None and (not _name_ok(alias) or alias in RESERVED_ALIASES):
         errors.add(f"{field}.alias", ALIAS_RULE)
-    return ref.name, version, alias
+    return AdapterRef(tenant, ref.name, version, alias)
 
 
-def check_refs(refs: Sequence[common_pb2.AdapterRef], weights: Sequence[float], prefix: str, ref_suffix: str,
-               limit: int, errors: Violations) -> tuple[AdapterSpec, ...]:
-    """Validate a list of references (and weights); at most `limit`, each name once."""
+def check_refs(tenant: str, refs: Sequence[common_pb2.AdapterRef], weights: Sequence[float], prefix: str,
+               ref_suffix: str, limit: int, errors: Violations) -> tuple[AdapterSpec, ...]:
+    """Validate a list of `tenant`'s references (and weights); at most `limit`, each name once."""
     if len(refs) > limit:
         errors.add(prefix, f"{len(refs)} adapters given; at most {limit} per request")
     seen: dict[str, int] = {}
     specs = []
     for i, (ref, weight) in enumerate(zip(refs, weights, strict=True)):
         field = f"{prefix}[{i}]"
-        name, version, alias = check_ref(ref, field + ref_suffix, errors)
-        if name in seen:
-            errors.add(field + ref_suffix + ".name", f"adapter {name!r} is already listed at index {seen[name]}")
-        seen.setdefault(name, i)
+        parsed = check_ref(ref, tenant, field + ref_suffix, errors)
+        if parsed.name in seen:
+            errors.add(field + ref_suffix + ".name",
+                       f"adapter {parsed.name!r} is already listed at index {seen[parsed.name]}")
+        seen.setdefault(parsed.name, i)
         if not math.isfinite(weight) or abs(weight) > WEIGHT_LIMIT:
             errors.add(f"{field}.weight", f"must be within [-{WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}], got {weight}")
-        specs.append(AdapterSpec(name, version, alias, float(weight), field))
+        specs.append(AdapterSpec(parsed, float(weight), field))
     return tuple(specs)
 
 
@@ -144,14 +146,14 @@ def _init_fields(spec: inference_pb2.GenerationSpec) -> InitImageFields:
     return InitImageFields(spec.init_image, spec.mask_image, strength, spec.width, spec.height)
 
 
-def parse_spec(spec: inference_pb2.GenerationSpec, settings: Settings) -> GenerationRequest:
-    """Validate and normalise a GenerationSpec; InvalidInput lists every bad field."""
+def parse_spec(spec: inference_pb2.GenerationSpec, settings: Settings, tenant: str) -> GenerationRequest:
+    """Validate and normalise `tenant`'s GenerationSpec; InvalidInput lists every bad field."""
     errors = Violations()
     _check_base_ref(spec.base_model, "spec.base_model", errors)
     _check_prompt(spec.prompt, "spec.prompt", True, errors)
     _check_prompt(spec.negative_prompt, "spec.negative_prompt", False, errors)
-    adapters = check_refs([a.ref for a in spec.adapters], [a.weight for a in spec.adapters], "spec.adapters",
-                          ".ref", settings.max_adapters_per_request, errors)
+    adapters = check_refs(tenant, [a.ref for a in spec.adapters], [a.weight for a in spec.adapters],
+                          "spec.adapters", ".ref", settings.max_adapters_per_request, errors)
     if spec.num_images > settings.max_images_per_request:
         errors.add("spec.num_images", f"at most {settings.max_images_per_request}, got {spec.num_images}")
     if spec.steps > settings.max_inference_steps:

@@ -24,38 +24,43 @@ from typing import TYPE_CHECKING
 
 from services.common.errors import AtelierError, FailedPrecondition, InvalidInput, ResourceExhausted
 from services.inference.types import AdapterSpec
+from services.registry.refs import TEXT_FORM, AdapterRef
 
 if TYPE_CHECKING:
     from services.inference.engine import InferenceEngine
 
 log = logging.getLogger(__name__)
 
-_PART = r"[a-z0-9][a-z0-9\-_.]{0,62}"
-_REF = re.compile(rf"^(?P<base>{_PART}(?:@\d+)?)/(?P<tenant>[^/@:\s]+)/(?P<name>{_PART})"
-                  rf"(?:@(?P<version>\d+)|:(?P<alias>{_PART}))?$")
+_REF = re.compile(r"(?P<base>[a-z0-9][a-z0-9\-_.]{0,62}(?:@\d+)?)/(?P<tenant>[^/@:\s]+)/(?P<ref>\S+)")
 
 
 @dataclass(frozen=True)
 class WarmRef:
     raw: str
     base_model: str
-    tenant: str
-    spec: AdapterSpec
+    spec: AdapterSpec  # spec.ref: the adapter reference, in the setting's tenant
 
 
 def parse_refs(text: str, setting: str) -> list[WarmRef]:
     """Parse one setting's value; InvalidInput names the setting and the bad entry."""
     refs = []
     for i, raw in enumerate(part.strip() for part in text.split(",")):
-        if not raw:
-            continue
-        match = _REF.fullmatch(raw)
-        if match is None or match["version"] == "0":
-            raise InvalidInput(setting, f"{raw!r} is not BASE_MODEL/TENANT/NAME[@VERSION|:ALIAS]")
-        version = int(match["version"]) if match["version"] else None
-        spec = AdapterSpec(match["name"], version, match["alias"], 1.0, f"{setting}[{i}]")
-        refs.append(WarmRef(raw, match["base"], match["tenant"], spec))
+        if raw:
+            base, ref = _parse_one(raw, setting)
+            refs.append(WarmRef(raw, base, AdapterSpec(ref, 1.0, f"{setting}[{i}]")))
     return refs
+
+
+def _parse_one(raw: str, setting: str) -> tuple[str, AdapterRef]:
+    """(base model, adapter reference) of BASE_MODEL/TENANT/NAME[@VERSION|:ALIAS]."""
+    bad = InvalidInput(setting, f"{raw!r} is not BASE_MODEL/TENANT/{TEXT_FORM}")
+    match = _REF.fullmatch(raw)
+    if match is None:
+        raise bad
+    try:
+        return match["base"], AdapterRef.parse(match["ref"], match["tenant"], setting)
+    except InvalidInput:
+        raise bad from None
 
 
 async def warm_start(engine: InferenceEngine) -> None:
@@ -77,13 +82,13 @@ async def warm_start(engine: InferenceEngine) -> None:
 async def _load(engine: InferenceEngine, ref: WarmRef, setting: str, pin: bool) -> None:
     try:
         try:
-            await engine.preload(ref.tenant, ref.base_model, [ref.spec], "device", pin=pin)
+            await engine.preload(ref.spec.ref.tenant, ref.base_model, [ref.spec], "device", pin=pin)
         except ResourceExhausted:
             if pin:
                 raise
             # The pins leave no room: a preload still saves the download and the parse.
             log.warning("preload kept in the host tier (device tier full of pins)", extra={"ref": ref.raw})
-            await engine.preload(ref.tenant, ref.base_model, [ref.spec], "host")
+            await engine.preload(ref.spec.ref.tenant, ref.base_model, [ref.spec], "host")
     except AtelierError as exc:
         raise FailedPrecondition(f"{setting}: cannot {'pin' if pin else 'preload'} {ref.raw}: {exc}",
                                  field_name=setting) from exc

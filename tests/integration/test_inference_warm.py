@@ -29,6 +29,7 @@ from services.inference.pipelines import folder_digest
 from services.inference.servicer import inference_bindings
 from services.inference.warm import parse_refs
 from services.registry.manifests import LORA_WEIGHTS_FILE
+from services.registry.refs import AdapterRef
 from services.registry.registry import Registry
 from services.runtime import start_runtime
 from tests.fixtures.s3 import MotoServer, free_port
@@ -170,9 +171,9 @@ def test_pins_that_do_not_fit_fail_start_up(published: tuple[Settings, int]) -> 
 
 def test_reference_format() -> None:
     refs = parse_refs(" tiny/acme/style-1@3, tiny@2/acme/style-2:prod ,tiny/acme/latest-one", "preload_adapters")
-    assert [(r.base_model, r.tenant, r.spec.name, r.spec.version, r.spec.alias) for r in refs] == [
-        ("tiny", "acme", "style-1", 3, None), ("tiny@2", "acme", "style-2", None, "prod"),
-        ("tiny", "acme", "latest-one", None, None)]
+    assert [(r.base_model, r.spec.ref) for r in refs] == [
+        ("tiny", AdapterRef("acme", "style-1", version=3)), ("tiny@2", AdapterRef("acme", "style-2", alias="prod")),
+        ("tiny", AdapterRef("acme", "latest-one"))]
     for bad in ("tiny/acme", "tiny/acme/x@0", "tiny/acme/x@1:prod", "Tiny/acme/x", "tiny//x"):
         with pytest.raises(InvalidInput) as info:
             parse_refs(bad, "pinned_adapters")

@@ -9,10 +9,11 @@ from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.inference.textual_inversion import TiBinding, rewrite_prompts
 from services.inference.validation import DEFAULT_GUIDANCE, DEFAULT_STEPS, parse_spec
+from services.registry.refs import AdapterRef
 
 
 def test_defaults_fill_unset_fields() -> None:
-    request = parse_spec(inference_pb2.GenerationSpec(base_model="tiny", prompt="a box"), Settings())
+    request = parse_spec(inference_pb2.GenerationSpec(base_model="tiny", prompt="a box"), Settings(), "t")
     assert (request.num_images, request.steps, request.guidance_scale) == (1, DEFAULT_STEPS, DEFAULT_GUIDANCE)
     assert (request.width, request.height, request.scheduler) == (0, 0, "default")
     assert 0 <= request.seed < 2**64
@@ -24,9 +25,9 @@ def test_refs_versions_aliases_and_weights() -> None:
         inference_pb2.AdapterWeight(ref=common_pb2.AdapterRef(name="b", alias="prod"), weight=0.5),
         inference_pb2.AdapterWeight(ref=common_pb2.AdapterRef(name="c"), weight=2.0),
     ])
-    request = parse_spec(spec, Settings())
-    assert [(a.name, a.version, a.alias, a.weight) for a in request.adapters] == [
-        ("a", 3, None, -2.0), ("b", None, "prod", 0.5), ("c", None, None, 2.0)]
+    request = parse_spec(spec, Settings(), "t")
+    assert [(a.ref, a.weight) for a in request.adapters] == [
+        (AdapterRef("t", "a", version=3), -2.0), (AdapterRef("t", "b", alias="prod"), 0.5), (AdapterRef("t", "c"), 2.0)]
     assert request.seed == 0
 
 
@@ -36,7 +37,7 @@ def test_reserved_alias_and_version_zero_are_refused(alias: str, version: int | 
     spec = inference_pb2.GenerationSpec(base_model="tiny", prompt="p",
                                         adapters=[inference_pb2.AdapterWeight(ref=ref, weight=1.0)])
     with pytest.raises(InvalidInput) as exc:
-        parse_spec(spec, Settings())
+        parse_spec(spec, Settings(), "t")
     assert exc.value.violations[0].field in ("spec.adapters[0].ref.alias", "spec.adapters[0].ref.version")
 
 
@@ -44,7 +45,7 @@ def test_nan_weight_is_refused() -> None:
     spec = inference_pb2.GenerationSpec(base_model="tiny", prompt="p", adapters=[
         inference_pb2.AdapterWeight(ref=common_pb2.AdapterRef(name="a"), weight=float("nan"))])
     with pytest.raises(InvalidInput) as exc:
-        parse_spec(spec, Settings())
+        parse_spec(spec, Settings(), "t")
     assert exc.value.violations[0].field == "spec.adapters[0].weight"
 
 

@@ -107,7 +107,8 @@ def test_proto_conversion() -> None:
     assert pc.kind_from_proto(common_pb2.ADAPTER_KIND_UNSPECIFIED) is None
     with pytest.raises(InvalidInput):
         pc.kind_from_proto(99)
-    assert pc.ref_from_proto(common_pb2.AdapterRef(name="cat", alias="prod"), "t") == AdapterRef("t", "cat", alias="prod")
+    by_alias = common_pb2.AdapterRef(name="cat", alias="prod")
+    assert pc.ref_from_proto(by_alias, "t") == AdapterRef("t", "cat", alias="prod")
     assert pc.ref_from_proto(common_pb2.AdapterRef(name="cat", version=2), "t") == AdapterRef("t", "cat", version=2)
     assert pc.ref_from_proto(common_pb2.AdapterRef(name="cat"), "t") == AdapterRef("t", "cat")
     with pytest.raises(InvalidInput) as err:
