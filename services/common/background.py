@@ -1,9 +1,10 @@
-"""One named background coroutine an object runs on the event loop, and stops with it."""
+"""Background work an object starts and stops with itself: a loop task or a daemon thread."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -30,3 +31,32 @@ class BackgroundTask:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+class DaemonThread:
+    """`run()` in a named daemon thread, which runs until `stop` is set (run must watch it).
+
+    `start` starts it once; `close` sets `stop`, joins the thread up to `timeout` seconds and
+    forgets it (a later `start` runs `run` again, which finds `stop` set).
+    """
+
+    def __init__(self, name: str, run: Callable[[], None]) -> None:
+        self.stop = threading.Event()
+        self._name = name
+        self._run = run
+        self._thread: threading.Thread | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float | None) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None

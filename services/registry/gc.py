@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from services.common.background import DaemonThread
 from services.registry.documents import read_doc
 from services.registry.manifests import AdapterManifest, BaseModelManifest, CheckpointManifest, DatasetManifest
 from services.registry.registry import Registry
@@ -149,24 +149,23 @@ class PeriodicCollector:
         self._registry = registry
         self._interval = interval
         self._grace = grace_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = DaemonThread("registry-gc", self._run)
         self.runs = 0
 
+    @property
+    def started(self) -> bool:
+        return self._thread.started
+
     def start(self) -> PeriodicCollector:
-        if self._interval > 0 and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="registry-gc", daemon=True)
+        if self._interval > 0:
             self._thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._thread.close(timeout)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval * random.uniform(0.9, 1.1)):
+        while not self._thread.stop.wait(self._interval * random.uniform(0.9, 1.1)):
             try:
                 collect_garbage(self._registry, grace_seconds=self._grace)
             except Exception:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +28,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.engine import Engine
 
+from services.common.background import DaemonThread
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.training import webhook_outbox as outbox
@@ -107,19 +107,14 @@ class WebhookDispatcher:
         self._engine = engine
         self._post = post
         self._clock = clock
-        self.stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = DaemonThread("atelier-webhooks", self.run_forever)
+        self.stop = self._thread.stop
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self.run_forever, name="atelier-webhooks", daemon=True)
-            self._thread.start()
+        self._thread.start()
 
     def close(self, timeout: float | None = 10.0) -> None:
-        self.stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._thread.close(timeout)
 
     def run_forever(self) -> None:
         while not self.stop.is_set():

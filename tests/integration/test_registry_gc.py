@@ -234,7 +234,7 @@ def test_periodic_collector_runs_on_its_interval(local_settings: Settings, tmp_p
     finally:
         collector.stop()
     assert orphan.sha256 not in _blob_keys(registry) and collector.runs >= 1
-    assert PeriodicCollector(registry, interval=0, grace_seconds=0).start()._thread is None  # 0 disables
+    assert PeriodicCollector(registry, interval=0, grace_seconds=0).start().started is False  # 0 disables
 
 
 def test_cli_registry_gc_dry_run_then_real(local_settings: Settings, tmp_path: Path) -> None:
