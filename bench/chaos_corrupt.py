@@ -215,7 +215,6 @@ def resume_path(ctx: ChaosContext, run: CorruptionRun, tenant: str = "tenant-a")
     the shared registry): the resume fetch answers DataLoss, the job FAILS, nothing loads."""
     from services.training import convert
     from services.training.jobstore import JobStore
-    from services.training.trainers import TrainConfig
     from services.training.worker import Worker
 
     store_name = ctx.registry_settings.registry_url.split(":", 1)[0]
@@ -229,7 +228,7 @@ def resume_path(ctx: ChaosContext, run: CorruptionRun, tenant: str = "tenant-a")
         method=common_pb2.ADAPTER_KIND_LORA, base_model=ctx.base_model, dataset_id=dataset.id,
         output_name="resumed", instance_prompt="a photo of sks",
         hyperparameters=training_pb2.Hyperparameters(max_train_steps=4, resolution=32, checkpointing_steps=2))
-    config = TrainConfig.from_proto(spec)
+    config = convert.config_from_proto(spec)
     store = JobStore.open(settings)
     try:
         job, _ = store.create_job(tenant, "", method=config.method, spec=convert.spec_to_dict(spec),

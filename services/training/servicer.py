@@ -1,8 +1,9 @@
 """TrainingService: datasets and training jobs over gRPC, scoped to the calling tenant.
 
-Thin: it checks request shapes, resolves and validates the training config, and calls the
-registry (datasets, existence checks) and the job store, running their synchronous code in
-worker threads. Errors are typed domain errors; the server's interceptor maps them.
+Thin: messages become plain values in `services.training.convert` (which also resolves and
+validates the training config, reporting every bad field at once), then it calls the registry
+(datasets, existence checks) and the job store, running their synchronous code in worker
+threads. Errors are typed domain errors; the server's interceptor maps them.
 
 WatchTrainingJob sends the job as it stands first, then replays the job's event log from
 that point, polling the database (`watch_poll_seconds`). Polling keeps the API stateless:
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
@@ -23,7 +23,7 @@ from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.common.server import ServiceBinding
 from services.registry import convert as pc
-from services.registry.names import validate_alias, validate_base_ref, validate_name
+from services.registry.names import validate_name
 from services.registry.registry import Registry
 from services.training import convert
 from services.training.datasets import validate_dataset
@@ -31,12 +31,10 @@ from services.training.jobstore import JobStore
 from services.training.quotas import check_room_for_job, check_upload_bytes
 from services.training.schema import TERMINAL_STATES
 from services.training.tokenizers import BaseModelTokenizers
-from services.training.trainers import TrainConfig, validate_against_tokenizer, validate_config
+from services.training.trainers import TrainConfig, validate_against_tokenizer
 from services.training.upload import UploadAssembler
-from services.training.webhooks import validate_webhook
 
 SERVICE_NAME = "atelier.v1.TrainingService"
-MAX_REQUEST_ID_CHARS = 128
 MAX_PAGE_SIZE = 1000
 
 
@@ -60,12 +58,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     # --- datasets -----------------------------------------------------------------------
     async def UploadDataset(
-        self, request_iterator: AsyncIterator[training_pb2.UploadDatasetRequest], context: Any
+        self, request_iterator: AsyncIterator[training_pb2.UploadDatasetRequest], context: grpc.aio.ServicerContext
     ) -> training_pb2.UploadDatasetResponse:
         tenant = current_tenant()
         assembler = UploadAssembler(self._settings)
         async for message in request_iterator:
-            assembler.add(message)
+            assembler.add(convert.upload_part(message))
         name = assembler.name or "dataset"
         validate_name(name, "header.name")
         valid = await asyncio.to_thread(validate_dataset, assembler.images(), self._settings)
@@ -79,12 +77,14 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         )
         return training_pb2.UploadDatasetResponse(dataset=pc.dataset_to_proto(manifest))
 
-    async def GetDataset(self, request: training_pb2.GetDatasetRequest, context: Any) -> Any:
+    async def GetDataset(self, request: training_pb2.GetDatasetRequest,
+                         context: grpc.aio.ServicerContext) -> training_pb2.GetDatasetResponse:
         validate_name(request.id, "id")
         manifest = await asyncio.to_thread(self._registry.datasets.get, current_tenant(), request.id)
         return training_pb2.GetDatasetResponse(dataset=pc.dataset_to_proto(manifest))
 
-    async def ListDatasets(self, request: training_pb2.ListDatasetsRequest, context: Any) -> Any:
+    async def ListDatasets(self, request: training_pb2.ListDatasetsRequest,
+                           context: grpc.aio.ServicerContext) -> training_pb2.ListDatasetsResponse:
         manifests, token = await asyncio.to_thread(
             self._registry.datasets.list_page, current_tenant(), _page_size(request.page_size), request.page_token
         )
@@ -93,55 +93,48 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         )
 
     # --- jobs ---------------------------------------------------------------------------
-    async def CreateTrainingJob(self, request: training_pb2.CreateTrainingJobRequest, context: Any) -> Any:
+    async def CreateTrainingJob(self, request: training_pb2.CreateTrainingJobRequest,
+                                context: grpc.aio.ServicerContext) -> training_pb2.CreateTrainingJobResponse:
         tenant = current_tenant()
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidInput("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
-        webhook = validate_webhook(request.webhook_url, request.webhook_secret)
-        spec = request.spec
-        config = TrainConfig.from_proto(spec)
-        validate_name(spec.output_name, "spec.output_name")
-        if spec.output_alias:
-            validate_alias(spec.output_alias, "spec.output_alias")
-        validate_config(config, self._settings)
-        pinned = await asyncio.to_thread(self._check_references, tenant, config)
-        config = config.model_copy(update={"base_model": pinned})
+        new = convert.new_job_from_proto(request, self._settings)  # every bad field at once
+        pinned = await asyncio.to_thread(self._check_references, tenant, new.config)
+        config = new.config.model_copy(update={"base_model": pinned})
         await asyncio.to_thread(check_room_for_job, self._registry, self._settings, tenant)
         job, created = await asyncio.to_thread(
             self._store.create_job,
             tenant,
-            request.request_id,
+            new.request_id,
             method=config.method,
-            spec=convert.spec_to_dict(spec),
+            spec=new.spec,
             output_name=config.output_name,
             total_steps=config.max_train_steps,
             config=config.model_dump(mode="json"),
-            webhook=webhook,
+            webhook=new.webhook,
         )
         return training_pb2.CreateTrainingJobResponse(job=convert.job_to_proto(job), created=created)
 
     def _check_references(self, tenant: str, config: TrainConfig) -> str:
-        """NOT_FOUND now for an unknown base model or dataset, rather than a FAILED job later.
+        """NOT_FOUND now for an unknown base model or dataset, rather than a FAILED job later
+        (the names' syntax was checked with the rest of the request).
 
         Returns the base model pinned as `name@N`: the job stores it, so every attempt trains
         on the version validated here even if an admin imports a newer one meanwhile.
         """
-        validate_base_ref(config.base_model, "spec.base_model")
-        validate_name(config.dataset_id, "spec.dataset_id")
         base = self._registry.base_models.get(config.base_model)
         self._registry.datasets.get(tenant, config.dataset_id)
         if config.method == "TEXTUAL_INVERSION":
             validate_against_tokenizer(config, self._tokenizers.get(base))
         if config.with_prior_preservation and config.class_dataset_id:
-            validate_name(config.class_dataset_id, "spec.prior_preservation.class_dataset_id")
             self._registry.datasets.get(tenant, config.class_dataset_id)
         return base.ref
 
-    async def GetTrainingJob(self, request: training_pb2.GetTrainingJobRequest, context: Any) -> Any:
+    async def GetTrainingJob(self, request: training_pb2.GetTrainingJobRequest,
+                             context: grpc.aio.ServicerContext) -> training_pb2.GetTrainingJobResponse:
         job = await asyncio.to_thread(self._store.get_job, self._job_id(request.id), current_tenant())
         return training_pb2.GetTrainingJobResponse(job=convert.job_to_proto(job))
 
-    async def ListTrainingJobs(self, request: training_pb2.ListTrainingJobsRequest, context: Any) -> Any:
+    async def ListTrainingJobs(self, request: training_pb2.ListTrainingJobsRequest,
+                               context: grpc.aio.ServicerContext) -> training_pb2.ListTrainingJobsResponse:
         jobs, token = await asyncio.to_thread(
             self._store.list_jobs,
             current_tenant(),
@@ -154,12 +147,13 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             jobs=[convert.job_to_proto(j) for j in jobs], next_page_token=token
         )
 
-    async def CancelTrainingJob(self, request: training_pb2.CancelTrainingJobRequest, context: Any) -> Any:
+    async def CancelTrainingJob(self, request: training_pb2.CancelTrainingJobRequest,
+                                context: grpc.aio.ServicerContext) -> training_pb2.CancelTrainingJobResponse:
         job = await asyncio.to_thread(self._store.cancel_job, self._job_id(request.id), current_tenant())
         return training_pb2.CancelTrainingJobResponse(job=convert.job_to_proto(job))
 
     async def WatchTrainingJob(
-        self, request: training_pb2.WatchTrainingJobRequest, context: Any
+        self, request: training_pb2.WatchTrainingJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[training_pb2.WatchTrainingJobResponse]:
         tenant = current_tenant()
         job_id = self._job_id(request.id)
@@ -191,10 +185,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
 
 def training_bindings(
-    settings: Settings, store: JobStore, registry: Registry, **kwargs: Any
+    settings: Settings, store: JobStore, registry: Registry, *, watch_poll_seconds: float = 0.2
 ) -> list[ServiceBinding]:
-    """The ServiceBinding list for start_server; kwargs go to TrainingServicer."""
-    servicer = TrainingServicer(settings, store, registry, **kwargs)
+    """The ServiceBinding list for start_server."""
+    servicer = TrainingServicer(settings, store, registry, watch_poll_seconds=watch_poll_seconds)
 
     def register(server: grpc.aio.Server) -> None:
         training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)

@@ -4,18 +4,39 @@ The stream is an optional header, then image chunks; consecutive chunks with the
 are one image. Indices must run 0, 1, 2, ... so that error messages (`images[<i>]`) name
 the same image the client numbered. Count and byte limits are checked as chunks arrive, so
 an oversized upload is refused without buffering it all.
+
+The servicer turns each `UploadDatasetRequest` into an `UploadHeader` or an `ImageChunk`
+(services.training.convert.upload_part); nothing here reads the proto.
 """
 
 from __future__ import annotations
 
-from atelier_api.v1 import training_pb2
+from dataclasses import dataclass
+
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.training.datasets import UploadedImage
 
 
+@dataclass(frozen=True)
+class UploadHeader:
+    """The optional first message of an upload."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ImageChunk:
+    """Part of one image: chunks with the same `index` are concatenated in order."""
+
+    index: int
+    filename: str
+    caption: str
+    data: bytes
+
+
 class UploadAssembler:
-    """Feed it every `UploadDatasetRequest`, then take `name` and `images()`."""
+    """Feed it every part of the stream (header, image chunks), then take `name` and `images()`."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -24,19 +45,16 @@ class UploadAssembler:
         self._parts: list[tuple[str, str, bytearray]] = []
         self._total = 0
 
-    def add(self, message: training_pb2.UploadDatasetRequest) -> None:
-        which = message.WhichOneof("payload")
-        if which == "header":
-            if self._header_seen or self._parts:
-                raise InvalidInput("header", "the header must be the first message, sent once")
-            self._header_seen = True
-            self.name = message.header.name
-        elif which == "image":
-            self._add_chunk(message.image)
-        else:
-            raise InvalidInput("payload", "each message must carry a header or an image chunk")
+    def add(self, part: UploadHeader | ImageChunk) -> None:
+        if isinstance(part, ImageChunk):
+            self._add_chunk(part)
+            return
+        if self._header_seen or self._parts:
+            raise InvalidInput("header", "the header must be the first message, sent once")
+        self._header_seen = True
+        self.name = part.name
 
-    def _add_chunk(self, chunk: training_pb2.DatasetImageChunk) -> None:
+    def _add_chunk(self, chunk: ImageChunk) -> None:
         index = chunk.index
         field = f"images[{index}]"
         current = len(self._parts) - 1

@@ -27,14 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from google.protobuf import json_format
-
-from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.common.errors import DataLoss, FailedPrecondition, InvalidInput, NotFound
 from services.registry.manifests import AdapterManifest, BaseModelManifest
 from services.registry.registry import Registry
 from services.registry.safety import first_non_finite
+from services.training.convert import config_from_stored_spec
 from services.training.db_retry import retry_transient
 from services.training.job_run import JobCallbacks, LeaseKeeper
 from services.training.jobstore import JobStore
@@ -64,7 +62,7 @@ def config_of(job: JobRecord) -> TrainConfig:
     """The job's resolved config (stored at create, so every attempt uses the same seed)."""
     if job.config:
         return TrainConfig(**job.config)
-    return TrainConfig.from_proto(json_format.ParseDict(job.spec, training_pb2.TrainingJobSpec()))
+    return config_from_stored_spec(job.spec)  # a row from before the config was stored
 
 
 def check_tokenizer(config: TrainConfig, base_dir: Path) -> None:

@@ -165,7 +165,8 @@ def test_bad_job_requests_get_their_code_and_field(stack: TrainingStack) -> None
     no_method.method = common_pb2.ADAPTER_KIND_UNSPECIFIED
     cases.append((no_method, "spec.method"))
     ti = training_pb2.TrainingJobSpec(method=TI, base_model="tiny", dataset_id=ds, output_name="toy",
-                                      instance_prompt="a toy")
+                                      instance_prompt="a toy",
+                                      textual_inversion=training_pb2.TextualInversionOptions(initializer_token="toy"))
     cases.append((ti, "spec.textual_inversion.placeholder_token"))
     for spec, field in cases:
         err = rpc_error(lambda s=spec: stack.create(s))

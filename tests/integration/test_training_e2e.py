@@ -22,8 +22,7 @@ from atelier_api.v1 import common_pb2, registry_pb2, training_pb2
 from services.common.config import Settings
 from services.common.errors import AdapterNotFound
 from services.registry.refs import AdapterRef
-from services.training.convert import spec_to_dict
-from services.training.trainers import TrainConfig
+from services.training.convert import config_from_proto, spec_to_dict
 from tests.fixtures.models import make_concept_images
 from tests.integration.test_training_support import (
     DREAMBOOTH,
@@ -191,7 +190,7 @@ def test_failed_job_reports_its_error_and_the_worker_carries_on(sqlite_stack: Tr
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violation_fields(err) == ["spec.textual_inversion.placeholder_token"]
     # ...and a worker handed such a job anyway (e.g. queued by an older API) fails it for good.
-    config = TrainConfig.from_proto(bad)
+    config = config_from_proto(bad)
     record, _ = stack.store.create_job("default", "legacy-bad-ti", method=config.method, spec=spec_to_dict(bad),
                                        output_name="bad-ti", total_steps=2, config=config.model_dump(mode="json"))
     failed = stack.wait(record.id, lambda j: j.state == training_pb2.JOB_STATE_FAILED)

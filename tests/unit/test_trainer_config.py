@@ -10,6 +10,7 @@ from transformers import CLIPTokenizer
 from atelier_api.v1 import common_pb2, training_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
+from services.training.convert import config_from_proto
 from services.training.trainers.config import (
     PRIOR_PRESERVATION_STEPS,
     TrainConfig,
@@ -48,7 +49,7 @@ def spec(method: str = "LORA", **hyper: object) -> training_pb2.TrainingJobSpec:
 def test_unset_fields_take_the_methods_recipe_defaults(
     method: str, lr: float, steps: int, accum: int, effective: float
 ) -> None:
-    c = TrainConfig.from_proto(spec(method), seed=7)
+    c = config_from_proto(spec(method), seed=7)
     assert (c.learning_rate, c.max_train_steps, c.gradient_accumulation_steps) == (lr, steps, accum)
     assert c.effective_learning_rate == pytest.approx(effective)
     assert c.lr_scheduler == "constant" and c.lr_warmup_steps == 0
@@ -57,7 +58,7 @@ def test_unset_fields_take_the_methods_recipe_defaults(
 
 
 def test_lora_defaults_follow_the_recipe() -> None:
-    c = TrainConfig.from_proto(spec("LORA"))
+    c = config_from_proto(spec("LORA"))
     assert (c.rank, c.alpha, c.dropout) == (4, 4.0, 0.0)
     assert c.target_modules == ["to_k", "to_q", "to_v", "to_out.0"]
     assert c.text_encoder_target_modules == ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -68,7 +69,7 @@ def test_explicit_values_override_and_an_explicit_lr_is_not_scaled() -> None:
     s.hyperparameters.mixed_precision = training_pb2.MIXED_PRECISION_BF16
     s.hyperparameters.validation_prompts.append("a <cat-toy>")
     s.textual_inversion.num_vectors = 3
-    c = TrainConfig.from_proto(s)
+    c = config_from_proto(s)
     assert (c.learning_rate, c.effective_learning_rate, c.max_train_steps, c.resolution) == (1e-3, 1e-3, 10, 64)
     assert (c.seed, c.mixed_precision, c.validation_prompts) == (3, "bf16", ["a <cat-toy>"])
     assert c.instance_prompt == "a photo of a <cat-toy>"
@@ -78,22 +79,22 @@ def test_explicit_values_override_and_an_explicit_lr_is_not_scaled() -> None:
 def test_lora_alpha_defaults_to_the_given_rank() -> None:
     s = spec("LORA")
     s.lora.rank = 16
-    assert TrainConfig.from_proto(s).alpha == 16.0
+    assert config_from_proto(s).alpha == 16.0
     s.lora.alpha = 8
-    assert TrainConfig.from_proto(s).alpha == 8.0
+    assert config_from_proto(s).alpha == 8.0
 
 
 def test_prior_preservation_doubles_default_steps_like_the_recipe() -> None:
     s = spec("DREAMBOOTH")
     s.prior_preservation.enabled = True
     s.prior_preservation.class_prompt = "a dog"
-    c = TrainConfig.from_proto(s)
+    c = config_from_proto(s)
     assert c.max_train_steps == PRIOR_PRESERVATION_STEPS
     assert (c.prior_loss_weight, c.num_class_images) == (1.0, 100)
 
 
 def test_unset_seed_is_drawn_once_and_survives_the_json_round_trip() -> None:
-    c = TrainConfig.from_proto(spec("LORA"))
+    c = config_from_proto(spec("LORA"))
     again = TrainConfig.model_validate_json(c.model_dump_json())
     assert again == c
     assert TrainConfig.model_validate(c.model_dump(mode="json")).seed == c.seed
@@ -103,7 +104,7 @@ def test_unspecified_method_is_invalid() -> None:
     s = spec("LORA")
     s.method = common_pb2.ADAPTER_KIND_UNSPECIFIED
     with pytest.raises(InvalidInput) as err:
-        TrainConfig.from_proto(s)
+        config_from_proto(s)
     assert err.value.violations[0].field == "spec.method"
 
 
@@ -130,7 +131,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("hyper", "field"), BAD_VALUES)
 def test_out_of_range_hyperparameters_name_their_field(hyper: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidInput) as err:
-        validate_config(TrainConfig.from_proto(spec("LORA", **hyper)), Settings())
+        validate_config(config_from_proto(spec("LORA", **hyper)), Settings())
     assert err.value.violations[0].field == field
 
 
@@ -150,12 +151,12 @@ def test_other_bad_fields_are_named(mutate: object, field: str) -> None:
     s.lora.target_modules.extend(["to_q", "to_k", "to_v", "to_out.0"])
     mutate(s)  # type: ignore[operator]
     with pytest.raises(InvalidInput) as err:
-        validate_config(TrainConfig.from_proto(s), Settings())
+        validate_config(config_from_proto(s), Settings())
     assert err.value.violations[0].field == field
 
 
 def test_settings_bound_the_limits() -> None:
-    c = TrainConfig.from_proto(spec("LORA", max_train_steps=600))
+    c = config_from_proto(spec("LORA", max_train_steps=600))
     with pytest.raises(InvalidInput):
         validate_config(c, Settings(max_train_steps=500))
 
@@ -164,16 +165,16 @@ def test_textual_inversion_fields_are_checked() -> None:
     s = spec("TEXTUAL_INVERSION")
     s.textual_inversion.placeholder_token = ""
     with pytest.raises(InvalidInput) as err:
-        validate_config(TrainConfig.from_proto(s), Settings())
+        validate_config(config_from_proto(s), Settings())
     assert err.value.violations[0].field == "spec.textual_inversion.placeholder_token"
     s = spec("TEXTUAL_INVERSION")
     s.instance_prompt = "a photo of a toy"  # no placeholder
     with pytest.raises(InvalidInput) as err:
-        validate_config(TrainConfig.from_proto(s), Settings())
+        validate_config(config_from_proto(s), Settings())
     assert err.value.violations[0].field == "spec.instance_prompt"
     s = spec("TEXTUAL_INVERSION", train_text_encoder=True)
     with pytest.raises(InvalidInput) as err:
-        validate_config(TrainConfig.from_proto(s), Settings())
+        validate_config(config_from_proto(s), Settings())
     assert err.value.violations[0].field == "spec.hyperparameters.train_text_encoder"
 
 
@@ -181,7 +182,7 @@ def test_tokenizer_checks_reject_existing_placeholders_and_multi_token_initializ
     tiny_random_pipeline_dir: Path,
 ) -> None:
     tok = CLIPTokenizer.from_pretrained(tiny_random_pipeline_dir / "tokenizer")
-    good = TrainConfig.from_proto(spec("TEXTUAL_INVERSION"))
+    good = config_from_proto(spec("TEXTUAL_INVERSION"))
     validate_against_tokenizer(good, tok)
     existing = good.model_copy(update={"placeholder_token": "dog", "instance_prompt": "a dog"})
     with pytest.raises(InvalidInput) as err:
