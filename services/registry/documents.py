@@ -40,11 +40,14 @@ def put_if_absent(store: ObjectStore, key: str, data: bytes) -> bool:
     return True
 
 
-def checked_page_size(requested: int, field: str = "page_size") -> int:
-    """0 means the default; negative is a caller error; large values are capped."""
+def checked_page_size(requested: int, field: str = "page_size", maximum: int = MAX_PAGE_SIZE) -> int:
+    """0 means the default; negative is a caller error; values above `maximum` are capped.
+
+    The one page-size rule of every listing (the registry's, and the training job store's).
+    """
     if requested < 0:
         raise InvalidInput(field, "must not be negative")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    return min(requested or DEFAULT_PAGE_SIZE, maximum)
 
 
 def encode_token(scope: str, after: str) -> str:

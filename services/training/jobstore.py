@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.common.config import Settings
 from services.common.errors import AlreadyExists, NotFound, QuotaExceeded
+from services.registry.documents import checked_page_size
 from services.training.db import create_db_engine, migrate
 from services.training.leases import LeaseOps, append_event, count_in_state, lock_tenant
 from services.training.quotas import QUEUED_RETRY_SECONDS
@@ -30,8 +31,7 @@ from services.training.records import JobEvent, JobRecord, decode_page_token, en
 from services.training.schema import epoch_now, events, jobs
 from services.training.sql import QUEUED_JOBS_COUNT_SQL
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 500  # jobs per page at most (the default, 50, is the registry's too)
 
 
 def _new_job_id() -> str:
@@ -168,7 +168,7 @@ class JobStore(LeaseOps):
         method: str | None = None,
     ) -> tuple[list[JobRecord], str]:
         """Newest first, keyset-paginated on (created_at, id); next token "" at the end."""
-        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        size = checked_page_size(page_size, maximum=MAX_PAGE_SIZE)
         query = sa.select(jobs).where(jobs.c.tenant == tenant)
         if state:
             query = query.where(jobs.c.state == state)
