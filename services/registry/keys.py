@@ -58,6 +58,12 @@ class Keys:
     def adapters_prefix(self) -> str:
         return self._p("adapters/")
 
+    def is_adapter_version(self, key: str) -> bool:
+        """True for a `version(...)` key, judged by position (an adapter may be named "versions")."""
+        prefix = self.adapters_prefix()
+        parts = key[len(prefix):].split("/") if key.startswith(prefix) else []
+        return len(parts) == 4 and parts[2] == "versions" and parts[3].endswith(".json")
+
     def datasets_root(self) -> str:
         return self._p("datasets/")
 

@@ -26,7 +26,7 @@ def tenant_stored_bytes(store: ObjectStore, keys: Keys, tenant: str) -> int:
     validate_tenant(tenant)
     total = 0
     for key in store.list_keys(keys.tenant_adapters(tenant)):
-        if "/versions/" not in key or not key.endswith(".json"):
+        if not keys.is_adapter_version(key):
             continue  # aliases and tombstones name no bytes
         try:
             total += read_doc(store, key, AdapterManifest)[0].size_bytes

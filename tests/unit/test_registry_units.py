@@ -85,6 +85,10 @@ def test_key_layout() -> None:
     assert Keys().base_model("sd") == "base-models/sd/manifest.json"
     assert number_from_key(keys.version("t", "cat", 12)) == 12
     assert keys.version("t", "c", 9) < keys.version("t", "c", 10)  # sorted listing is numeric order
+    assert keys.is_adapter_version(keys.version("t", "versions", 3))
+    assert not keys.is_adapter_version(keys.alias("t", "versions", "prod"))  # an adapter named "versions"
+    assert not keys.is_adapter_version(keys.tombstone("t", "cat", 3))
+    assert not keys.is_adapter_version(Keys().version("t", "cat", 3))  # outside this prefix
 
 
 def test_files_digest_is_order_independent() -> None:
