@@ -179,6 +179,23 @@ def test_bad_job_requests_get_their_code_and_field(stack: TrainingStack) -> None
     assert stack.create(lora_spec(ds)).created
 
 
+def test_every_bad_field_of_a_job_request_comes_back_in_one_invalid_argument(stack: TrainingStack) -> None:
+    """services.common.errors.Violations, as inference uses: one BadRequest lists each bad field."""
+    ds = stack.upload(concept_images(2)).dataset.id
+    h = "spec.hyperparameters."
+    err = rpc_error(lambda: stack.create(lora_spec(ds, output="Not A Name", learning_rate=5.0, noise_offset=3.0)))
+    assert err.code() == INVALID
+    assert violation_fields(err) == ["spec.output_name", h + "learning_rate", h + "noise_offset"]
+    # Request fields, unconvertible enum numbers and ranges together; the unset alpha follows the
+    # rank, so only the rank is reported.
+    spec = lora_spec(ds, optimizer=99, train_batch_size=1000)
+    spec.lora.rank = 100_000
+    err = rpc_error(lambda: stack.create(spec, request_id="x" * 500))
+    assert err.code() == INVALID
+    assert violation_fields(err) == ["request_id", h + "optimizer", h + "train_batch_size", "spec.lora.rank"]
+    assert stack.training.ListTrainingJobs(training_pb2.ListTrainingJobsRequest()).jobs == []
+
+
 def test_queue_metrics_are_read_from_the_database(stack: TrainingStack) -> None:
     ds = stack.upload(concept_images()).dataset.id
     for _ in range(3):
