@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from services.registry.registry import Registry
@@ -86,6 +87,34 @@ class LeaseKeeper:
         return self.lost.is_set() or self.cancelled.is_set() or self.shutdown.is_set()
 
 
+class StepPace:
+    """The timing of one attempt's steps: each step's duration, the ETA, and which steps emit a
+    progress event (at most one per `event_interval` seconds, and always the last)."""
+
+    def __init__(self, event_interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._event_interval = event_interval
+        self._clock = clock
+        self.started = self._last_step_at = clock()
+        self._last_event_at = 0.0
+        self._first_step: int | None = None
+
+    def step(self, step: int, total: int) -> tuple[float, float, bool]:
+        """(seconds since the previous step, ETA seconds, emit an event) for `step` of `total`."""
+        now = self._clock()
+        took, self._last_step_at = now - self._last_step_at, now
+        if self._first_step is None:
+            self._first_step = step - 1
+        done = max(1, step - self._first_step)
+        eta = (now - self.started) / done * max(0, total - step)
+        emit = now - self._last_event_at >= self._event_interval or step >= total
+        if emit:
+            self._last_event_at = now
+        return took, eta, emit
+
+    def elapsed(self) -> float:
+        return self._clock() - self.started
+
+
 class JobCallbacks:
     """The TrainerCallbacks the worker hands to `run_training` for one attempt."""
 
@@ -95,7 +124,7 @@ class JobCallbacks:
         event_interval: float = PROGRESS_EVENT_INTERVAL,
     ) -> None:
         self._job = job
-        self._event_interval = event_interval
+        self._pace = StepPace(event_interval)
         self._shutdown_grace = shutdown_grace
         self._shutdown_seen: tuple[float, int] | None = None
         self._worker_id = worker_id
@@ -103,27 +132,15 @@ class JobCallbacks:
         self._registry = registry
         self._lease = lease
         self._metrics = metrics
-        self._started = time.monotonic()
-        self._last_step_at = self._started
-        self._last_event_at = 0.0
-        self._first_step: int | None = None
         self.last_step = 0
         self.last_loss: float | None = None
         self.checkpoint_steps: list[int] = []
 
     def on_step(self, step: int, total: int, loss: float, lr: float) -> None:
-        now = time.monotonic()
+        took, eta, emit = self._pace.step(step, total)
         if self._metrics is not None:
-            self._metrics.step_seconds.labels(self._job.method).observe(now - self._last_step_at)
-            self._metrics.record_usage(self._job.tenant, now - self._last_step_at, last_step=step >= total)
-        self._last_step_at = now
-        if self._first_step is None:
-            self._first_step = step - 1
-        done = max(1, step - self._first_step)
-        eta = (now - self._started) / done * max(0, total - step)
-        emit = now - self._last_event_at >= self._event_interval or step >= total
-        if emit:
-            self._last_event_at = now
+            self._metrics.step_seconds.labels(self._job.method).observe(took)
+            self._metrics.record_usage(self._job.tenant, took, last_step=step >= total)
         self.last_step, self.last_loss = step, loss
         try:
             status = self._store.record_progress(
@@ -167,4 +184,4 @@ class JobCallbacks:
 
     @property
     def wall_seconds(self) -> float:
-        return time.monotonic() - self._started
+        return self._pace.elapsed()
