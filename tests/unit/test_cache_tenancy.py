@@ -6,18 +6,11 @@ import threading
 
 from services.inference.cache import ByteLRU
 from services.registry.s3 import deadline_budget
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fixtures.clock import ManualClock
 
 
 def test_status_lists_only_the_users_own_entries_with_its_own_idle_time() -> None:
-    clock = Clock()
+    clock = ManualClock()
     cache: ByteLRU[str, bytes] = ByteLRU("disk", 100, len, clock=clock)
     cache.get_or_load("blob", lambda: b"xxxx", user="a")
     clock.now += 1

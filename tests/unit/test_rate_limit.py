@@ -6,18 +6,11 @@ import pytest
 
 from services.common.errors import QuotaExceeded
 from services.common.quotas import TenantRateLimiter
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fixtures.clock import ManualClock
 
 
 def test_burst_then_refill_at_the_rate_with_an_exact_retry_delay() -> None:
-    clock = Clock()
+    clock = ManualClock()
     limiter = TenantRateLimiter(2.0, burst=3, what="Generate requests", clock=clock)
     for _ in range(3):
         limiter.acquire("a")

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 from services.training.job_run import StepPace
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fixtures.clock import ManualClock
 
 
 def test_eta_counts_from_the_attempts_first_step() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     pace = StepPace(event_interval=0.0, clock=clock)
     clock.now += 2.0
     took, eta, emit = pace.step(11, 20)  # resumed at step 10: one step done in 2 s, nine to go
@@ -26,7 +19,7 @@ def test_eta_counts_from_the_attempts_first_step() -> None:
 
 
 def test_events_are_throttled_but_the_last_step_always_emits() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     pace = StepPace(event_interval=5.0, clock=clock)
     emitted = []
     for step in range(1, 5):

@@ -5,18 +5,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from services.common.usage import UsageLedger, UsageTotal, device_label
+from tests.fixtures.clock import ManualClock
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(now: float = 6000.0, retention: float = 3600.0) -> tuple[UsageLedger, Clock, CollectorRegistry]:
-    clock, registry = Clock(now), CollectorRegistry()
+def make(now: float = 6000.0, retention: float = 3600.0) -> tuple[UsageLedger, ManualClock, CollectorRegistry]:
+    clock, registry = ManualClock(now), CollectorRegistry()
     return UsageLedger(registry, retention, clock=clock), clock, registry
 
 

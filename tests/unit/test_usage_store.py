@@ -8,20 +8,13 @@ from prometheus_client import CollectorRegistry
 from services.common.usage import UsageLedger
 from services.training.db import create_db_engine, migrate
 from services.training.usage_store import SqlUsage
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fixtures.clock import ManualClock
 
 
 def test_two_workers_add_up_and_the_reader_never_counts_its_own_buckets_twice(database_url: str) -> None:
     engine = create_db_engine(database_url)
     migrate(engine)
-    clock = Clock(6000.0)
+    clock = ManualClock(6000.0)
     try:
         workers = [UsageLedger(CollectorRegistry(), clock=clock) for _ in range(2)]
         for ledger in workers:
@@ -50,7 +43,7 @@ def test_two_workers_add_up_and_the_reader_never_counts_its_own_buckets_twice(da
 def test_a_failed_flush_keeps_the_seconds_for_the_next_one(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
     engine = create_db_engine(sqlite_url)  # no migration yet: the table is missing
     try:
-        store = SqlUsage(engine, flush_seconds=0.0, clock=Clock(120.0))
+        store = SqlUsage(engine, flush_seconds=0.0, clock=ManualClock(120.0))
         store.add(120, "acme", "training", "cpu", 1.0)  # flushes at once, and fails
         assert "usage flush failed" in caplog.text
         store.add(120, "acme", "training", "cpu", 0.5)
