@@ -43,7 +43,11 @@ RESOLVED_CACHE_ENTRIES = 4096
 
 @dataclass(frozen=True)
 class AdapterKey:
-    """One adapter version, everywhere in the caches (the manifest digest guards reuse)."""
+    """A resolved (pinned) reference: one adapter version, the key of every cache tier.
+
+    The parsed form is services.registry.refs.AdapterRef; `of(manifest)` is the only way from
+    a resolution to a key (the manifest digest guards reuse of a number).
+    """
 
     tenant: str
     name: str
@@ -109,12 +113,6 @@ class Resolver:
             if manifest.version != hit.manifest.version:
                 moved.append((hit.manifest, manifest))
         return moved
-
-    def cached(self, ref: AdapterRef) -> AdapterManifest | None:
-        """The last resolution of `ref`, however old (for preload status and fallbacks)."""
-        with self._lock:
-            hit = self._cache.get(ref)
-        return hit.manifest if hit is not None else None
 
 
 @dataclass
