@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+FAMILY_NAMES = ("sd1", "sdxl", "flux")  # services.families.FAMILIES, without importing torch here
+
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
@@ -22,25 +24,31 @@ def create_tiny(
     out: Path = typer.Option(None, help="Pipeline folder [default: <data_dir>/base-models/<name>]."),
     seed: int = typer.Option(0, help="Seed of the random weights (--random only)."),
     import_: bool = typer.Option(False, "--import", help="Also import it into the configured registry."),
-    name: str = typer.Option(None, help="Registry name [default: tiny-sd, or tiny-sd-random]."),
+    name: str = typer.Option(None, help="Registry name [default: tiny-sd, or tiny-<family>-random]."),
+    family: str = typer.Option("sd1", "--family", help="Model family: sd1, sdxl or flux (sdxl/flux: --random only)."),
 ) -> None:
-    """Write the tiny SD pipeline (pretrained on synthetic shapes, or --random) to a folder."""
+    """Write a tiny pipeline (SD pretrained on synthetic shapes, or --random of any family) to a folder."""
     from services.common.config import Settings
     from services.common.errors import AtelierError
     from services.registry.names import validate_name
     from services.registry.registry import Registry
     from services.registry.store import open_store
+    from services.tinymodel.families import build_tiny_family
     from services.tinymodel.install import import_into_registry, install_pretrained
-    from services.tinymodel.pipeline import build_random_pipeline
 
     settings = Settings(**{})  # every field from ATELIER_* variables
-    name = name or ("tiny-sd-random" if random else "tiny-sd")
+    if family not in FAMILY_NAMES:
+        raise _fail(f"--family must be one of {', '.join(FAMILY_NAMES)}")
+    if family != "sd1" and not random:
+        raise _fail(f"only the sd1 family has a pretrained tiny model: use --family {family} --random")
+    short = "sd" if family == "sd1" else family
+    name = name or (f"tiny-{short}-random" if random else "tiny-sd")
     folder = out or settings.data_dir / "base-models" / name
     try:
         if import_:
             validate_name(name, "--name")  # refuse before writing anything
         if random:
-            build_random_pipeline(folder, seed)
+            build_tiny_family(family, folder, seed)
         else:
             install_pretrained(folder)
         typer.echo(f"wrote {folder}")
