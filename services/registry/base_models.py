@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from itertools import groupby
 from pathlib import Path
 
-from services.common.errors import DataLoss, InvalidInput, NotFound, Unavailable
+from services.common.errors import DataLoss, FailedPrecondition, InvalidInput, NotFound, Unavailable
+from services.families import detect as detect_family
 from services.registry.blobs import Blobs
 from services.registry.documents import checked_page_size, decode_token, encode_token, read_doc
 from services.registry.files import download_files, upload_files
@@ -43,6 +44,15 @@ ARCHITECTURES = {
 }
 MAX_IMPORT_ATTEMPTS = 64
 LEGACY_VERSION = 1
+
+
+def family_name_of(folder: Path) -> str:
+    """The services.families name of a pipeline folder; "" for a pipeline of no known family
+    (such folders may be stored, but trainers and inference refuse them)."""
+    try:
+        return detect_family(folder).name
+    except FailedPrecondition:
+        return ""
 
 
 def architecture_of(folder: Path) -> str:
@@ -93,7 +103,7 @@ class BaseModels:
         architecture = architecture_of(folder)
         records = upload_files(self._blobs, collect_files(folder), "files")
         draft = BaseModelManifest(name=name, digest=files_digest(records), architecture=architecture,
-                                  files=records, description=description)
+                                  family=family_name_of(folder), files=records, description=description)
         return self._allocate(draft)
 
     def _allocate(self, draft: BaseModelManifest) -> BaseModelManifest:

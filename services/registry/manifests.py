@@ -74,6 +74,9 @@ class AdapterManifest(_VersionedFiles, _Doc):
     kind: AdapterKindName
     base_model: str
     base_model_digest: str = ""
+    # services.families name ("sd1", "sdxl", "flux") of the base it was made for; "" in
+    # versions written before families were recorded (then the base model's manifest tells).
+    base_family: str = ""
     files: list[FileRecord]
     trigger_tokens: list[str] = Field(default_factory=list)
     training_config: dict[str, Any] = Field(default_factory=dict)
@@ -143,6 +146,7 @@ class BaseModelManifest(_VersionedFiles, _Doc):
     version: int = 1
     digest: str
     architecture: str
+    family: str = ""  # services.families name; "" for versions imported before it was recorded
     files: list[FileRecord]
     description: str = ""
     created_at: datetime = Field(default_factory=utc_now)
