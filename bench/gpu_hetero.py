@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from _common import TENANT, EngineHandle, LoopThread
-from gpu_suite import build, median_ms, row
+from gpu_shapes import build
+from gpu_suite import median_ms, row
 
 from services.common.config import Settings
 from services.inference.types import AdapterSpec, GenerationRequest

@@ -9,6 +9,10 @@ normalise), tokenises the captions, VAE-encodes and text-encodes, then trains. O
 
     .venv/bin/python bench/train_throughput.py                 # tiny model, batch 4, 64 px, CPU
     .venv/bin/python bench/train_throughput.py --device cuda --model sd15 --resolution 512
+    .venv/bin/python bench/train_throughput.py --model tiny-sdxl     # or tiny-flux; sdxl/flux on CUDA
+
+SDXL and Flux are measured against bench/family_reference.py's loops (the diffusers SDXL/Flux
+DreamBooth-LoRA recipes' steps) instead of the SD text-to-image recipe below.
 
 Printed: steady-state steps/s (after --warmup steps), end-to-end seconds including model
 loading and caching, peak RSS (and peak CUDA memory), and the ratios ours/reference.
@@ -33,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the parent imports `services` too, also when not pip-installed
     sys.path.insert(0, str(ROOT))
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+MODEL_FAMILY = {"tiny": "sd1", "sd15": "sd1", "tiny-sdxl": "sdxl", "sdxl": "sdxl", "tiny-flux": "flux", "flux": "flux"}
 PROMPT = "a photo of sks toy"
 
 
@@ -122,7 +127,29 @@ def _reference_batch(paths: list[Path], indices: list[int], resolution: int, rng
     return torch.from_numpy(np.stack(out))
 
 
+def run_family_reference(args: argparse.Namespace, images: list[Path]) -> dict[str, float]:
+    """SDXL / Flux: the loop of bench/family_reference.py, with the same batches as below."""
+    import numpy as np
+    import torch
+    from family_reference import reference_step_fn
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(args), torch.float32)
+    step = reference_step_fn(args.family, Path(args.base), dev, dtype, args.rank, PROMPT)
+    rng = np.random.default_rng(0)
+    stamps = []
+    for _ in range(args.warmup + args.steps):
+        indices = [int(i) for i in rng.integers(0, len(images), args.batch)]
+        step(_reference_batch(images, indices, args.resolution, rng).to(dev, dtype))
+        stamps.append(time.perf_counter())
+    return _rates(stamps, args.warmup) | {"end_to_end_s": time.perf_counter() - start}
+
+
 def run_reference(args: argparse.Namespace, images: list[Path]) -> dict[str, float]:
+    if args.family != "sd1":
+        return run_family_reference(args, images)
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -239,14 +266,20 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[Path]]:
 
 
 def _build_base(model: str, out: Path) -> Path:
-    from services.tinymodel.pipeline import build_random_pipeline
+    from services.tinymodel.families import build_tiny_family
 
     if model == "tiny":
-        return build_random_pipeline(out, seed=0)
+        return build_tiny_family("sd1", out, seed=0)
+    if model.startswith("tiny-"):
+        return build_tiny_family(MODEL_FAMILY[model], out, seed=0)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from sd15_shapes import build_sd15_random  # full-size SD 1.5 shapes, random weights
+    if model == "sd15":
+        from sd15_shapes import build_sd15_random  # full-size SD 1.5 shapes, random weights
 
-    return build_sd15_random(out)
+        return build_sd15_random(out)
+    from gpu_shapes import save_random  # SDXL / Flux-shaped, random weights, built on the GPU
+
+    return save_random(model, out)
 
 
 def run_child(which: str, args: argparse.Namespace, base: Path, images: list[Path]) -> dict[str, float]:
@@ -260,7 +293,7 @@ def run_child(which: str, args: argparse.Namespace, base: Path, images: list[Pat
         "--images",
         json.dumps([str(p) for p in images]),
     ]
-    for key in ("steps", "warmup", "batch", "resolution", "rank", "device", "threads", "precision"):
+    for key in ("steps", "warmup", "batch", "resolution", "rank", "device", "threads", "precision", "model"):
         cmd += [f"--{key}", str(getattr(args, key))]
     paths = [str(ROOT), str(ROOT / "clients/python"), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
@@ -283,11 +316,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
-    p.add_argument("--model", default="tiny", choices=["tiny", "sd15"])
+    p.add_argument("--model", default="tiny", choices=sorted(MODEL_FAMILY))
     p.add_argument("--base", default="", help="an existing diffusers SD folder instead of building one")
     p.add_argument("--repeats", type=int, default=1, help="alternate the two runs this many times")
     p.add_argument("--child", choices=["ours", "reference"])
     args = p.parse_args()
+    args.family = MODEL_FAMILY[args.model]
     if args.child:
         child(args)
         return
