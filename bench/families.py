@@ -1,0 +1,158 @@
+"""Every model family on the CPU: generation with adapters and LoRA training, each against plain
+diffusers in the same run, on the tiny random pipelines (services.tinymodel.families).
+
+Per family (sd1, sdxl, flux), arms interleaved in one process, 32 px, one thread:
+  engine base / 1 cached LoRA / 3 mixed LoRAs      (target: 1 LoRA <= 1.05x base)
+  engine round robin over 8 cached LoRAs           (its extra cost over "1 LoRA" is a switch)
+  diffusers base / unfused 1 LoRA / load+unload per request
+    switch target: the engine's switch >= 5x cheaper than diffusers' load + unload per request
+Then bench/train_throughput.py --model tiny-<family> (ours vs the diffusers/peft loop, own
+processes) unless --skip-training.
+
+    .venv/bin/python bench/families.py [--families sdxl,flux] [--rounds 8] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import ROOT, TENANT, EngineHandle, LoopThread, Row, interleaved, print_rows, settings_for, setup_torch
+from diffusers import DiffusionPipeline
+from gpu_shapes import random_lora
+from safetensors.torch import save_file
+
+from services.inference.types import AdapterSpec, GenerationRequest
+from services.registry.manifests import LORA_WEIGHTS_FILE
+from services.registry.refs import AdapterRef
+from services.registry.registry import Registry
+from services.tinymodel.families import build_tiny_family
+
+PROMPT = "a red box on a blue floor"
+SIZE = 32
+FLUX_SEQUENCE = 77  # T5 tokens for the diffusers arms; see the engine's Flux encoding
+
+
+def plain(folder: Path) -> Any:
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plain_call(pipe: Any, family: str, steps: int) -> None:
+    extra = {"max_sequence_length": FLUX_SEQUENCE} if family == "flux" else {}
+    with torch.no_grad():
+        pipe(PROMPT, num_inference_steps=steps, height=SIZE, width=SIZE,
+             generator=torch.Generator().manual_seed(1), **extra)
+
+
+def publish(registry: Registry, pipe: Any, family: str, tmp: Path, count: int) -> list[tuple[Path, str]]:
+    files = []
+    for i in range(count):
+        path = tmp / "loras" / f"{family}-{i}" / LORA_WEIGHTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(random_lora(pipe, 4, seed=100 + i), str(path))
+        registry.adapters.publish(TENANT, f"l{i}", kind="LORA", base_model="tiny", base_family=family,
+                                  files={LORA_WEIGHTS_FILE: path})
+        files.append((path, f"l{i}"))
+    return files
+
+
+def request(adapters: list[tuple[str, float]], steps: int) -> GenerationRequest:
+    specs = tuple(AdapterSpec(AdapterRef(TENANT, n), w, f"spec.adapters[{i}]") for i, (n, w) in enumerate(adapters))
+    return GenerationRequest("tiny", PROMPT, adapters=specs, steps=steps, width=SIZE, height=SIZE, seed=1)
+
+
+def generation(family: str, tmp: Path, args: argparse.Namespace) -> None:
+    folder = build_tiny_family(family, tmp / f"tiny-{family}", seed=0)
+    registry = Registry.from_settings(settings_for(tmp, folder))
+    reference = plain(folder)
+    loras = publish(registry, reference, family, tmp, 8)
+    loop = LoopThread()
+    engine = EngineHandle(loop, settings_for(tmp, folder, "engine"), registry)
+    rr = EngineHandle(loop, settings_for(tmp, folder, "round-robin"), registry)
+    loop.run(rr.engine.preload(TENANT, "tiny", [AdapterSpec(AdapterRef(TENANT, n), 1.0, "x") for _, n in loras]))
+    unfused = plain(folder)
+    unfused.load_lora_weights(str(loras[0][0]), adapter_name="l0")
+    cycle = itertools.cycle(range(8))
+
+    def load_unload() -> None:
+        path, name = loras[next(cycle)]
+        reference.load_lora_weights(str(path), adapter_name=name)
+        plain_call(reference, family, args.steps)
+        reference.unload_lora_weights()
+
+    plain_base = plain(folder)
+    one, three = [("l0", 1.0)], [("l0", 0.7), ("l1", 0.5), ("l2", 0.3)]
+    arms = {
+        "engine base": lambda: engine.generate(request([], args.steps)),
+        "engine 1 LoRA": lambda: engine.generate(request(one, args.steps)),
+        "engine 3 LoRAs": lambda: engine.generate(request(three, args.steps)),
+        "engine round robin": lambda: rr.generate(request([(f"l{next(cycle)}", 1.0)], args.steps)),
+        "diffusers base": lambda: plain_call(plain_base, family, args.steps),
+        "diffusers 1 LoRA": lambda: plain_call(unfused, family, args.steps),
+        "diffusers load+unload": load_unload,
+    }
+    for fn in arms.values():
+        fn()
+        fn()
+    ms = interleaved(arms, args.rounds)
+    for handle in (engine, rr):
+        handle.close()
+    loop.stop()
+    report(family, ms, args)
+
+
+def report(family: str, ms: dict[str, float], args: argparse.Namespace) -> None:
+    ours_switch = max(ms["engine round robin"] - ms["engine 1 LoRA"], 1e-3)
+    theirs_switch = ms["diffusers load+unload"] - ms["diffusers 1 LoRA"]
+    base = ms["engine base"]
+    print_rows(f"{family}: tiny random pipeline, {SIZE} px, {args.steps} steps, median of {args.rounds}", [
+        Row("engine, base", base),
+        Row("engine, 1 cached LoRA", ms["engine 1 LoRA"], baseline="engine base", baseline_value=base,
+            target="<= 1.05x", ok=ms["engine 1 LoRA"] <= 1.05 * base),
+        Row("engine, 3 mixed LoRAs", ms["engine 3 LoRAs"], baseline="engine base", baseline_value=base),
+        Row("engine, round robin over 8 LoRAs", ms["engine round robin"], baseline="engine 1 LoRA",
+            baseline_value=ms["engine 1 LoRA"]),
+        Row("diffusers, base", ms["diffusers base"], baseline="engine base", baseline_value=base),
+        Row("diffusers, 1 LoRA unfused", ms["diffusers 1 LoRA"], baseline="engine 1 LoRA",
+            baseline_value=ms["engine 1 LoRA"]),
+        Row("diffusers, load+unload per request", ms["diffusers load+unload"], baseline="diffusers 1 LoRA",
+            baseline_value=ms["diffusers 1 LoRA"]),
+        Row("switch cost: diffusers / engine", theirs_switch / ours_switch, unit="x", target=">= 5x",
+            ok=theirs_switch >= 5 * ours_switch),
+    ])
+
+
+def training(family: str) -> None:
+    model = "tiny" if family == "sd1" else f"tiny-{family}"
+    print(f"\n== {family}: LoRA training, bench/train_throughput.py --model {model} ==", flush=True)
+    cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--model", model, "--resolution", "32",
+           "--steps", "20", "--warmup", "3", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    print(proc.stdout if proc.returncode == 0 else f"FAILED ({proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--families", default="sd1,sdxl,flux")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--skip-training", action="store_true")
+    args = parser.parse_args()
+    setup_torch()
+    for family in args.families.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            generation(family, Path(tmp), args)
+        if not args.skip_training:
+            training(family)
+
+
+if __name__ == "__main__":
+    main()
