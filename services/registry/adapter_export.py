@@ -2,7 +2,8 @@
 
 The servicer streams the returned file; it serves plain diffusers exports of LoRA and TI
 itself (the stored file is already diffusers layout) and calls `export_adapter` for every
-other (kind, format): LoRA -> kohya (A1111/ComfyUI), TI -> A1111, DreamBooth -> zipped
+other (kind, format): LoRA -> kohya (A1111/ComfyUI; module names from the base model's family
+key map: SD 1.x/2.x, SDXL sgm, Flux BFL), TI -> A1111, DreamBooth -> zipped
 diffusers pipeline or single-file checkpoint. Files are downloaded with digest checks;
 module naming needs the base model's configs, DreamBooth exports its full weights.
 """
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound
+from services.families import mismatch
 from services.registry.adapter_import import LocalBaseModels, resolve_base_model
 from services.registry.interop import EXPORT_FORMATS, BaseModelShapes
 from services.registry.interop.api import export_dreambooth, export_embedding, export_lora
@@ -57,7 +59,7 @@ def export_adapter(
 
 def _shapes(registry: Registry, manifest: AdapterManifest, local: LocalBaseModels) -> BaseModelShapes:
     try:
-        _, shapes = resolve_base_model(registry, _trained_base(registry, manifest), local)
+        shapes = resolve_base_model(registry, _trained_base(registry, manifest), local).shapes
     except NotFound:
         shapes = None
     if shapes is None:
@@ -66,6 +68,8 @@ def _shapes(registry: Registry, manifest: AdapterManifest, local: LocalBaseModel
             "foreign formats name modules after it, so import the base model first",
             "ref",
         )
+    if manifest.base_family and manifest.base_family != shapes.family:
+        raise mismatch(manifest.base_family, shapes.family)
     return shapes
 
 

@@ -8,6 +8,10 @@ table and writes our stored layout -> publish a new version with the stored file
 untouched upload as `original/<name>`, the detected `source_format` and an `import` summary
 in training_config.
 
+The version records the base model's family (`base_family`): the family the module table was
+built for, else the base model manifest's recorded `family`, else detection on the local
+folder, so inference can refuse an adapter of another family before loading anything.
+
 Validation needs the base model's configs. When they are not readable (a base model that
 is only a name in `local_base_models`, or a folder without a real `unet/config.json`),
 only files already in our layout (diffusers LoRA / textual inversion) are accepted, stored
@@ -22,11 +26,12 @@ import shutil
 import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 from safetensors.torch import load_file, save_file
 
 from services.common.errors import FailedPrecondition, InvalidInput
+from services.registry.base_models import family_name_of
 from services.registry.interop import BaseModelShapes, detect, import_file, read_header
 from services.registry.interop.api import check_hints
 from services.registry.interop.detect import FMT_DIFFUSERS, KIND_LORA, Detection
@@ -42,13 +47,23 @@ IMPORT_FORMATS = ("", "diffusers", "kohya", "a1111", "checkpoint")
 LocalBaseModels = Collection[str] | Mapping[str, Path]
 
 
-def resolve_base_model(
-    registry: Registry, name: str, local_base_models: LocalBaseModels = ()
-) -> tuple[str, BaseModelShapes | None]:
-    """(digest, module table or None) of a registry or local base model; NotFound otherwise."""
+class ResolvedBase(NamedTuple):
+    """A base model as import/export need it: digest ("" for local), module table (None when its
+    configs are unreadable) and services.families name ("" when unknown)."""
+
+    digest: str
+    shapes: BaseModelShapes | None
+    family: str
+
+
+def resolve_base_model(registry: Registry, name: str, local_base_models: LocalBaseModels = ()) -> ResolvedBase:
+    """The registry or local base model `name`; NotFound otherwise."""
     if name in local_base_models:
         folder = local_base_models[name] if isinstance(local_base_models, Mapping) else None
-        return "", _usable(BaseModelShapes.from_dir(Path(folder), name=name)) if folder else None
+        if folder is None:
+            return ResolvedBase("", None, "")
+        shapes = _usable_configs(_read_configs(Path(folder)), name)
+        return ResolvedBase("", shapes, shapes.family if shapes else family_name_of(Path(folder)))
     manifest = registry.base_models.get(name)
     configs = {}
     for record in manifest.files:
@@ -57,18 +72,27 @@ def resolve_base_model(
                 configs[record.path] = json.loads(registry.blobs.read(record.sha256))
             except json.JSONDecodeError:
                 log.warning("base model config is not JSON", extra={"base_model": name, "path": record.path})
-    return manifest.digest, _usable_configs(configs, name)
+    shapes = _usable_configs(configs, name)
+    return ResolvedBase(manifest.digest, shapes, shapes.family if shapes else manifest.family)
+
+
+def _read_configs(folder: Path) -> dict[str, dict[str, object]]:
+    configs: dict[str, dict[str, object]] = {}
+    for rel in CONFIG_FILES:
+        if (folder / rel).is_file():
+            configs[rel] = json.loads((folder / rel).read_text())
+    return configs
 
 
 def _usable_configs(configs: dict[str, dict[str, object]], name: str) -> BaseModelShapes | None:
-    if configs.get("unet/config.json", {}).get("_class_name") != "UNet2DConditionModel":
-        log.warning("base model has no diffusers UNet config; imports are not validated", extra={"base_model": name})
+    """The module table, or None when no config is a denoiser of a known family (imports are
+    then stored unvalidated)."""
+    try:
+        return BaseModelShapes.from_configs(configs, name=name)
+    except FailedPrecondition:
+        log.warning("base model has no diffusers denoiser config; imports are not validated",
+                    extra={"base_model": name})
         return None
-    return BaseModelShapes.from_configs(configs, name=name)
-
-
-def _usable(shapes: BaseModelShapes) -> BaseModelShapes | None:
-    return shapes if shapes.unet_config.get("_class_name") == "UNet2DConditionModel" else None
 
 
 def import_adapter_file(
@@ -99,7 +123,7 @@ def import_adapter_file(
         check_token(trigger_token)
     filename = filename or path.name
     header = read_header(path, filename)
-    digest, shapes = resolve_base_model(registry, base_model, local_base_models)
+    digest, shapes, family = resolve_base_model(registry, base_model, local_base_models)
     with tempfile.TemporaryDirectory(prefix="atelier-import-") as tmp:
         work = Path(tmp)
         if shapes is None:
@@ -117,6 +141,7 @@ def import_adapter_file(
             kind=cast(AdapterKindName, kind),
             base_model=base_name,
             base_model_digest=digest,
+            base_family=family,
             files=files,
             trigger_tokens=tokens,
             training_config={"import": summary},

@@ -30,7 +30,7 @@ from services.registry.interop.detect import (
 )
 from services.registry.interop.diffusers_lora import normalise
 from services.registry.interop.dreambooth import assemble_pipeline, write_single_file, zip_folder
-from services.registry.interop.kohya import export_kohya, import_kohya
+from services.registry.interop.kohya import export_kohya, import_kohya, key_map, split_original_names
 from services.registry.interop.lora_layout import ModuleLora, load_stored, save_stored
 from services.registry.interop.shapes import BaseModelShapes
 from services.registry.interop.textual_inversion import choose_token, export_a1111, import_embedding
@@ -92,18 +92,38 @@ def import_file(
     tensors = load_file(str(path))
     files = {original_path(filename or path.name): path}
     if det.kind == KIND_LORA:
-        mods = import_kohya(tensors, shapes) if det.source_format == FMT_KOHYA else normalise(
-            tensors, header.metadata, shapes
-        )
+        mods, variant = _import_lora(tensors, header.metadata, det, shapes)
         save_stored(mods, workdir / LORA_WEIGHTS_FILE)
         files[LORA_WEIGHTS_FILE] = workdir / LORA_WEIGHTS_FILE
-        return Imported(KIND_LORA, det.source_format, det.variant, files, [], lora_details(mods))
+        return Imported(KIND_LORA, det.source_format, variant, files, [], lora_details(mods))
     token = choose_token(trigger_token, tensors, header.metadata, filename or path.name)
     stored, vectors = import_embedding(tensors, shapes, token)
     save_file(stored, str(workdir / TI_EMBEDS_FILE))
     files[TI_EMBEDS_FILE] = workdir / TI_EMBEDS_FILE
     details = {"vectors": vectors, "text_encoders": 2 if len(stored) == 2 else 1}
     return Imported(KIND_TI, det.source_format, det.variant, files, [token], details)
+
+
+def _import_lora(tensors: dict[str, Any], metadata: dict[str, str], det: Any,
+                 shapes: BaseModelShapes) -> tuple[list[ModuleLora], str]:
+    """(modules, variant) of a LoRA file. PEFT-keyed tensors under the family's original prefixes
+    (Flux `diffusion_model.`) that use original module names go through the kohya table (their
+    names and fused modules are kohya's); the rest are diffusers-named."""
+    if det.source_format == FMT_KOHYA:
+        return import_kohya(tensors, shapes), det.variant
+    prefixes = tuple(key_map(shapes).ORIGINAL_PREFIXES) if _has_prefix(tensors, shapes) else ()
+    renamed, users = split_original_names(tensors, shapes) if prefixes else ({}, {})
+    rest = {k: v for k, v in tensors.items() if k not in set(users.values())}
+    mods = import_kohya(renamed, shapes, users) if renamed else []
+    if rest or not mods:
+        mods += normalise(rest, metadata, shapes, prefixes)
+    return mods, "original-names" if renamed else det.variant
+
+
+def _has_prefix(tensors: dict[str, Any], shapes: BaseModelShapes) -> bool:
+    """Whether any key is outside the diffusers components (then the family's key map decides)."""
+    components = shapes.model_family.components
+    return any(k.partition(".")[0] not in components for k in tensors)
 
 
 def lora_details(mods: list[ModuleLora]) -> dict[str, Any]:
@@ -174,6 +194,10 @@ def export_dreambooth(base_dir: Path, trained_dir: Path, shapes: BaseModelShapes
     """DreamBooth -> zipped diffusers folder (fmt diffusers) or single-file checkpoint."""
     if fmt not in ("", FMT_DIFFUSERS, FMT_CHECKPOINT):
         raise _unsupported(KIND_DREAMBOOTH, fmt)
+    if fmt == FMT_CHECKPOINT and not key_map(shapes).SINGLE_FILE_CHECKPOINT:
+        family = shapes.model_family
+        raise FailedPrecondition(f"single-file checkpoints of {family.title} ({family.name}) are not written; "
+                                 "export the DreamBooth version as a diffusers folder", "format")
     pipeline = dest.parent / f"{dest.stem}-pipeline"
     try:
         assemble_pipeline(base_dir, trained_dir, pipeline)

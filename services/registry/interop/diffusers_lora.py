@@ -1,7 +1,9 @@
 """Foreign diffusers-family LoRA files -> our stored layout.
 
 Three key spellings are in circulation:
-- PEFT (diffusers >= 0.24): `unet.<module>.lora_A.weight` / `lora_B`;
+- PEFT (diffusers >= 0.24): `unet.<module>.lora_A.weight` / `lora_B` (Flux: `transformer.`;
+  ai-toolkit writes this too, and some tools put diffusers names under the family's original
+  prefixes, `diffusion_model.`, which are read as the denoiser);
 - diffusers "old": `unet.<module>.lora.down.weight` / `lora.up`, text encoders
   `...q_proj.lora_linear_layer.down.weight`;
 - attention processors (`unet.save_attn_procs`, often without the `unet.` prefix):
@@ -25,7 +27,7 @@ from services.registry.interop.lora_layout import (
     modules_from_peft,
     validate_modules,
 )
-from services.registry.interop.shapes import TEXT_ENCODERS, UNET, BaseModelShapes
+from services.registry.interop.shapes import BaseModelShapes
 
 FIELD = "file"
 
@@ -41,16 +43,19 @@ _PATTERNS = (
 _ALPHA = re.compile(r"^(?P<mod>.+)\.alpha$")
 
 
-def _split_component(key: str) -> tuple[str, str]:
+def _split_component(key: str, shapes: BaseModelShapes, originals: tuple[str, ...]) -> tuple[str, str]:
     head, _, rest = key.partition(".")
-    if head in (UNET, *TEXT_ENCODERS) and rest:
+    if head in shapes.model_family.components and rest:
         return head, rest
-    return UNET, key  # attn-procs files saved without a prefix are UNet-only
+    for prefix in originals:
+        if key.startswith(prefix):
+            return shapes.denoiser, key[len(prefix):]
+    return shapes.denoiser, key  # attn-procs files saved without a prefix are denoiser-only
 
 
 def _te_path(path: str, comp: str, shapes: BaseModelShapes) -> str:
     """Translate between transformers 4 ("text_model.encoder...") and 5 ("encoder...") paths."""
-    if comp == UNET:
+    if comp == shapes.denoiser:
         return path
     table = shapes.modules.get(comp, {})
     bare = path.removeprefix("text_model.")
@@ -60,33 +65,34 @@ def _te_path(path: str, comp: str, shapes: BaseModelShapes) -> str:
     return path
 
 
-def _module_and_role(rest: str, comp: str) -> tuple[str, str] | None:
+def _module_and_role(rest: str, comp: str, denoiser: str) -> tuple[str, str] | None:
     for pattern in _PATTERNS:
         m = pattern.match(rest)
         if not m:
             continue
         role = "A" if m.group("ab") in ("A", "down") else "B"
         if "proj" in m.groupdict() and m.group("proj"):
-            table = _UNET_PROJ if comp == UNET else _TE_PROJ
+            table = _UNET_PROJ if comp == denoiser else _TE_PROJ
             return f"{m.group('parent')}.{table[m.group('proj')]}", role
         return m.group("mod"), role
     return None
 
 
 def normalise(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], shapes: BaseModelShapes
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], shapes: BaseModelShapes,
+    original_prefixes: tuple[str, ...] = (),
 ) -> list[ModuleLora]:
     """Rename, pair, resolve alphas and validate against the base model."""
     peft: dict[str, torch.Tensor] = {}
     originals: dict[str, str] = {}
     alphas: dict[str, float] = {}
     for key in sorted(tensors):
-        comp, rest = _split_component(key)
+        comp, rest = _split_component(key, shapes, original_prefixes)
         alpha_match = _ALPHA.match(rest)
         if alpha_match:
             alphas[f"{comp}.{_te_path(alpha_match.group('mod'), comp, shapes)}"] = float(tensors[key].item())
             continue
-        found = _module_and_role(rest, comp)
+        found = _module_and_role(rest, comp, shapes.denoiser)
         if found is None:
             raise InvalidInput(FIELD, f"{key!r} is not a LoRA tensor of a known diffusers/PEFT layout")
         module, role = found

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from services.common.errors import FailedPrecondition
 from services.registry.interop.checkpoint import convert_text_encoders, convert_unet, convert_vae
-from services.registry.interop.shapes import ARCH_SD2, ARCH_SDXL, BaseModelShapes
+from services.registry.interop.kohya import key_map
+from services.registry.interop.shapes import BaseModelShapes
 
-TRAINABLE = ("unet", "text_encoder", "text_encoder_2")
-MODELSPEC_ARCH = {ARCH_SDXL: "stable-diffusion-xl-v1-base", ARCH_SD2: "stable-diffusion-v2-512"}
+TRAINABLE = ("unet", "transformer", "text_encoder", "text_encoder_2")  # every family's trainable components
 
 
 def assemble_pipeline(base_dir: Path, trained_dir: Path, out_dir: Path) -> list[str]:
@@ -44,7 +44,9 @@ def assemble_pipeline(base_dir: Path, trained_dir: Path, out_dir: Path) -> list[
         shutil.copytree(src, out_dir / comp)
         replaced.append(comp)
     if not replaced:
-        raise FailedPrecondition("the DreamBooth artifact has no trained unet/ or text_encoder/ folder", "ref")
+        raise FailedPrecondition(
+            "the DreamBooth artifact has no trained unet/ or text_encoder/ folder (nor transformer/)", "ref"
+        )
     return replaced
 
 
@@ -86,7 +88,7 @@ def write_single_file(pipeline_dir: Path, shapes: BaseModelShapes, dest: Path, t
     resolution = int(unet_cfg.get("sample_size", 64)) * 8
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH.get(shapes.architecture, "stable-diffusion-v1"),
+        "modelspec.architecture": key_map(shapes).spec(shapes.architecture)["architecture"],
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",

@@ -1,19 +1,26 @@
-"""kohya sd-scripts LoRA (read by A1111 and ComfyUI) <-> our stored layout.
+"""kohya sd-scripts LoRA (read by A1111 and ComfyUI) <-> our stored layout, for every family.
 
-kohya names a module by flattening its path with "_": `lora_unet_<path>`, `lora_te_<path>`
-(SD1.x/2.x text encoder), `lora_te1_`/`lora_te2_` (SDXL's two text encoders), each with
-`.lora_down.weight` (= PEFT lora_A), `.lora_up.weight` (= lora_B) and an optional scalar
-`.alpha`. SD1.x UNet paths use diffusers names (sd-scripts trains on a diffusers-shaped
-UNet); SDXL UNet paths use the original sgm names (`input_blocks_4_1_...`), and text-encoder
-paths keep transformers 4's `text_model.` level.
+kohya names a module by flattening its original path with "_" under a prefix: the denoiser
+`lora_unet_`, text encoders by the family's slot prefixes (`lora_te_` SD 1.x/2.x,
+`lora_te1_`/`lora_te2_` SDXL, `lora_te1_` Flux CLIP-L), each with `.lora_down.weight`
+(= PEFT lora_A), `.lora_up.weight` (= lora_B) and an optional scalar `.alpha`. Which original
+names a denoiser has is the family's key map (`services/families/<name>/interop.py`): SD 1.x
+diffusers-style paths, SDXL sgm numbering, Flux BFL module names, where one original module
+may fuse several diffusers Linears (Flux `img_attn.qkv`, `linear1`).
 
-"_" flattening is not reversible by string rules, so both directions go through a table
-built from the base model's real module list: every LoRA-targetable module's kohya name(s)
--> (component, path). An unknown name is therefore exactly "this base model has no such
-module" and is refused with FAILED_PRECONDITION.
+"_" flattening is not reversible by string rules, so both directions go through a table built
+from the base model's real module list: every LoRA-targetable module's kohya name(s) -> a
+group of (component, paths). An unknown name is therefore exactly "this base model has no
+such module" and is refused with FAILED_PRECONDITION.
+
+Fused modules: importing splits the down/up pair into one LoRA per diffusers Linear: when the
+up matrix is block diagonal with equal rank blocks (what exporters write, sd-scripts'
+`split_qkv` included) each part gets its own block, else every part shares the down matrix and
+takes its rows of up. Exporting writes the concatenated downs and the block-diagonal up (a
+missing part gets zero blocks), alpha = total rank. Both are exact: the weight delta up @ down
+is unchanged.
 
 Scaling follows kohya: scale = alpha / rank; a missing alpha or alpha == 0 means alpha = rank.
-The alpha is kept per module (see lora_layout), never folded into the weights.
 """
 
 from __future__ import annotations
@@ -21,36 +28,55 @@ from __future__ import annotations
 import collections
 import json
 import math
+import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidInput
 from services.registry.interop.ldm_names import UnetNameMap
-from services.registry.interop.lora_layout import ModuleLora
-from services.registry.interop.shapes import (
-    ARCH_SD2,
-    ARCH_SDXL,
-    TEXT_ENCODER,
-    TEXT_ENCODER_2,
-    UNET,
-    BaseModelShapes,
-)
+from services.registry.interop.lora_layout import ModuleLora, folded_up
+from services.registry.interop.shapes import ARCH_SD2, UNET, BaseModelShapes, ModuleShape
 from services.registry.interop.validate import check_lora_shapes, unknown_module
 
 FIELD = "file"
 _ROLE = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_PEFT_ROLE = re.compile(r"^(?P<mod>.+)\.(?P<role>lora_[AB]\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
+_TO_KOHYA_ROLE = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 
-BASE_MODEL_VERSION = {ARCH_SDXL: "sdxl_base_v1-0", ARCH_SD2: "sd_v2"}
-MODELSPEC_ARCH = {ARCH_SDXL: "stable-diffusion-xl-v1-base", ARCH_SD2: "stable-diffusion-v2-512"}
+
+@dataclass(frozen=True)
+class KohyaGroup:
+    """The diffusers modules one kohya name covers (several when the original fuses them)."""
+
+    component: str
+    parts: tuple[str, ...]
+    swapped: bool = False  # up rows' two halves are in the other order (Flux final AdaLN)
 
 
-def _te_prefixes(shapes: BaseModelShapes) -> dict[str, tuple[str, ...]]:
-    """kohya prefixes per text encoder; the first is the one we write."""
-    if shapes.is_sdxl:
-        return {TEXT_ENCODER: ("lora_te1_", "lora_te_"), TEXT_ENCODER_2: ("lora_te2_",)}
-    return {TEXT_ENCODER: ("lora_te_", "lora_te1_")}
+@dataclass(frozen=True)
+class Tables:
+    to_group: dict[str, KohyaGroup]  # kohya name -> group
+    to_name: dict[tuple[str, str], str]  # (component, path) -> the kohya name we export
+    originals: dict[str, str]  # dotted original denoiser name -> kohya name
+
+
+def key_map(shapes: BaseModelShapes) -> ModuleType:
+    """The family's foreign-format key map, or FailedPrecondition when the family has none yet."""
+    family = shapes.model_family
+    module = f"services.families.{family.name}.interop"
+    try:
+        return family.part("interop")
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        raise FailedPrecondition(
+            f"base model {shapes.name!r} is {family.title} ({family.name}), which has no key map for "
+            "kohya/A1111 files yet; use the diffusers format", "base_model",
+        ) from None
 
 
 def _flat(path: str) -> str:
@@ -62,73 +88,149 @@ def _kohya_te_path(path: str) -> str:
     return path if path.startswith("text_model.") or path == "text_projection" else f"text_model.{path}"
 
 
-def _unet_names(shapes: BaseModelShapes, path: str, names: UnetNameMap) -> list[str]:
-    """kohya names of a UNet module, the one we export first."""
-    diffusers_style = f"lora_unet_{_flat(path)}"
-    try:
-        sgm_style = f"lora_unet_{_flat(names.to_ldm(path))}"
-    except FailedPrecondition:
-        return [diffusers_style]
-    return [sgm_style, diffusers_style] if shapes.is_sdxl else [diffusers_style, sgm_style]
+def _original_namer(shapes: BaseModelShapes) -> UnetNameMap | None:
+    return UnetNameMap(shapes.denoiser_config) if shapes.denoiser == UNET else None
 
 
 @lru_cache(maxsize=16)
-def _tables(shapes: BaseModelShapes) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, str], str]]:
-    """(kohya name -> (component, path), (component, path) -> the kohya name we export)."""
-    to_module: dict[str, tuple[str, str]] = {}
-    to_name: dict[tuple[str, str], str] = {}
-    names = UnetNameMap(shapes.unet_config)
-    for path in shapes.modules[UNET]:
-        candidates = _unet_names(shapes, path, names)
-        to_name[(UNET, path)] = candidates[0]
-        for c in candidates:
-            to_module.setdefault(c, (UNET, path))
-    for comp, prefixes in _te_prefixes(shapes).items():
-        for path in shapes.modules.get(comp, {}):
+def tables(shapes: BaseModelShapes) -> Tables:
+    """The name tables of one base model (cached per shapes instance)."""
+    km, family = key_map(shapes), shapes.model_family
+    names = _original_namer(shapes)
+
+    def original(path: str) -> str | None:
+        try:
+            return names.to_ldm(path) if names else None
+        except FailedPrecondition:
+            return None
+
+    t = Tables({}, {}, {})
+    den, prefix = shapes.denoiser, family.kohya_denoiser_prefix
+    for written, parts, swapped in km.kohya_groups(shapes.modules[den], original):
+        group = KohyaGroup(den, tuple(parts), bool(swapped))
+        for n in written:
+            t.to_group.setdefault(prefix + _flat(n), group)
+            t.originals.setdefault(n, prefix + _flat(n))
+        for part in parts:
+            t.to_name.setdefault((den, part), prefix + _flat(written[0]))
+    for slot in family.text_encoders:
+        for path in shapes.modules.get(slot.encoder, {}) if slot.kohya_prefixes else ():
             flat = _flat(_kohya_te_path(path))
-            to_name[(comp, path)] = prefixes[0] + flat
-            for prefix in prefixes:
-                to_module.setdefault(prefix + flat, (comp, path))
-    return to_module, to_name
+            t.to_name[(slot.encoder, path)] = slot.kohya_prefixes[0] + flat
+            for p in slot.kohya_prefixes:
+                t.to_group.setdefault(p + flat, KohyaGroup(slot.encoder, (path,)))
+    return t
 
 
-def _component_of(name: str) -> str:
-    if name.startswith("lora_unet_"):
-        return UNET
-    return TEXT_ENCODER_2 if name.startswith("lora_te2_") else TEXT_ENCODER
+def _component_of(shapes: BaseModelShapes, name: str) -> str:
+    """The component a kohya name is meant for (in this family, else by kohya's convention), for
+    errors: an SDXL `lora_te2_` name on an SD 1.x base is "no text_encoder_2", not "no unet module"."""
+    for slot in shapes.model_family.text_encoders:
+        if slot.kohya_prefixes and name.startswith(slot.kohya_prefixes):
+            return slot.encoder
+    if name.startswith("lora_te2_"):
+        return "text_encoder_2"
+    return "text_encoder" if name.startswith("lora_te") else shapes.denoiser
 
 
-def import_kohya(tensors: dict[str, torch.Tensor], shapes: BaseModelShapes) -> list[ModuleLora]:
-    """kohya state dict -> validated modules of the stored layout (first bad key named)."""
+def split_original_names(
+    tensors: dict[str, torch.Tensor], shapes: BaseModelShapes
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """PEFT-keyed tensors that use the denoiser's original names (`diffusion_model.double_blocks.0.
+    img_attn.qkv.lora_A.weight`: ComfyUI, ai-toolkit's ComfyUI files) renamed to kohya keys, and
+    kohya key -> the user's key. Keys with diffusers names under those prefixes are left alone."""
+    out: dict[str, torch.Tensor] = {}
+    users: dict[str, str] = {}
+    prefixes = tuple(key_map(shapes).ORIGINAL_PREFIXES)
+    if not prefixes:
+        return out, users
+    originals = tables(shapes).originals
+    for key in tensors:
+        if not key.startswith(prefixes):
+            continue
+        rest = key[len(next(p for p in prefixes if key.startswith(p))):]
+        m = _PEFT_ROLE.match(rest)
+        if m is None or m.group("mod") not in originals:
+            continue
+        role = _TO_KOHYA_ROLE.get(m.group("role"), m.group("role"))
+        new = f"{originals[m.group('mod')]}.{role}"
+        out[new], users[new] = tensors[key], key
+    return out, users
+
+
+def import_kohya(
+    tensors: dict[str, torch.Tensor], shapes: BaseModelShapes, users: dict[str, str] | None = None
+) -> list[ModuleLora]:
+    """kohya state dict -> validated modules of the stored layout (first bad key named as the
+    user spelt it: `users` maps renamed keys back)."""
+    users = users or {}
     groups: dict[str, dict[str, str]] = collections.defaultdict(dict)
     for key in sorted(tensors):
         name, _, suffix = key.partition(".")
         if suffix not in _ROLE:
-            raise InvalidInput(FIELD, f"kohya LoRA key {key!r} is not a lora_down/lora_up/alpha tensor")
+            raise InvalidInput(FIELD, f"kohya LoRA key {users.get(key, key)!r} is not a lora_down/lora_up/alpha tensor")
         groups[name][_ROLE[suffix]] = key
-    to_module, _ = _tables(shapes)
+    table = tables(shapes).to_group
     mods: list[ModuleLora] = []
-    for name in sorted(groups):
+    for name in sorted(groups, key=lambda n: users.get(f"{n}.lora_down.weight", n)):
         group = groups[name]
         if "down" not in group or "up" not in group:
             raise InvalidInput(FIELD, f"kohya LoRA module {name!r} needs both lora_down and lora_up weights")
-        down, up = tensors[group["down"]], tensors[group["up"]]
-        target = to_module.get(name)
+        key = users.get(group["down"], group["down"])
+        target = table.get(name)
         if target is None:
-            raise unknown_module(shapes, group["down"], _component_of(name), name)
-        comp, path = target
-        rank = check_lora_shapes(group["down"], shapes.modules[comp][path], tuple(down.shape),
-                                 tuple(up.shape), comp, path)
+            raise unknown_module(shapes, key, _component_of(shapes, name), name)
+        down, up = tensors[group["down"]], tensors[group["up"]]
         alpha = float(tensors[group["alpha"]].item()) if "alpha" in group else 0.0
-        mods.append(ModuleLora(comp, path, down, up, alpha if alpha else float(rank)))
+        mods += _split(target, down, up, alpha, key, shapes)
     if not mods:
         raise InvalidInput(FIELD, "the file holds no LoRA tensors")
     return mods
 
 
+def _swap_halves(up: torch.Tensor) -> torch.Tensor:
+    half = up.shape[0] // 2
+    return torch.cat([up[half:], up[:half]])
+
+
+def _split(group: KohyaGroup, down: torch.Tensor, up: torch.Tensor, alpha: float, key: str,
+           shapes: BaseModelShapes) -> list[ModuleLora]:
+    """One kohya module -> the stored LoRA of each diffusers Linear it covers (validated)."""
+    comp, parts = group.component, group.parts
+    shapes_of = [shapes.modules[comp][p] for p in parts]
+    outs = [s.weight[0] for s in shapes_of]
+    fused = ModuleShape((sum(outs), *shapes_of[0].weight[1:]))
+    rank = check_lora_shapes(key, fused, tuple(down.shape), tuple(up.shape), comp, "+".join(parts))
+    alpha = alpha or float(rank)
+    if group.swapped:
+        up = _swap_halves(up)
+    if len(parts) == 1:
+        return [ModuleLora(comp, parts[0], down, up, alpha)]
+    rows = torch.split(up, outs, dim=0)
+    n = len(parts)
+    if rank % n == 0 and _block_diagonal(rows, rank // n):
+        r = rank // n
+        return [ModuleLora(comp, p, down[j * r:(j + 1) * r].clone(), rows[j][:, j * r:(j + 1) * r].clone(), alpha / n)
+                for j, p in enumerate(parts)]
+    return [ModuleLora(comp, p, down.clone(), rows[j].clone(), alpha) for j, p in enumerate(parts)]
+
+
+def _block_diagonal(rows: tuple[torch.Tensor, ...], r: int) -> bool:
+    """Whether part j's rows of up are zero outside rank columns [j*r, (j+1)*r)."""
+    for j, block in enumerate(rows):
+        outside = torch.cat([block[:, : j * r], block[:, (j + 1) * r:]], dim=1)
+        if torch.count_nonzero(outside):
+            return False
+    return True
+
+
 def _kohya_alpha(m: ModuleLora) -> torch.Tensor:
     """kohya scale is alpha/rank; rsLoRA's alpha/sqrt(rank) becomes alpha*sqrt(rank)/rank."""
     alpha = m.alpha * math.sqrt(m.rank) if m.rslora else m.alpha
+    return _alpha_tensor(alpha)
+
+
+def _alpha_tensor(alpha: float) -> torch.Tensor:
     as_f32 = torch.tensor(alpha, dtype=torch.float32)
     return as_f32 if float(as_f32.item()) == alpha else torch.tensor(alpha, dtype=torch.float64)
 
@@ -137,16 +239,54 @@ def export_kohya(
     mods: list[ModuleLora], shapes: BaseModelShapes, title: str, description: str = "", trigger: str = ""
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Stored modules -> (kohya tensors, ss_* and modelspec.* metadata)."""
-    _, to_name = _tables(shapes)
-    tensors: dict[str, torch.Tensor] = {}
+    t = tables(shapes)
+    by_name: dict[str, dict[str, ModuleLora]] = collections.defaultdict(dict)
     for m in mods:
-        name = to_name.get((m.component, m.path))
+        name = t.to_name.get((m.component, m.path))
         if name is None:
             raise FailedPrecondition(f"{m.component}.{m.path}: not a module of base model {shapes.name!r}", "ref")
-        tensors[f"{name}.lora_down.weight"] = m.down.contiguous()
-        tensors[f"{name}.lora_up.weight"] = m.up.contiguous()
-        tensors[f"{name}.alpha"] = _kohya_alpha(m)
-    return tensors, kohya_metadata(mods, shapes, title, description, trigger)
+        by_name[name][m.path] = m
+    tensors: dict[str, torch.Tensor] = {}
+    for name, present in by_name.items():
+        group = t.to_group[name]
+        if len(group.parts) == 1:
+            m = present[group.parts[0]]
+            down, up, alpha = m.down, m.up, _kohya_alpha(m)
+        else:
+            down, up, alpha = _fuse(group, present, shapes)
+        tensors[f"{name}.lora_down.weight"] = down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = (_swap_halves(up) if group.swapped else up).contiguous()
+        tensors[f"{name}.alpha"] = alpha
+    return tensors, kohya_metadata(tensors, shapes, title, description, trigger)
+
+
+def _fuse(group: KohyaGroup, present: dict[str, ModuleLora],
+          shapes: BaseModelShapes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenated downs and block-diagonal up (scales folded, alpha = rank: scale 1)."""
+    rank = max(m.rank for m in present.values())
+    like = next(iter(present.values()))
+    down_dtype = _common_dtype([m.down.dtype for m in present.values()])
+    downs, ups = [], []
+    for part in group.parts:
+        m = present.get(part)
+        if m is None:  # a part the adapter does not train: a zero block of the common rank
+            out = shapes.modules[group.component][part].weight[0]
+            downs.append(torch.zeros(rank, *like.down.shape[1:], dtype=down_dtype))
+            ups.append(torch.zeros(out, rank, dtype=torch.float32))
+        else:
+            downs.append(m.down.to(down_dtype))
+            ups.append(folded_up(m))
+    up_dtype = _common_dtype([u.dtype for u in ups])
+    down = torch.cat(downs, dim=0)
+    up = torch.block_diag(*(u.to(up_dtype) for u in ups))
+    return down, up, _alpha_tensor(float(down.shape[0]))
+
+
+def _common_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for dtype in dtypes[1:]:
+        out = torch.promote_types(out, dtype)
+    return out
 
 
 def _num(x: float) -> str:
@@ -154,36 +294,37 @@ def _num(x: float) -> str:
 
 
 def kohya_metadata(
-    mods: list[ModuleLora], shapes: BaseModelShapes, title: str, description: str, trigger: str
+    tensors: dict[str, torch.Tensor], shapes: BaseModelShapes, title: str, description: str, trigger: str
 ) -> dict[str, str]:
     """The sd-scripts/ModelSpec header fields A1111, ComfyUI and civitai display and check."""
-    linear = [m for m in mods if m.down.ndim == 2 or tuple(m.down.shape[2:]) == (1, 1)]
-    conv = [m for m in mods if m not in linear]
+    downs = {k[: -len(".lora_down.weight")]: v for k, v in tensors.items() if k.endswith(".lora_down.weight")}
+    linear = [n for n, d in downs.items() if d.ndim == 2 or tuple(d.shape[2:]) == (1, 1)]
+    conv = [n for n in downs if n not in linear]
     main = linear or conv
-    dim = collections.Counter(m.rank for m in main).most_common(1)[0][0]
-    alpha = collections.Counter(float(_kohya_alpha(m).item()) for m in main).most_common(1)[0][0]
-    arch = shapes.architecture
+    dim = collections.Counter(int(downs[n].shape[0]) for n in main).most_common(1)[0][0]
+    alpha = collections.Counter(float(tensors[f"{n}.alpha"].item()) for n in main).most_common(1)[0][0]
+    spec = key_map(shapes).spec(shapes.architecture)
     resolution = shapes.resolution
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": spec["network_module"],
         "ss_network_dim": str(dim),
         "ss_network_alpha": _num(alpha),
-        "ss_base_model_version": BASE_MODEL_VERSION.get(arch, "sd_v1"),
-        "ss_v2": str(arch == ARCH_SD2),
+        "ss_base_model_version": spec["base_model_version"],
+        "ss_v2": str(shapes.architecture == ARCH_SD2),
         "ss_output_name": title,
         "ss_training_comment": description or f"exported by Atelier ({title})",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{MODELSPEC_ARCH.get(arch, 'stable-diffusion-v1')}/lora",
-        "modelspec.implementation": (
-            "https://github.com/Stability-AI/generative-models" if arch == ARCH_SDXL else "diffusers"
-        ),
+        "modelspec.architecture": f"{spec['architecture']}/lora",
+        "modelspec.implementation": spec["implementation"],
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now(UTC).date().isoformat(),
     }
     if conv:
-        conv_alpha = float(_kohya_alpha(conv[0]).item())
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv[0].rank), "conv_alpha": _num(conv_alpha)})
+        first = conv[0]
+        conv_alpha = float(tensors[f"{first}.alpha"].item())
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(int(downs[first].shape[0])),
+                                              "conv_alpha": _num(conv_alpha)})
     if description:
         meta["modelspec.description"] = description
     if trigger:

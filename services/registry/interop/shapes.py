@@ -6,6 +6,11 @@ do. Both only need the module tree, which we get by instantiating the UNet and t
 encoders from their `config.json` files on PyTorch's meta device: no weights are read and
 a full SDXL UNet builds in about 0.1 s.
 
+The model family (services.families: SD 1.x/2.x, SDXL, Flux) decides which components are
+read: the denoiser (`unet` or `transformer`, of the family's diffusers class) and the CLIP
+text encoders; T5 is never LoRA- or TI-targeted, so it is not instantiated. `architecture`
+is the finer sub-architecture the formats still distinguish (sd1 vs sd2: OpenCLIP naming).
+
 The module tree depends on the installed transformers version (transformers 5 dropped the
 `text_model.` level of `CLIPTextModel`), so the table is always derived from the live
 classes rather than hard-coded, and `text_model_prefix` records what the foreign formats
@@ -22,8 +27,10 @@ from typing import Any
 import torch
 
 from services.common.errors import FailedPrecondition
+from services.families import FLUX, SD1, SDXL, ModelFamily, by_name, detect_index
 
 UNET = "unet"
+TRANSFORMER = "transformer"
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
 TEXT_ENCODERS = (TEXT_ENCODER, TEXT_ENCODER_2)
@@ -31,12 +38,14 @@ TEXT_ENCODERS = (TEXT_ENCODER, TEXT_ENCODER_2)
 ARCH_SD1 = "sd1"
 ARCH_SD2 = "sd2"
 ARCH_SDXL = "sdxl"
+ARCH_FLUX = "flux"
 
 # Only these classes are ever instantiated from a (foreign) model_index.json.
 _TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 CONFIG_FILES = (
     "model_index.json",
     "unet/config.json",
+    "transformer/config.json",
     "text_encoder/config.json",
     "text_encoder_2/config.json",
     "vae/config.json",
@@ -62,7 +71,7 @@ class BaseModelShapes:
     """
 
     architecture: str
-    unet_config: dict[str, Any]
+    denoiser_config: dict[str, Any]
     modules: dict[str, dict[str, ModuleShape]]
     embedding_dims: dict[str, int]
     # Whether each text encoder's module paths start with "text_model." (transformers < 5).
@@ -70,10 +79,20 @@ class BaseModelShapes:
     name: str = ""
     # Image side in pixels: UNet sample size times the VAE's downsampling factor.
     resolution: int = 512
+    family: str = SD1.name  # services.families name
 
     @property
     def components(self) -> tuple[str, ...]:
         return tuple(self.modules)
+
+    @property
+    def model_family(self) -> ModelFamily:
+        return by_name(self.family)
+
+    @property
+    def denoiser(self) -> str:
+        """The denoiser's component name: "unet" or "transformer"."""
+        return self.model_family.denoiser
 
     @property
     def is_sdxl(self) -> bool:
@@ -96,24 +115,50 @@ class BaseModelShapes:
     def from_configs(cls, configs: dict[str, dict[str, Any]], name: str = "") -> BaseModelShapes:
         """Build from {"model_index.json": {...}, "unet/config.json": {...}, ...}."""
         index = configs.get("model_index.json", {})
-        unet_cfg = configs.get("unet/config.json")
-        if unet_cfg is None:
-            raise FailedPrecondition(f"base model {name!r} has no unet/config.json", "base_model")
-        modules = {UNET: _unet_modules(unet_cfg)}
+        family = _family(index, configs, name)
+        den_cfg = configs[f"{family.denoiser}/config.json"]
+        modules = {family.denoiser: _denoiser_modules(den_cfg, family.denoiser_class)}
         dims: dict[str, int] = {}
         prefixes: dict[str, bool] = {}
-        for comp in TEXT_ENCODERS:
-            cfg = configs.get(f"{comp}/config.json")
-            if cfg is None:
+        for slot in family.text_encoders:
+            cfg = configs.get(f"{slot.encoder}/config.json")
+            if cfg is None or slot.kind not in ("clip", "clip_projection"):
                 continue
-            model = _text_encoder_on_meta(cfg, _class_name(index, comp, cfg))
-            modules[comp] = _linear_and_conv(model)
-            dims[comp] = int(cfg.get("hidden_size", 0)) or _embedding_width(model)
-            prefixes[comp] = hasattr(model, "text_model")
-        arch = _architecture(index, unet_cfg, dims)
-        vae_levels = len(configs.get("vae/config.json", {}).get("block_out_channels", [0] * 4))
-        resolution = int(unet_cfg.get("sample_size", 64)) * 2 ** (vae_levels - 1)
-        return cls(arch, unet_cfg, modules, dims, prefixes, name, resolution)
+            model = _text_encoder_on_meta(cfg, _class_name(index, slot.encoder, cfg))
+            modules[slot.encoder] = _linear_and_conv(model)
+            dims[slot.encoder] = int(cfg.get("hidden_size", 0)) or _embedding_width(model)
+            prefixes[slot.encoder] = hasattr(model, "text_model")
+        arch = _architecture(family, dims)
+        resolution = _resolution(family, den_cfg, configs.get("vae/config.json", {}))
+        return cls(arch, den_cfg, modules, dims, prefixes, name, resolution, family.name)
+
+
+def _family(index: dict[str, Any], configs: dict[str, dict[str, Any]], name: str) -> ModelFamily:
+    """The family from model_index.json, else from which denoiser config is present."""
+    family: ModelFamily | None = None
+    try:
+        family = detect_index(index) if index else None
+    except FailedPrecondition:
+        family = None
+    if family is None:
+        if configs.get("transformer/config.json", {}).get("_class_name") == FLUX.denoiser_class:
+            family = FLUX
+        elif "unet/config.json" in configs:
+            unet = configs["unet/config.json"]
+            xl = "text_encoder_2/config.json" in configs or unet.get("addition_embed_type") == "text_time"
+            family = SDXL if xl else SD1
+    if family is None or f"{family.denoiser}/config.json" not in configs:
+        denoiser = family.denoiser if family else "unet"
+        raise FailedPrecondition(f"base model {name!r} has no {denoiser}/config.json", "base_model")
+    return family
+
+
+def _resolution(family: ModelFamily, den_cfg: dict[str, Any], vae_cfg: dict[str, Any]) -> int:
+    """Image side in pixels: a UNet's sample size times the VAE factor; Flux: the VAE's sample size."""
+    if family.denoiser == UNET:
+        vae_levels = len(vae_cfg.get("block_out_channels", [0] * 4))
+        return int(den_cfg.get("sample_size", 64)) * 2 ** (vae_levels - 1)
+    return int(vae_cfg.get("sample_size", 1024))
 
 
 def _class_name(index: dict[str, Any], comp: str, cfg: dict[str, Any]) -> str:
@@ -143,13 +188,16 @@ def _embedding_width(model: torch.nn.Module) -> int:
     raise FailedPrecondition("text encoder has no token embedding", "base_model")
 
 
-def _unet_modules(cfg: dict[str, Any]) -> dict[str, ModuleShape]:
-    from diffusers import UNet2DConditionModel
+def _denoiser_modules(cfg: dict[str, Any], class_name: str) -> dict[str, ModuleShape]:
+    """The denoiser's Linear/Conv2d table; only the family's own diffusers class is built."""
+    import diffusers
 
+    if cfg.get("_class_name") != class_name:
+        raise FailedPrecondition(f"denoiser class {cfg.get('_class_name')!r} is not {class_name}", "base_model")
     clean = {k: v for k, v in cfg.items() if not k.startswith("_")}
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(clean)
-    return _linear_and_conv(unet)
+        model = getattr(diffusers, class_name).from_config(clean)
+    return _linear_and_conv(model)
 
 
 def _linear_and_conv(model: torch.nn.Module) -> dict[str, ModuleShape]:
@@ -160,11 +208,10 @@ def _linear_and_conv(model: torch.nn.Module) -> dict[str, ModuleShape]:
     return out
 
 
-def _architecture(index: dict[str, Any], unet_cfg: dict[str, Any], dims: dict[str, int]) -> str:
-    cls = str(index.get("_class_name", ""))
-    if "XL" in cls or TEXT_ENCODER_2 in dims or unet_cfg.get("addition_embed_type") == "text_time":
+def _architecture(family: ModelFamily, dims: dict[str, int]) -> str:
+    if family is SDXL:
         return ARCH_SDXL
+    if family is FLUX:
+        return ARCH_FLUX
     # SD2.x: the OpenCLIP ViT-H text encoder is 1024 wide (SD1.x's CLIP ViT-L is 768).
-    if dims.get(TEXT_ENCODER) == 1024:
-        return ARCH_SD2
-    return ARCH_SD1
+    return ARCH_SD2 if dims.get(TEXT_ENCODER) == 1024 else ARCH_SD1

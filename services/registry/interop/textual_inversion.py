@@ -1,4 +1,8 @@
-"""Textual-inversion embeddings: diffusers <-> A1111, SD1.x/2.x and SDXL.
+"""Textual-inversion embeddings: diffusers <-> A1111, for every family with TI.
+
+The family says which text encoders take embeddings (`ModelFamily.ti_slots`): SD1.x/2.x its
+one CLIP, SDXL both (file keys clip_l/clip_g), Flux CLIP-L only (a single-tensor file, or
+{"clip_l": ...}; T5 has no TI). A family without TI slots refuses embeddings.
 
 Formats read:
 - diffusers `learned_embeds.safetensors`: {token: [dim] or [n, dim]};
@@ -20,15 +24,17 @@ from pathlib import Path
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidInput
-from services.registry.interop.shapes import ARCH_SD2, ARCH_SDXL, TEXT_ENCODER, TEXT_ENCODER_2, BaseModelShapes
+from services.families import SDXL
+from services.registry.interop.kohya import key_map
+from services.registry.interop.shapes import BaseModelShapes
 from services.registry.interop.validate import check_embedding
 
 FIELD = "file"
-SDXL_KEYS = {"clip_l": TEXT_ENCODER, "clip_g": TEXT_ENCODER_2}
+SDXL_KEYS = {slot.ti_key: slot.encoder for slot in SDXL.ti_slots}  # {"clip_l": ..., "clip_g": ...}
 A1111_KEY = "emb_params"
+_FORMAT_KEYS = frozenset({A1111_KEY, *SDXL_KEYS})  # keys that name a format, never a token
 _TOKEN_RE = re.compile(r"^\S{1,64}$")
 MAX_VECTORS = 64  # more than any published embedding; bounds prompt-token expansion
-MODELSPEC_ARCH = {ARCH_SDXL: "stable-diffusion-xl-v1-base", ARCH_SD2: "stable-diffusion-v2-512"}
 
 
 def check_token(token: str, field: str = "trigger_token") -> str:
@@ -43,7 +49,7 @@ def choose_token(explicit: str, tensors: dict[str, torch.Tensor], metadata: dict
     if explicit:
         return check_token(explicit)
     keys = list(tensors)
-    if len(keys) == 1 and keys[0] != A1111_KEY:
+    if len(keys) == 1 and keys[0] not in _FORMAT_KEYS:
         return check_token(keys[0], FIELD)
     if metadata.get("name"):
         return check_token(metadata["name"].strip(), FIELD)
@@ -55,18 +61,24 @@ def import_embedding(
     tensors: dict[str, torch.Tensor], shapes: BaseModelShapes, token: str
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Validate against the base model and return (stored tensors, vector count)."""
+    family = shapes.model_family
+    slots = family.ti_slots
+    if not slots:
+        raise FailedPrecondition(f"base model {shapes.name!r} is {family.title} ({family.name}), "
+                                 "which has no Textual Inversion", FIELD)
     if set(tensors) == set(SDXL_KEYS):
         return _import_sdxl(tensors, shapes)
     if len(tensors) != 1:
         raise InvalidInput(FIELD, f"an embedding file holds one tensor (or clip_l + clip_g), got {sorted(tensors)}")
     key, value = next(iter(tensors.items()))
-    if shapes.is_sdxl:
+    if len(slots) > 1:
+        wanted = " and ".join(repr(slot.ti_key) for slot in slots)
         raise FailedPrecondition(
-            f"{key}: base model {shapes.name!r} is SDXL and needs an embedding with both 'clip_l' and "
-            "'clip_g' vectors; this file has a single text-encoder embedding (SD1.x/2.x)",
+            f"{key}: base model {shapes.name!r} is {family.title} and needs an embedding with both {wanted} "
+            "vectors; this file has a single text-encoder embedding (SD1.x/2.x, or Flux CLIP-L)",
             FIELD,
         )
-    n = _bounded(check_embedding(shapes, key, tuple(value.shape), TEXT_ENCODER), key)
+    n = _bounded(check_embedding(shapes, key, tuple(value.shape), slots[0].encoder), key)
     return {token: value.contiguous()}, n
 
 
@@ -105,7 +117,7 @@ def export_a1111(
     else:
         value = vectors[token]
         out = {A1111_KEY: (value.unsqueeze(0) if value.ndim == 1 else value).contiguous()}
-    arch = MODELSPEC_ARCH.get(shapes.architecture, "stable-diffusion-v1")
+    arch = key_map(shapes).spec(shapes.architecture)["architecture"]
     meta = {
         "name": trigger or token or title,
         "modelspec.sai_model_spec": "1.0.0",

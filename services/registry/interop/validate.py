@@ -35,6 +35,9 @@ def require_module(shapes: BaseModelShapes, key: str, component: str, path: str 
 
 def unknown_module(shapes: BaseModelShapes, key: str, component: str, name: str) -> FailedPrecondition:
     """The error for a foreign module name the base model does not have."""
+    family = shapes.model_family
+    if component not in shapes.modules and component in family.components:
+        return _fail(key, f"LoRA on {component} is not supported for {family.title} base models ({shapes.name!r})")
     if component not in shapes.modules:
         return _fail(key, f"base model {shapes.name!r} has no {component} (adapter made for another architecture?)")
     return _fail(
