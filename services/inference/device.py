@@ -128,11 +128,11 @@ class DeviceState:
         names: dict[AdapterKey, str] = {}
         try:
             for use in (u for uses in jobs for u in uses if u.kind == "LORA" and u.key not in names):
-                names[use.key] = self._lora(target, use, keys).peft_name
+                names[use.key] = self._lora(base, target, use, keys).peft_name
             bindings: dict[AdapterKey, TiBinding] = {}
             for use in (u for uses in jobs for u in uses if u.kind == "TEXTUAL_INVERSION"):
                 if use.key not in bindings:
-                    bindings[use.key] = self._ti(target, use, keys)
+                    bindings[use.key] = self._ti(base, target, use, keys)
         except (CapacityError, SlotsExhausted) as exc:
             raise ResourceExhausted(f"the adapters of this request do not fit on the device: {exc}") from None
         mixes = [tuple((names[u.key], u.weight) for u in uses if u.kind == "LORA") for uses in jobs]
@@ -177,20 +177,20 @@ class DeviceState:
             )
         except CapacityError as exc:
             raise FailedPrecondition(f"DreamBooth adapter {use.key} exceeds the DreamBooth cache: {exc}") from None
-        owner = variant.id if "text_encoder" in variant.owned else base_id
+        owner = variant.id if variant.slots is not base.slots else base_id
         return Target(variant.id, variant.pipe, variant.slots, owner)
 
-    def _lora(self, target: Target, use: AdapterUse, protect: set[DeviceKey]) -> Attachment:
+    def _lora(self, base: BaseModel, target: Target, use: AdapterUse, protect: set[DeviceKey]) -> Attachment:
         payload = use.payload
         assert isinstance(payload, LoraPayload)
-        nbytes = lora_nbytes(payload.state_dict, target.pipe.unet.dtype)
+        nbytes = lora_nbytes(payload.state_dict, next(base.denoiser(target.pipe).parameters()).dtype)
 
         def attach() -> Attachment:
             self.adapters.make_room(nbytes, protect)
             name = next(self._names)
             try:
                 fast = attach_lora(target.pipe, self.mergers.for_pipeline(target.pipe), name, payload.state_dict,
-                                   payload.metadata)
+                                   payload.metadata, base.part)
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise FailedPrecondition(f"adapter {use.key} cannot be applied to this base model: {exc}",
                                          field_name="spec.adapters") from None
@@ -199,23 +199,23 @@ class DeviceState:
 
         return self.adapters.get_or_load((target.id, use.key), attach, protect, user=use.key.tenant)
 
-    def _ti(self, target: Target, use: AdapterUse, protect: set[DeviceKey]) -> TiBinding:
+    def _ti(self, base: BaseModel, target: Target, use: AdapterUse, protect: set[DeviceKey]) -> TiBinding:
         payload = use.payload
         assert isinstance(payload, TiPayload)
         slots = target.slots
         if slots is None:
-            raise FailedPrecondition("textual inversion is supported on SD 1.x/2.x base models only",
-                                     field_name="spec.adapters")
-        for trigger, vectors in payload.vectors:
-            if vectors.shape[-1] != slots.dim:
-                raise FailedPrecondition(
-                    f"adapter {use.key}: embedding {trigger!r} has dim {vectors.shape[-1]}, "
-                    f"the text encoder {slots.dim}", field_name="spec.adapters")
+            why = (f"is not supported on {base.family.title} base models" if base.slots is None else
+                   "cannot be combined with a DreamBooth adapter that retrained only some of the text encoders")
+            raise FailedPrecondition(f"textual inversion {why}", field_name="spec.adapters")
+        try:
+            needed = slots.needed(payload.vectors)  # checks every encoder's vectors are there and fit
+        except FailedPrecondition as exc:
+            raise FailedPrecondition(f"adapter {use.key}: {exc.message}", field_name="spec.adapters") from None
         nbytes = payload.nbytes
 
         def attach() -> Attachment:
             self.adapters.make_room(nbytes, protect)
-            while slots.free < sum(int(v.shape[0]) for _t, v in payload.vectors):
+            while slots.free < needed:
                 if not self._evict_one_ti(slots, protect):
                     break
             binding = slots.bind(payload.vectors)

@@ -1,7 +1,8 @@
 """DreamBooth: a pipeline variant whose trained components replace the base's.
 
 A DreamBooth adapter ships full component folders (`unet/config.json` +
-`unet/diffusion_pytorch_model.safetensors`, optionally `text_encoder/...`). The variant is a new
+`unet/diffusion_pytorch_model.safetensors`, or `transformer/...` for Flux, optionally
+`text_encoder/...`): any of the family's trainable components (`ModelFamily.components`). The variant is a new
 pipeline object of the base's class built from the base's components with the trained ones
 swapped in: the base pipeline is never modified, so "restoring the originals" is simply running
 the base again, and the untouched components (VAE, tokenizer, usually the text encoder) are
@@ -24,12 +25,12 @@ import torch
 
 from services.common.errors import FailedPrecondition
 from services.common.model_loading import MODEL_LOAD_LOCK
-from services.inference.pipelines import BaseModel, Pipeline
+from services.inference.pipelines import BaseModel, Pipeline, ti_slots
 from services.inference.textual_inversion import DEFAULT_SLOTS, TiSlots
 
-SWAPPABLE = ("unet", "text_encoder", "text_encoder_2")
 # Config fields that must agree with the base for a swapped component to fit the pipeline.
-_MUST_MATCH = ("in_channels", "out_channels", "cross_attention_dim", "hidden_size", "projection_dim")
+_MUST_MATCH = ("in_channels", "out_channels", "cross_attention_dim", "hidden_size", "projection_dim",
+               "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "d_model")
 
 
 @dataclass
@@ -73,7 +74,7 @@ def _load_component(name: str, original: torch.nn.Module, folder: Path, base: Ba
 
 
 def build_variant(variant_id: str, base: BaseModel, files: dict[str, Path],
-                  ti_slots: int = DEFAULT_SLOTS) -> Variant:
+                  slot_count: int = DEFAULT_SLOTS) -> Variant:
     """Load the adapter's components onto the device and assemble the variant pipeline."""
     with tempfile.TemporaryDirectory(prefix="atelier-db-") as tmp:
         root = Path(tmp)
@@ -82,7 +83,7 @@ def build_variant(variant_id: str, base: BaseModel, files: dict[str, Path],
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(path.resolve(), link)
         owned: dict[str, torch.nn.Module] = {}
-        for name in SWAPPABLE:
+        for name in base.family.components:
             original = getattr(base.pipe, name, None)
             if original is not None and (root / name / "config.json").is_file():
                 owned[name] = _load_component(name, original, root / name, base)
@@ -93,7 +94,10 @@ def build_variant(variant_id: str, base: BaseModel, files: dict[str, Path],
     pipe = cls(**{**base.pipe.components, **owned}, **extra)
     pipe.set_progress_bar_config(disable=True)
     slots = base.slots
-    if "text_encoder" in owned and base.slots is not None:
-        # Same tokenizer (its slot tokens already exist), fresh rows in the new encoder.
-        slots = TiSlots(base.pipe.tokenizer, owned["text_encoder"], ti_slots)
+    retrained = [slot.encoder in owned for slot in base.family.ti_slots]
+    if all(retrained) and retrained:
+        # Same tokenizers (their slot tokens already exist), fresh rows in the retrained encoders.
+        slots = ti_slots(base.family, base.pipe, slot_count, owned)
+    elif any(retrained):
+        slots = None  # rows in a shared and a retrained encoder could not move in lockstep: no TI here
     return Variant(variant_id, base, pipe, owned, slots, sum(module_nbytes(m) for m in owned.values()))

@@ -1,7 +1,8 @@
 """The inference engine: requests in, PNGs out; owns the tiers, the batcher and the device thread.
 
 Flow of `generate`: admit (or RESOURCE_EXHAUSTED at once) -> base model (loaded once) ->
-resolve each adapter reference and check it belongs to this base model -> parsed payloads
+resolve each adapter reference and check it belongs to this base model (its model family
+first: an SDXL adapter on a Flux base is FAILED_PRECONDITION naming both) -> parsed payloads
 through the disk and host tiers (off the event loop, single flight) -> batcher -> device thread
 (attach missing adapters, merge the mix, one pipeline call) -> PNG encoding off the device
 thread. Every pipeline mutation and call happens on one dedicated thread, so the device runs
@@ -26,9 +27,10 @@ from PIL import Image as PILImage
 from prometheus_client import CollectorRegistry
 
 from services.common.config import Settings
-from services.common.errors import Cancelled, FailedPrecondition, InvalidInput, PermissionDenied
+from services.common.errors import AtelierError, Cancelled, FailedPrecondition, InvalidInput, PermissionDenied
 from services.common.quotas import TenantRateLimiter
 from services.common.usage import UsageLedger, device_label
+from services.families import SD1, mismatch
 from services.inference.abort import AbortGuard
 from services.inference.adapters import AdapterKey, DiskTier, HostTier, Resolver, open_adapter_tiers
 from services.inference.batcher import WorkItem
@@ -248,7 +250,7 @@ class InferenceEngine:
         base text encoders (issue 13). Kept only when no adapter changes the text encoding (TI, a
         LoRA with text-encoder layers); else the step loop encodes after the fetch."""
         cold = any(self.host.cached(m) is None for m in manifests)
-        early = (self.settings.continuous_batching and cold and base.family == "sd"
+        early = (self.settings.continuous_batching and cold and base.family.name == SD1.name
                  and all(m.kind == "LORA" for m in manifests))
         encoding = asyncio.ensure_future(self.on_device(self.stepper.encode_base, base, request)) if early else None
         try:
@@ -289,6 +291,12 @@ class InferenceEngine:
             if spec.ref.tenant != tenant:  # the edge parses refs in the caller's tenant: never cross it
                 raise PermissionDenied(f"{spec.field}: a reference of another tenant")
             manifest = await self.on_io(self.resolver.resolve, spec.ref)
+            family = manifest.base_family
+            if not family and manifest.base_model != base.model_name:  # legacy: ask its base model
+                family = await self.on_io(self._recorded_family, manifest.base_model)
+            if family and family != base.family.name:
+                raise FailedPrecondition(f"adapter {manifest.ref}: {mismatch(family, base.family.name).message}",
+                                         field_name=f"{spec.field}.ref")
             self._check_base(manifest, base, spec)
             return manifest
 
@@ -302,6 +310,14 @@ class InferenceEngine:
                 f"{attached} LoRA/TI adapters requested; this server attaches at most "
                 f"{self.settings.device_cache_max_adapters} at once", field_name="spec.adapters")
         return manifests
+
+    def _recorded_family(self, base_model: str) -> str:
+        """The family a registry base model's manifest records ("" when unknown or unreadable:
+        the name/digest check that follows still refuses a foreign base)."""
+        try:
+            return self.registry.base_models.get(base_model).family
+        except AtelierError:
+            return ""
 
     @staticmethod
     def _check_base(manifest: AdapterManifest, base: BaseModel, spec: AdapterSpec) -> None:

@@ -1,7 +1,7 @@
 """Which diffusers pipeline runs a batch, and the keyword arguments its mode adds.
 
-img2img and inpainting run diffusers' own Img2Img / Inpaint pipelines (SD or SDXL, picked by
-`AutoPipelineFor*`), built with `from_pipe` from the pipeline the batch would run on anyway (the
+img2img and inpainting run diffusers' own Img2Img / Inpaint pipelines (SD, SDXL or Flux, picked
+by `AutoPipelineFor*`), built with `from_pipe` from the pipeline the batch would run on anyway (the
 base or a DreamBooth variant). `from_pipe` shares the component objects, so the LoRA mix merged
 into the UNet and text encoders and the TI slots apply unchanged, and nothing is loaded twice.
 The derived pipelines are cached per source pipeline (weakly: a DreamBooth variant that leaves
@@ -42,11 +42,12 @@ def pipeline_for(pipe: Pipeline, mode: str) -> Pipeline:
     return derived[mode]
 
 
-def mode_kwargs(requests: Sequence[GenerationRequest], width: int, height: int) -> dict[str, Any]:
+def mode_kwargs(requests: Sequence[GenerationRequest], width: int, height: int,
+                size_from_image: bool = True) -> dict[str, Any]:
     """Size and conditioning arguments of the pipeline call, one init image/mask per output image.
 
-    The img2img pipelines take their size from the image (validation made it the output size);
-    text-to-image and inpainting take width/height.
+    The SD/SDXL img2img pipelines take their size from the image (validation made it the output
+    size; `size_from_image`); Flux's, text-to-image and inpainting take width/height.
     """
     mode = requests[0].mode
     if mode == "txt2img":
@@ -55,6 +56,8 @@ def mode_kwargs(requests: Sequence[GenerationRequest], width: int, height: int) 
         "image": [r.init_image for r in requests for _ in range(r.num_images)],
         "strength": requests[0].strength,
     }
+    if not size_from_image:
+        kwargs |= {"width": width, "height": height}
     if mode == "inpaint":
         kwargs |= {"mask_image": [r.mask_image for r in requests for _ in range(r.num_images)],
                    "width": width, "height": height}

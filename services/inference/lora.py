@@ -24,6 +24,7 @@ import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from peft.tuners.lora import LoraLayer
 from transformers.utils import logging as hf_logging
 
 from services.common.model_loading import MODEL_LOAD_LOCK
+from services.families import of_pipeline
 from services.inference.lora_fast import try_fast_attach
 from services.inference.merge_methods import LINEAR, LINEAR_MERGE, MergeSpec, merge_deltas
 from services.inference.pipelines import Pipeline
@@ -278,50 +280,42 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def load_lora(pipe: Pipeline, name: str, state_dict: dict[str, torch.Tensor],
-              metadata: dict[str, Any] | None) -> None:
+              metadata: dict[str, Any] | None, part: ModuleType | None = None) -> None:
     """What `pipe.load_lora_weights(file)` does, from an in-memory state dict *and* its header.
 
     diffusers reads the adapter metadata (lora_alpha, rank pattern) only from a file; given a
     dict it would silently use alpha = rank. So the format conversion (`lora_state_dict`, which
     also understands kohya and other layouts) and the per-component loaders are called here with
-    the metadata the payload kept. `low_cpu_mem_usage` skips random-initialising the A/B weights
-    that are overwritten right after.
+    the metadata the payload kept; which loaders (UNet or transformer, which text encoders) is
+    the family's `inference` part (`part`; default: the pipeline's family). `low_cpu_mem_usage`
+    skips random-initialising the A/B weights that are overwritten right after.
     """
+    part = part or of_pipeline(pipe).part("inference")
     with MODEL_LOAD_LOCK:  # low_cpu_mem_usage patches torch globals: services/common/model_loading.py
-        _load_lora(pipe, name, state_dict, metadata)
+        converted, alphas = part.lora_state_dict(pipe, state_dict)
+        if alphas and metadata:
+            metadata = None  # diffusers refuses both; kohya-style alphas are the file's own truth
+        part.load_lora(pipe, converted, alphas, name, metadata)
 
 
-def _load_lora(pipe: Pipeline, name: str, state_dict: dict[str, torch.Tensor],
-               metadata: dict[str, Any] | None) -> None:
-    converted, alphas = type(pipe).lora_state_dict(dict(state_dict))  # the dict is consumed: copy
-    if alphas and metadata:
-        metadata = None  # diffusers refuses both; kohya-style alphas are the file's own truth
-    pipe.load_lora_into_unet(converted, network_alphas=alphas, unet=pipe.unet, adapter_name=name,
-                             _pipeline=pipe, low_cpu_mem_usage=True, metadata=metadata)
-    for attr in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipe, attr, None)
-        if encoder is not None:
-            pipe.load_lora_into_text_encoder(
-                converted, network_alphas=alphas, text_encoder=encoder, prefix=attr, lora_scale=pipe.lora_scale,
-                adapter_name=name, _pipeline=pipe, low_cpu_mem_usage=True, metadata=metadata)
-
-
-def attach_lora(pipe: Pipeline, mergers: Sequence[LoraMerger], name: str,
-                state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> bool:
+def attach_lora(pipe: Pipeline, mergers: Sequence[LoraMerger], name: str, state_dict: dict[str, torch.Tensor],
+                metadata: dict[str, Any] | None = None, part: ModuleType | None = None) -> bool:
     """Attach one LoRA under `name` (wrappers back in the tree, weights at their originals).
 
     Returns True when the fast per-layer path (lora_fast.py) was enough.
     """
+    part = part or of_pipeline(pipe).part("inference")
     with contextlib.ExitStack() as stack:
         for merger in mergers:
             stack.enter_context(merger.wrapped())
         with _quiet_transformers():
             components = [(m.prefix, m.component, m.wrappers()) for m in mergers]
             with MODEL_LOAD_LOCK:  # the fast path builds LoRA layers too (services/common/model_loading.py)
-                if try_fast_attach(pipe, components, name, state_dict, metadata):
+                converted, alphas = part.lora_state_dict(pipe, state_dict)
+                if not alphas and try_fast_attach(components, name, converted, metadata):
                     return True
             try:
-                load_lora(pipe, name, state_dict, metadata)
+                load_lora(pipe, name, state_dict, metadata, part)
             except Exception:
                 # A half-injected adapter must not stay behind (its layers would be tracked
                 # and, worse, never merged or deleted): remove whatever got in.

@@ -36,7 +36,7 @@ def _component_state(converted: dict[str, torch.Tensor], prefix: str) -> dict[st
     sub = {k[len(prefix) + 1:]: v for k, v in converted.items() if k.startswith(prefix + ".")}
     if not sub:
         return {}
-    if prefix == "unet":
+    if prefix in ("unet", "transformer"):  # denoisers: diffusers' own module names, peft or old keys
         return convert_unet_state_dict_to_peft(sub)
     return convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
 
@@ -112,16 +112,14 @@ def _adapter_dtype(layer: Any) -> torch.dtype:
     return layer.get_base_layer().weight.dtype  # type: ignore[no-any-return]
 
 
-def try_fast_attach(pipe: Any, components: Sequence[tuple[str, torch.nn.Module, dict[str, Any]]], name: str,
-                    state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None) -> bool:
+def try_fast_attach(components: Sequence[tuple[str, torch.nn.Module, dict[str, Any]]], name: str,
+                    converted: dict[str, torch.Tensor], metadata: dict[str, Any] | None) -> bool:
     """Attach via the per-layer path when every component is the plain case; False otherwise.
 
-    `components` are (prefix, module, path -> wrapper) of the pipeline's LoRA-capable parts.
-    Nothing is modified unless every component qualifies.
+    `components` are (prefix, module, path -> wrapper) of the pipeline's LoRA-capable parts;
+    `converted` is the LoRA in diffusers' layout (the family's `lora_state_dict`, no kohya
+    alphas). Nothing is modified unless every component qualifies.
     """
-    converted, alphas = type(pipe).lora_state_dict(dict(state_dict))
-    if alphas:
-        return False
     plans = []
     known = {prefix for prefix, _m, _w in components}
     if any(key.split(".", 1)[0] not in known for key in converted):

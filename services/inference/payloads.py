@@ -3,9 +3,11 @@
 Only safetensors are read (the registry refuses pickle formats on publish, and so do we here).
 LoRA: the diffusers-layout state dict of `pytorch_lora_weights.safetensors`, kept as CPU tensors
 that `load_lora_weights` can attach. Textual Inversion: `learned_embeds.safetensors`, one tensor
-[num_vectors, dim] per trigger token. DreamBooth: nothing heavy here, the component files stay
-on the disk tier and are loaded straight onto the device (see dreambooth.py), so a multi-GB
-UNet is never held twice in RAM.
+[num_vectors, dim] per trigger token, or one trigger's vectors per text encoder
+(`{"clip_l": [n, 768], "clip_g": [n, 1280]}`, the SDXL layout; Flux: `clip_l` alone). Which
+encoder takes which tensor is the base model's business (textual_inversion.TiSlots).
+DreamBooth: nothing heavy here, the component files stay on the disk tier and are loaded
+straight onto the device (see dreambooth.py), so a multi-GB UNet is never held twice in RAM.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE, Adapt
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights puts the LoRA config
 # Keys some exporters put next to the embedding; never trigger tokens.
 _TI_METADATA_KEYS = frozenset({"string_to_token", "name", "step", "sd_checkpoint", "sd_checkpoint_name"})
+# Keys of a per-text-encoder TI file (A1111/ComfyUI SDXL layout; Flux's CLIP-L alone).
+TI_ENCODER_KEYS = frozenset({"clip_l", "clip_g"})
+DENOISERS = ("unet", "transformer")
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,12 @@ class LoraPayload:
 
 @dataclass(frozen=True)
 class TiPayload:
-    vectors: tuple[tuple[str, torch.Tensor], ...]  # (trigger token, [num_vectors, dim])
+    # (trigger token, {TI-file key: [num_vectors, dim]}); key "" for a single-tensor file
+    vectors: tuple[tuple[str, dict[str, torch.Tensor]], ...]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _n, t in self.vectors)
+        return sum(t.numel() * t.element_size() for _n, per in self.vectors for t in per.values())
 
 
 @dataclass(frozen=True)
@@ -105,25 +111,32 @@ def ti_payload(manifest: AdapterManifest, local: dict[str, Path]) -> TiPayload:
     return TiPayload(tuple(_triggers(manifest, tensors)))
 
 
-def _triggers(manifest: AdapterManifest, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """Map file entries to trigger tokens: by name, or the single entry to the single trigger."""
+def _triggers(manifest: AdapterManifest,
+              tensors: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Map file entries to trigger tokens: by name, or the single entry to the single trigger;
+    a per-encoder file (clip_l/clip_g) is one trigger's vectors, keyed by encoder."""
     entries = {k: v for k, v in tensors.items() if k not in _TI_METADATA_KEYS and v.dim() in (1, 2)}
     if not entries:
         raise FailedPrecondition(f"adapter {manifest.ref}: no embedding tensor in its file")
     as_2d = {k: (v if v.dim() == 2 else v.unsqueeze(0)).float() for k, v in entries.items()}
     triggers: Sequence[str] = manifest.trigger_tokens
+    if set(as_2d) <= TI_ENCODER_KEYS:
+        if len(triggers) != 1:
+            raise FailedPrecondition(f"adapter {manifest.ref}: a per-encoder embedding file holds one trigger, "
+                                     f"the manifest names {list(triggers)}")
+        return [(triggers[0], as_2d)]
     if len(as_2d) == 1 and len(triggers) <= 1:
         name, tensor = next(iter(as_2d.items()))
-        return [(triggers[0] if triggers else name, tensor)]
+        return [(triggers[0] if triggers else name, {"": tensor})]
     if triggers and not set(triggers) <= set(as_2d):
         missing = sorted(set(triggers) - set(as_2d))
         raise FailedPrecondition(f"adapter {manifest.ref}: trigger tokens {missing} have no embedding")
     names = list(triggers) if triggers else sorted(as_2d)
-    return [(name, as_2d[name]) for name in names]
+    return [(name, {"": as_2d[name]}) for name in names]
 
 
 def dreambooth_payload(manifest: AdapterManifest) -> DreamBoothPayload:
     components = sorted({f.path.split("/", 1)[0] for f in manifest.files if "/" in f.path})
-    if "unet" not in components and "text_encoder" not in components:
-        raise FailedPrecondition(f"adapter {manifest.ref}: no unet/ or text_encoder/ component files")
+    if not {*DENOISERS, "text_encoder"} & set(components):
+        raise FailedPrecondition(f"adapter {manifest.ref}: no unet/, transformer/ or text_encoder/ component files")
     return DreamBoothPayload(tuple(manifest.files), tuple(components))

@@ -7,8 +7,10 @@ an adapter manifest's `base_model_digest` can be checked whichever way the base 
 Base models are never evicted: which ones a replica serves is configuration. A registry model
 is served as its pinned version `name@N`, so importing a new version loads it alongside.
 
-`Family` hides the two architectures' differences in prompt encoding (SD: one text encoder;
-SDXL: two, plus pooled embeddings) behind `encode` -> pipeline keyword arguments.
+What differs per model family (SD 1.x, SDXL, Flux: prompt encoding, classifier-free guidance
+or a guidance embedding, the default size, which schedulers apply, how LoRAs load) is asked of
+the family's `inference` part (services/families/<name>/inference.py) through `BaseModel`;
+nothing here branches on pipeline classes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -29,16 +32,15 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
 )
 from diffusers.utils import is_scipy_available
 
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Unavailable
 from services.common.model_loading import MODEL_LOAD_LOCK
+from services.families import ModelFamily, of_pipeline
 from services.inference.cache import ByteLRU
-from services.inference.textual_inversion import DEFAULT_SLOTS, TiSlots
+from services.inference.textual_inversion import DEFAULT_SLOTS, TiEncoder, TiSlots
 from services.registry.base_models import collect_files
 from services.registry.blobs import sha256_file
 from services.registry.manifests import BaseModelManifest, FileRecord, files_digest
@@ -78,7 +80,7 @@ class BaseModel:
     name: str  # what it is served as: a configured name, or a registry version's `name@N`
     digest: str
     pipe: Pipeline
-    family: str  # "sd" | "sdxl"
+    family: ModelFamily
     device: torch.device
     dtype: torch.dtype
     slots: TiSlots | None
@@ -90,13 +92,30 @@ class BaseModel:
         return self.name.partition("@")[0]
 
     @property
+    def part(self) -> ModuleType:
+        """The family's inference behaviour (services/families/<name>/inference.py)."""
+        return self.family.part("inference")
+
+    @property
     def default_size(self) -> int:
-        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+        return int(self.part.default_size(self.pipe))
+
+    def cfg(self, guidance_scale: float) -> bool:
+        """Whether a call with this guidance scale runs classifier-free guidance (two halves)."""
+        return bool(self.part.cfg(guidance_scale))
+
+    def denoiser(self, pipe: Pipeline | None = None) -> torch.nn.Module:
+        """The UNet or transformer of `pipe` (default: the base pipeline)."""
+        return getattr(self.pipe if pipe is None else pipe, self.family.denoiser)  # type: ignore[no-any-return]
 
     def scheduler(self, kind: str) -> Any:
         """A scheduler instance of `kind` ("default": the model's own) built from its config."""
         if kind == "default":
             return self._schedulers.setdefault("default", self.pipe.scheduler)
+        allowed = self.part.SCHEDULERS
+        if allowed is not None and kind not in allowed:
+            raise InvalidInput("spec.scheduler", f"scheduler {kind!r} does not apply to {self.family.title} "
+                                                 f"base models (use: {', '.join(allowed)})")
         if kind not in SCHEDULERS:
             raise InvalidInput("spec.scheduler", f"scheduler {kind!r} is not available on this server")
         if kind not in self._schedulers:
@@ -104,28 +123,29 @@ class BaseModel:
         return self._schedulers[kind]
 
 
-def family_of(pipe: Pipeline) -> str:
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        return "sdxl"
-    if isinstance(pipe, StableDiffusionPipeline):
-        return "sd"
-    raise FailedPrecondition(f"{type(pipe).__name__} is not a supported text-to-image pipeline")
+def encode(base: BaseModel, pipe: Pipeline, prompt: str, negative: str, num_images: int, guidance: bool,
+           raw_prompt: str = "", raw_negative: str = "") -> dict[str, torch.Tensor]:
+    """Per-request prompt embeddings as the pipeline's keyword arguments (uncond only with CFG).
+
+    `prompt`/`negative` carry TI slot tokens; `raw_*` are the request's own texts, for encoders
+    that never hold TI vectors (Flux's T5).
+    """
+    return base.part.encode(pipe, base.device, prompt, negative, num_images, guidance,  # type: ignore[no-any-return]
+                            raw_prompt or prompt, raw_negative or negative)
 
 
-def encode(base: BaseModel, pipe: Pipeline, prompt: str, negative: str, num_images: int,
-           guidance: bool) -> dict[str, torch.Tensor]:
-    """Per-request prompt embeddings as the pipeline's keyword arguments (uncond only with CFG)."""
-    if base.family == "sdxl":
-        pe, npe, ppe, nppe = pipe.encode_prompt(
-            prompt=prompt, device=base.device, num_images_per_prompt=num_images,
-            do_classifier_free_guidance=guidance, negative_prompt=negative or None,
-        )
-        out = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
-        if guidance:
-            out |= {"negative_prompt_embeds": npe, "negative_pooled_prompt_embeds": nppe}
-        return out
-    pe, npe = pipe.encode_prompt(prompt, base.device, num_images, guidance, negative or None)
-    return {"prompt_embeds": pe, **({"negative_prompt_embeds": npe} if guidance else {})}
+def ti_slots(family: ModelFamily, pipe: Pipeline, count: int,
+             encoders: dict[str, torch.nn.Module] | None = None) -> TiSlots | None:
+    """Reserved TI rows in the family's TI text encoders (None: the family has no TI).
+
+    `encoders` overrides some of the pipeline's encoders (a DreamBooth variant's retrained ones).
+    """
+    slots = family.ti_slots
+    if not slots:
+        return None
+    chosen = encoders or {}
+    return TiSlots([TiEncoder(slot.ti_key, getattr(pipe, slot.tokenizer),
+                              chosen.get(slot.encoder, getattr(pipe, slot.encoder))) for slot in slots], count)
 
 
 def _freeze(module: torch.nn.Module) -> None:
@@ -225,11 +245,11 @@ class PipelinePool:
         return model
 
     def _serve(self, name: str, digest: str, pipe: Pipeline) -> BaseModel:
-        family = family_of(pipe)
+        family = of_pipeline(pipe)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 _freeze(component)
-        slots = TiSlots(pipe.tokenizer, pipe.text_encoder, self._ti_slots) if family == "sd" else None
+        slots = ti_slots(family, pipe, self._ti_slots)
         return BaseModel(name, digest, pipe, family, self.device, self.dtype, slots)

@@ -103,19 +103,27 @@ def _same_layout(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def per_request_unet(unet: torch.nn.Module, groups: Sequence[Sequence[int]]) -> Iterator[None]:
-    """Evaluate the UNet once per row group instead of on the whole batch (see module doc)."""
-    original = unet.forward
+def per_request_denoiser(denoiser: torch.nn.Module, groups: Sequence[Sequence[int]], sample_arg: str = "sample",
+                         unbatched: frozenset[str] = frozenset()) -> Iterator[None]:
+    """Evaluate the UNet/transformer once per row group instead of on the whole batch (module doc).
 
-    def forward(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+    The batched input comes first, positionally or as keyword `sample_arg`; keyword arguments
+    in `unbatched` (Flux's position ids: no batch axis) are passed whole to every group.
+    """
+    original = denoiser.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        sample = args[0] if args else kwargs[sample_arg]
         total = sample.shape[0]
         out: torch.Tensor | None = None
         for group in groups:
             index = torch.tensor(group, device=sample.device)
-            part = original(_same_layout(sample.index_select(0, index), sample), _take(timestep, index, total),
-                            *[_take(a, index, total) for a in args],
-                            **{k: _take(v, index, total) for k, v in kwargs.items() if k != "return_dict"},
-                            return_dict=False)[0]
+            part_args = [_same_layout(a.index_select(0, index), a) if i == 0 else _take(a, index, total)
+                         for i, a in enumerate(args)]
+            part_kwargs = {k: v if k in unbatched else
+                           _same_layout(v.index_select(0, index), v) if k == sample_arg and not args else
+                           _take(v, index, total) for k, v in kwargs.items() if k != "return_dict"}
+            part = original(*part_args, **part_kwargs, return_dict=False)[0]
             if out is None:
                 out = torch.empty((total, *part.shape[1:]), dtype=part.dtype, device=part.device,
                                   memory_format=_layout(part))
@@ -123,11 +131,11 @@ def per_request_unet(unet: torch.nn.Module, groups: Sequence[Sequence[int]]) -> 
         assert out is not None
         return (out,)
 
-    unet.forward = forward  # type: ignore[method-assign]
+    denoiser.forward = forward  # type: ignore[method-assign]
     try:
         yield
     finally:
-        del unet.forward
+        del denoiser.forward
 
 
 class Runner:
@@ -199,7 +207,7 @@ class Runner:
                 merger.apply(prepared.mixes[0], first.request.merge)
         self.guard.hook(pipe)
         req = first.request
-        guidance = req.guidance_scale > 1.0
+        guidance = first.base.cfg(req.guidance_scale)
         text = [m for m in prepared.mergers if m.prefix not in UNET_PREFIXES] if hetero else []
 
         def text_mix(j: int) -> None:
@@ -217,7 +225,8 @@ class Runner:
         with self._unet_mode(pipe, jobs, guidance, prepared if hetero else None):
             output = call(
                 **kwargs, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
-                **mode_kwargs([job.request for job in jobs], first.width, first.height),
+                **mode_kwargs([job.request for job in jobs], first.width, first.height,
+                              first.base.part.SIZE_FROM_IMAGE),
                 generator=generators, output_type="np",
                 callback_on_step_end=callback,
             )
@@ -240,7 +249,8 @@ class Runner:
         for j, job in enumerate(jobs):
             before(j)
             prompt, negative = rewrite_prompts(job.request.prompt, job.request.negative_prompt, ti[j])
-            for name, tensor in encode(base, pipe, prompt, negative, job.request.num_images, guidance).items():
+            for name, tensor in encode(base, pipe, prompt, negative, job.request.num_images, guidance,
+                                       job.request.prompt, job.request.negative_prompt).items():
                 parts.setdefault(name, []).append(tensor)
         return {name: torch.cat(tensors) for name, tensors in parts.items()}
 
@@ -263,7 +273,9 @@ class Runner:
             return stack
         if not self._exact or len(jobs) == 1:
             return contextlib.nullcontext()
-        return per_request_unet(pipe.unet, groups)
+        base = jobs[0].base
+        return per_request_denoiser(base.denoiser(pipe), groups, base.part.DENOISER_SAMPLE_ARG,
+                                    base.part.UNBATCHED_ARGS)
 
     def _callback(self, items: list[WorkItem], steps: int, started: float) -> Any:
         last = [started]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from services.families import SD1
 from services.inference.abort import AbortGuard
 from services.inference.batcher import WorkItem
 from services.inference.device import DeviceState
@@ -49,9 +50,10 @@ Embeddings = dict[str, torch.Tensor]
 
 def streamable(job: Job) -> bool:
     """Requests the step loop serves; the rest (DreamBooth weights, TIES/DARE mixes, img2img and
-    inpainting, SDXL, guidance-embedding UNets) keep the pipeline-call path (runner.py)."""
+    inpainting, SDXL and Flux, guidance-embedding UNets) keep the pipeline-call path (runner.py):
+    the loop below is SD 1.x's (one text-embedding input, CFG halves, an unpacked UNet)."""
     req = job.request
-    return (job.base.family == "sd" and req.mode == "txt2img" and req.merge.normalised().method == LINEAR
+    return (job.base.family.name == SD1.name and req.mode == "txt2img" and req.merge.normalised().method == LINEAR
             and all(u.kind != "DREAMBOOTH" for u in job.uses)
             and getattr(job.base.pipe.unet.config, "time_cond_proj_dim", None) is None)
 
