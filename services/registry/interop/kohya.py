@@ -67,11 +67,11 @@ class Tables:
 def key_map(shapes: BaseModelShapes) -> ModuleType:
     """The family's foreign-format key map, or FailedPrecondition when the family has none yet."""
     family = shapes.model_family
-    module = f"services.families.{family.name}.interop"
+    folder = f"services.families.{family.name}"
     try:
         return family.part("interop")
     except ModuleNotFoundError as exc:
-        if exc.name != module:
+        if exc.name not in (folder, f"{folder}.interop"):
             raise
         raise FailedPrecondition(
             f"base model {shapes.name!r} is {family.title} ({family.name}), which has no key map for "
