@@ -14,6 +14,7 @@ peft's `merge` does (see test_inference_equivalence.py for SD 1.x).
 from __future__ import annotations
 
 import concurrent.futures
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
     DiffusionPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -31,6 +34,7 @@ from diffusers import (
 )
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from PIL import Image as PILImage
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -160,10 +164,12 @@ def ours(env: InferenceEnv, family: str, adapters: list[tuple[str, float]] = (),
 
 def reference(env: InferenceEnv, family: str, prompt: str = "a red box", seed: int = 1,
               loras: list[tuple[str, float]] = (), ti: str | None = None,  # type: ignore[assignment]
-              dreambooth: str | None = None) -> np.ndarray:
+              dreambooth: str | None = None, mode: str = "txt2img", **call: Any) -> np.ndarray:
     """The same generation with nothing but diffusers (plain pipeline, its own loaders)."""
     folder = base_dir(env, family)
-    pipe: Any = DiffusionPipeline.from_pretrained(folder)
+    loader = {"txt2img": DiffusionPipeline, "img2img": AutoPipelineForImage2Image,
+              "inpaint": AutoPipelineForInpainting}[mode]
+    pipe: Any = loader.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     if dreambooth is not None:
         name, cls = ("unet", UNet2DConditionModel) if family == "sdxl" else ("transformer", FluxTransformer2DModel)
@@ -185,7 +191,7 @@ def reference(env: InferenceEnv, family: str, prompt: str = "a red box", seed: i
     extra = {"max_sequence_length": 512} if family == "flux" else {}  # FluxPipeline's default, stated
     with torch.no_grad():
         image = pipe(prompt, num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=DEFAULT_GUIDANCE,
-                     generator=torch.Generator().manual_seed(seed), **extra).images[0]
+                     generator=torch.Generator().manual_seed(seed), **extra, **call).images[0]
     return np.asarray(image).astype(np.int16)
 
 
@@ -234,6 +240,30 @@ def test_dreambooth_denoiser_with_a_lora_equals_diffusers(env: InferenceEnv, fam
     assert np.array_equal(ours(env, family), base)  # the base pipeline is untouched by the swap
 
 
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+INIT = _png(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+MASK = _png(np.repeat(np.array([0, 255], np.uint8), SIZE // 2)[None, :].repeat(SIZE, 0))  # repaint the right half
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_img2img_and_inpaint_with_a_lora_equal_diffusers(env: InferenceEnv, family: str, mode: str) -> None:
+    """diffusers' own Img2Img / Inpaint pipeline of the family, sharing the base's components."""
+    images = {"image": PILImage.open(io.BytesIO(INIT))}
+    extra: dict[str, Any] = {"init_image": INIT, "strength": 0.6}
+    if mode == "inpaint":
+        images["mask_image"] = PILImage.open(io.BytesIO(MASK))
+        extra["mask_image"] = MASK
+    lora = [(f"{family}-lora-2", 0.7)]
+    image = ours(env, family, lora, **extra)
+    assert np.array_equal(image, reference(env, family, loras=lora, mode=mode, strength=0.6, **images))
+
+
 def test_batched_flux_requests_are_byte_identical_to_solo_runs(env: InferenceEnv) -> None:
     jobs = [dict(prompt="a red box", seed=5), dict(prompt="a blue cat", seed=6, num_images=2)]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
@@ -242,6 +272,18 @@ def test_batched_flux_requests_are_byte_identical_to_solo_runs(env: InferenceEnv
     for kw, together in zip(jobs, batched, strict=True):
         alone = env.generate(base_model=BASES["flux"], **kw)
         assert [i.png for i in together.images] == [i.png for i in alone.images]
+
+
+def test_flux_requests_with_different_loras_share_one_transformer_forward(env: InferenceEnv) -> None:
+    """Per-sample LoRA deltas (hetero.py) on the transformer's layers; within the SD 1.x
+    tolerance of their solo (merged) images: W x + B A x is not (W + B A) x bit for bit."""
+    jobs = [[("flux-lora-1", 1.0)], [("flux-lora-2", 0.5)], [("flux-lora-1", -0.5), ("flux-lora-2", 1.0)]]
+    hetero = env.engine.runner.paths["hetero"]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        batched = list(pool.map(lambda mix: ours(env, "flux", mix, seed=4), jobs))
+    assert env.engine.runner.paths["hetero"] > hetero
+    for mix, together in zip(jobs, batched, strict=True):
+        assert int(np.abs(together - ours(env, "flux", mix, seed=4)).max()) <= 2, mix
 
 
 # --- tiers, single flight, families -----------------------------------------------------------
