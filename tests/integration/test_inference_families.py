@@ -312,6 +312,21 @@ def test_an_sdxl_adapter_on_a_flux_base_is_refused_naming_both_families(env: Inf
     assert env.store.blob_reads() == before  # refused before any adapter bytes were fetched
 
 
+def test_a_legacy_adapter_is_checked_by_its_base_models_recorded_family(env: InferenceEnv) -> None:
+    """No base_family in the adapter manifest (published before it was recorded): the family of
+    the registry base model it names decides, still before any adapter bytes are fetched."""
+    manifest = env.registry.base_models.import_folder("reg-sdxl", base_dir(env, "sdxl"))
+    assert manifest.family == "sdxl"
+    env.registry.adapters.publish(TENANT, "legacy-sdxl", kind="LORA", base_model="reg-sdxl",
+                                  base_model_digest=manifest.digest,
+                                  files={LORA_WEIGHTS_FILE: env.files["sdxl-lora-1"][LORA_WEIGHTS_FILE]})
+    before = dict(env.store.blob_reads())
+    err = rpc_error(lambda: env.generate(base_model=BASES["flux"], adapters=[("legacy-sdxl", 1.0)]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "(sdxl)" in (err.details() or "") and "(flux)" in (err.details() or ""), err.details()
+    assert env.store.blob_reads() == before
+
+
 def test_flux_refuses_a_ddpm_scheduler_with_a_clear_error(env: InferenceEnv) -> None:
     err = rpc_error(lambda: env.generate(base_model=BASES["flux"], scheduler=inference_pb2.SCHEDULER_KIND_DDIM))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
