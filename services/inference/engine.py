@@ -53,7 +53,7 @@ from services.inference.types import (
     ResolvedAdapterInfo,
     Timings,
 )
-from services.inference.validation import check_latent_area
+from services.inference.validation import check_latent_area, check_size_multiple
 from services.registry.manifests import AdapterManifest
 from services.registry.registry import Registry
 
@@ -163,6 +163,7 @@ class InferenceEngine:
             width, height = request.width or base.default_size, request.height or base.default_size
             check_latent_area(request, width, height, int(base.pipe.vae_scale_factor),
                               self.settings.max_latent_pixels, request.base_model)
+            check_size_multiple(request, width, height, base.part.size_multiple(base.pipe), request.base_model)
             uses, embeddings = await self._load_and_encode(manifests, request, base)
             job = Job(request, base, uses, width, height, embeddings)
             loop = asyncio.get_running_loop()

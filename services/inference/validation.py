@@ -112,6 +112,16 @@ def _check_side(value: int, field: str, settings: Settings, errors: Violations) 
         errors.add(field, f"at most {settings.max_image_side} pixels, got {value}")
 
 
+def check_size_multiple(request: GenerationRequest, width: int, height: int, multiple: int, base: str) -> None:
+    """Sides the base model's latents can take exactly (Flux packs 2x2 latent patches: 16 px on
+    a factor-8 VAE); diffusers would silently round a side down instead."""
+    bad = [(name, value) for name, value in (("spec.width", width), ("spec.height", height)) if value % multiple]
+    if bad:
+        first, *more = [FieldViolation(name, f"must be a multiple of {multiple} on base model {base!r}, got {value}")
+                        for name, value in bad]
+        raise InvalidInput(first.subject, first.description, *more)
+
+
 def check_latent_area(request: GenerationRequest, width: int, height: int, scale: int, budget: int,
                       base: str) -> None:
     """The size limit that tracks compute: latent pixels, so it follows the base model's VAE.

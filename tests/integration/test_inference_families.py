@@ -39,8 +39,10 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from atelier_api.v1 import inference_pb2
+from services.common.errors import InvalidInput
 from services.inference.pipelines import folder_digest
-from services.inference.validation import DEFAULT_GUIDANCE
+from services.inference.types import GenerationRequest
+from services.inference.validation import DEFAULT_GUIDANCE, check_size_multiple
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from tests.fixtures.s3 import MotoServer
 from tests.integration.test_inference_support import (
@@ -325,6 +327,22 @@ def test_a_legacy_adapter_is_checked_by_its_base_models_recorded_family(env: Inf
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "(sdxl)" in (err.details() or "") and "(flux)" in (err.details() or ""), err.details()
     assert env.store.blob_reads() == before
+
+
+def test_sdxl_textual_inversion_needs_vectors_for_both_encoders(env: InferenceEnv, tmp_path: Path) -> None:
+    path = tmp_path / TI_EMBEDS_FILE
+    save_file({"emb_params": torch.randn(1, 32)}, str(path))  # an SD 1.x-style single-encoder file
+    publish(env, "sdxl", "sdxl-ti-one", "TEXTUAL_INVERSION", {TI_EMBEDS_FILE: path}, trigger_tokens=[TOKEN])
+    err = rpc_error(lambda: env.generate(base_model=BASES["sdxl"], prompt=TOKEN, adapters=[("sdxl-ti-one", 1.0)]))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'clip_l' and 'clip_g'" in (err.details() or ""), err.details()
+
+
+def test_flux_sides_must_be_whole_latent_patches() -> None:
+    """Flux-dev's VAE factor 8 x 2x2 packing: 16 px (diffusers would round 520 down silently)."""
+    with pytest.raises(InvalidInput) as caught:
+        check_size_multiple(GenerationRequest("flux-dev", "p", width=520), 520, 512, 16, "flux-dev")
+    assert [v.field for v in caught.value.violations] == ["spec.width"]
 
 
 def test_flux_refuses_a_ddpm_scheduler_with_a_clear_error(env: InferenceEnv) -> None:

@@ -33,6 +33,11 @@ def default_size(pipe: Any) -> int:
     return int(pipe.vae.config.sample_size)
 
 
+def size_multiple(pipe: Any) -> int:
+    """Latents are packed in 2x2 patches: a side is a whole number of patches."""
+    return int(pipe.vae_scale_factor) * 2
+
+
 def encode(pipe: Any, device: torch.device, prompt: str, negative: str, num_images: int, guidance: bool,
            raw_prompt: str = "", raw_negative: str = "") -> dict[str, torch.Tensor]:
     pe, ppe, _text_ids = pipe.encode_prompt(

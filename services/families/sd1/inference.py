@@ -30,6 +30,11 @@ def default_size(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
+def size_multiple(pipe: Any) -> int:
+    """What image sides must be a multiple of (one latent pixel)."""
+    return int(pipe.vae_scale_factor)
+
+
 def encode(pipe: Any, device: torch.device, prompt: str, negative: str, num_images: int, guidance: bool,
            raw_prompt: str = "", raw_negative: str = "") -> dict[str, torch.Tensor]:
     """Prompt embeddings as the pipeline's keyword arguments (the negative half only with CFG).

@@ -21,6 +21,7 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 cfg = sd1.cfg
 default_size = sd1.default_size
+size_multiple = sd1.size_multiple
 lora_state_dict = sd1.lora_state_dict
 
 
