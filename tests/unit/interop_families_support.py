@@ -86,7 +86,8 @@ def flux_targets(pipe: Any, fused_single: bool) -> list[str]:
     return names + _module_names(t, singles, "single_transformer_blocks.")
 
 
-def write_diffusers_lora(family: str, base: Path, out_dir: Path, *, fused_single: bool = False) -> Path:
+def write_diffusers_lora(family: str, base: Path, out_dir: Path, *, fused_single: bool = False,
+                         denoiser_targets: list[str] | None = None) -> Path:
     """`<out_dir>/pytorch_lora_weights.safetensors` written by the pipeline's save_lora_weights."""
     pipe = load_pipe(base)
     layers: dict[str, dict[str, torch.Tensor]] = {
@@ -96,7 +97,8 @@ def write_diffusers_lora(family: str, base: Path, out_dir: Path, *, fused_single
         layers["unet_lora_layers"] = _add_lora(pipe.unet, _module_names(pipe.unet, SDXL_UNET_TARGETS), 2)
         layers["text_encoder_2_lora_layers"] = _add_lora(pipe.text_encoder_2, list(TE_TARGETS), 3)
     else:
-        layers["transformer_lora_layers"] = _add_lora(pipe.transformer, flux_targets(pipe, fused_single), 2)
+        targets = denoiser_targets or flux_targets(pipe, fused_single)
+        layers["transformer_lora_layers"] = _add_lora(pipe.transformer, targets, 2)
     type(pipe).save_lora_weights(str(out_dir), **layers)
     return out_dir / "pytorch_lora_weights.safetensors"
 

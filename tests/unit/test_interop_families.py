@@ -132,17 +132,39 @@ def test_flux_kohya_and_comfy_imports_give_back_the_diffusers_tensors(
     save_file(fam.flux_to_kohya(sd, 1, 2), str(kohya))
     save_file({**fam.flux_to_comfy(sd, 1, 2), **{k: v for k, v in sd.items() if k.startswith("text_encoder.")}},
               str(comfy))
+    renamed = tmp_path / "diffusion_model_diffusers_names.safetensors"  # diffusers paths under the BFL prefix
+    save_file({k.replace("transformer.", "diffusion_model.", 1): v for k, v in sd.items()}, str(renamed))
     from_kohya, fmt, _ = _import(kohya, shapes["flux"], tmp_path, "k")
     from_comfy, fmt2, variant = _import(comfy, shapes["flux"], tmp_path, "c")
     assert (fmt, fmt2, variant) == ("kohya", "diffusers", "original-names")
     assert fam.peft_equal(load_file(str(from_kohya)), sd)
     assert fam.peft_equal(load_file(str(from_comfy)), sd)
+    assert fam.peft_equal(load_file(str(_import(renamed, shapes["flux"], tmp_path, "r")[0])), sd)
 
     exported = export_lora(from_kohya, shapes["flux"], "kohya", tmp_path / "again.safetensors", "style")
     linear1 = load_file(str(exported))["lora_unet_single_blocks_0_linear1.lora_up.weight"]
     assert linear1.shape == (3 * 32 + 128, 4 * fam.RANK)
     again, _, _ = _import(exported, shapes["flux"], tmp_path, "again")
     assert fam.peft_equal(load_file(str(again)), sd)
+
+
+def test_flux_lora_on_the_family_targets_round_trips(
+    tiny_family_dirs: dict[str, Path], shapes: dict[str, BaseModelShapes], tmp_path: Path
+) -> None:
+    """The Flux family's default LoRA targets (attention only: single blocks without proj_mlp):
+    linear1 is exported with a zero proj_mlp block, which the import drops again."""
+    from services.families import FLUX
+
+    pipe = fam.load_pipe(tiny_family_dirs["flux"])
+    targets = [n for n, m in pipe.transformer.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.endswith(FLUX.lora_targets)]
+    original = fam.write_diffusers_lora("flux", tiny_family_dirs["flux"], tmp_path, denoiser_targets=targets)
+    stored, _, _ = _import(original, shapes["flux"], tmp_path)
+    exported = export_lora(stored, shapes["flux"], "kohya", tmp_path / "out.safetensors", "style")
+    up = load_file(str(exported))["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert up.shape == (224, 4 * fam.RANK) and not torch.count_nonzero(up[96:])
+    back, _, _ = _import(exported, shapes["flux"], tmp_path, "back")
+    assert fam.peft_equal(load_file(str(back)), load_file(str(original)))
 
 
 def test_flux_shared_down_fused_module_splits_rows(shapes: dict[str, BaseModelShapes], tmp_path: Path) -> None:

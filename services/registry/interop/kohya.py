@@ -16,9 +16,9 @@ such module" and is refused with FAILED_PRECONDITION.
 Fused modules: importing splits the down/up pair into one LoRA per diffusers Linear: when the
 up matrix is block diagonal with equal rank blocks (what exporters write, sd-scripts'
 `split_qkv` included) each part gets its own block, else every part shares the down matrix and
-takes its rows of up. Exporting writes the concatenated downs and the block-diagonal up (a
-missing part gets zero blocks), alpha = total rank. Both are exact: the weight delta up @ down
-is unchanged.
+takes its rows of up; parts whose rows are all zero are dropped (no-ops). Exporting writes the
+concatenated downs and the block-diagonal up (a missing part gets zero blocks), alpha = total
+rank. Both are exact: the weight delta up @ down is unchanged.
 
 Scaling follows kohya: scale = alpha / rank; a missing alpha or alpha == 0 means alpha = rank.
 """
@@ -210,9 +210,14 @@ def _split(group: KohyaGroup, down: torch.Tensor, up: torch.Tensor, alpha: float
     n = len(parts)
     if rank % n == 0 and _block_diagonal(rows, rank // n):
         r = rank // n
-        return [ModuleLora(comp, p, down[j * r:(j + 1) * r].clone(), rows[j][:, j * r:(j + 1) * r].clone(), alpha / n)
+        mods = [ModuleLora(comp, p, down[j * r:(j + 1) * r].clone(), rows[j][:, j * r:(j + 1) * r].clone(), alpha / n)
                 for j, p in enumerate(parts)]
-    return [ModuleLora(comp, p, down.clone(), rows[j].clone(), alpha) for j, p in enumerate(parts)]
+    else:
+        mods = [ModuleLora(comp, p, down.clone(), rows[j].clone(), alpha) for j, p in enumerate(parts)]
+    # A part whose up rows are all zero changes nothing (our export's filler for untrained parts,
+    # e.g. proj_mlp when only q/k/v were trained): it is not stored, unless every part is zero.
+    live = [m for m in mods if torch.count_nonzero(m.up)]
+    return live or mods
 
 
 def _block_diagonal(rows: tuple[torch.Tensor, ...], r: int) -> bool:
