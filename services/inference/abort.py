@@ -4,10 +4,10 @@ A single UNet forward or VAE decode of a large image can run for seconds to minu
 (the tiny model's VAE downsamples by 2, so 512 px means self-attention over 65k tokens), so a
 check between denoising steps leaves the device busy long after the caller gave up. The
 `AbortGuard` therefore puts a forward pre-hook on the component roots and on every `Conv2d` and
-diffusers `Attention` module of a served pipeline, and raises `BatchAborted` from there once
-every request of the running batch is dead (cancelled or past its deadline) or the engine is
-shutting down. The hooks do nothing on other threads and cost one thread-local read plus a
-few flag reads when armed (~53 hooks per tiny-UNet forward).
+diffusers attention module (`Attention`; Flux's `FluxAttention`) of a served pipeline, and
+raises `BatchAborted` from there once every request of the running batch is dead (cancelled or
+past its deadline) or the engine is shutting down. The hooks do nothing on other threads and
+cost one thread-local read plus a few flag reads when armed (~53 hooks per tiny-UNet forward).
 
 One op is still indivisible: scaled-dot-product attention, which at 256 px is 4.4 s per call
 on the tiny UNet. On the device thread, a CPU SDPA call whose score matrix (batch x heads x
@@ -28,9 +28,10 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 
-HOOKED_TYPES = (torch.nn.Conv2d, Attention)
+HOOKED_TYPES = (torch.nn.Conv2d, Attention, AttentionModuleMixin)  # the mixin: Flux's attention modules
 MIN_QUERY_CHUNK = 64  # smaller query blocks make the flash kernel inefficient
 
 
