@@ -245,3 +245,22 @@ def test_sdxl_ti_round_trip_and_flux_clip_l_only(shapes: dict[str, BaseModelShap
     meta = read_metadata(export_embedding(flux.files[TI_EMBEDS_FILE], shapes["flux"], "a1111",
                                           tmp_path / "f.safetensors", "flux-toy"))
     assert meta["modelspec.architecture"] == "flux-1-dev/textual-inversion"
+
+
+def test_flux_dreambooth_exports_a_folder_not_a_checkpoint(
+    tiny_family_dirs: dict[str, Path], shapes: dict[str, BaseModelShapes], tmp_path: Path
+) -> None:
+    import shutil
+    import zipfile
+
+    from services.registry.interop import export_dreambooth
+
+    base = tiny_family_dirs["flux"]
+    trained = tmp_path / "trained"
+    shutil.copytree(base / "transformer", trained / "transformer")
+    dest = export_dreambooth(base, trained, shapes["flux"], "diffusers", tmp_path / "db.zip", "db")
+    with zipfile.ZipFile(dest) as zf:
+        assert {"model_index.json", "transformer/config.json", "text_encoder_2/config.json"} <= set(zf.namelist())
+    with pytest.raises(FailedPrecondition, match=r"single-file checkpoints of Flux \(flux\)") as err:
+        export_dreambooth(base, trained, shapes["flux"], "checkpoint", tmp_path / "db.safetensors", "db")
+    assert err.value.field_name == "format"
