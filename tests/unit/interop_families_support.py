@@ -173,6 +173,18 @@ def flux_to_kohya(sd: dict[str, torch.Tensor], n_double: int, n_single: int) -> 
     return out
 
 
+def flux_to_mixture(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OneTrainer-style: `lora_transformer_<diffusers path flattened>`, CLIP-L as lora_te1_, alpha = rank."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        comp, _, rest = key.partition(".")
+        path, _, role = rest.rpartition(".lora_")
+        name = _kohya_te(path, "lora_te1_") if comp == "text_encoder" else "lora_transformer_" + path.replace(".", "_")
+        out[f"{name}.{'lora_down' if role == 'A.weight' else 'lora_up'}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(float(RANK))
+    return out
+
+
 def flux_to_comfy(sd: dict[str, torch.Tensor], n_double: int, n_single: int) -> dict[str, torch.Tensor]:
     """ComfyUI / ai-toolkit ComfyUI-style: `diffusion_model.<BFL name>.lora_A/B.weight`."""
     out: dict[str, torch.Tensor] = {}

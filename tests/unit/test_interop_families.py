@@ -134,9 +134,9 @@ def test_flux_kohya_and_comfy_imports_give_back_the_diffusers_tensors(
               str(comfy))
     renamed = tmp_path / "diffusion_model_diffusers_names.safetensors"  # diffusers paths under the BFL prefix
     save_file({k.replace("transformer.", "diffusion_model.", 1): v for k, v in sd.items()}, str(renamed))
-    from_kohya, fmt, _ = _import(kohya, shapes["flux"], tmp_path, "k")
+    from_kohya, fmt, kohya_variant = _import(kohya, shapes["flux"], tmp_path, "k")
     from_comfy, fmt2, variant = _import(comfy, shapes["flux"], tmp_path, "c")
-    assert (fmt, fmt2, variant) == ("kohya", "diffusers", "original-names")
+    assert (fmt, kohya_variant, fmt2, variant) == ("kohya", "bfl", "diffusers", "original-names")
     assert fam.peft_equal(load_file(str(from_kohya)), sd)
     assert fam.peft_equal(load_file(str(from_comfy)), sd)
     assert fam.peft_equal(load_file(str(_import(renamed, shapes["flux"], tmp_path, "r")[0])), sd)
@@ -165,6 +165,23 @@ def test_flux_lora_on_the_family_targets_round_trips(
     assert up.shape == (224, 4 * fam.RANK) and not torch.count_nonzero(up[96:])
     back, _, _ = _import(exported, shapes["flux"], tmp_path, "back")
     assert fam.peft_equal(load_file(str(back)), load_file(str(original)))
+
+
+def test_flux_onetrainer_layout_matches_diffusers(
+    tiny_family_dirs: dict[str, Path], shapes: dict[str, BaseModelShapes], tmp_path: Path
+) -> None:
+    """`lora_transformer_<flattened diffusers path>` (diffusers reads only its attention modules)."""
+    base = tiny_family_dirs["flux"]
+    pipe = fam.load_pipe(base)
+    attention = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    targets = [n for n, m in pipe.transformer.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.endswith(attention)]
+    original = fam.write_diffusers_lora("flux", base, tmp_path, denoiser_targets=targets)
+    mixture = tmp_path / "onetrainer.safetensors"
+    save_file(fam.flux_to_mixture(load_file(str(original))), str(mixture))
+    _same_as_reference(_loaded(base, mixture), _loaded(base, original))
+    stored, fmt, _ = _import(mixture, shapes["flux"], tmp_path)
+    assert fmt == "kohya" and fam.peft_equal(load_file(str(stored)), load_file(str(original)))
 
 
 def test_flux_shared_down_fused_module_splits_rows(shapes: dict[str, BaseModelShapes], tmp_path: Path) -> None:

@@ -32,9 +32,11 @@ FMT_CHECKPOINT = "checkpoint"  # a single-file (LDM) checkpoint: DreamBooth expo
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"})
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# lora_transformer_: flattened diffusers paths of a transformer denoiser (OneTrainer-style Flux files).
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te_", "lora_te1_", "lora_te2_")
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _SGM_WORDS = ("input_blocks", "middle_block", "output_blocks")
+_BFL_WORDS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_unet_final_layer_")
 
 # Tensor-name suffix pattern -> human name of the LyCORIS algorithms we refuse.
 _LYCORIS = (
@@ -147,6 +149,8 @@ def detect(header: Header) -> Detection:
         bad = next((k for k in keys if not k.endswith(KOHYA_SUFFIXES)), None)
         if bad is not None:
             raise InvalidInput(FIELD, f"kohya LoRA key {bad!r} is not a lora_down/lora_up/alpha tensor")
+        if any(k.startswith(_BFL_WORDS) for k in keys):
+            return Detection(KIND_LORA, FMT_KOHYA, "bfl")
         sgm = any(w in k for k in keys for w in _SGM_WORDS)
         return Detection(KIND_LORA, FMT_KOHYA, "sgm" if sgm else "diffusers-names")
     if any(m in k for k in keys for m in _DIFFUSERS_LORA_MARKERS):

@@ -1,7 +1,8 @@
 """kohya sd-scripts LoRA (read by A1111 and ComfyUI) <-> our stored layout, for every family.
 
 kohya names a module by flattening its original path with "_" under a prefix: the denoiser
-`lora_unet_`, text encoders by the family's slot prefixes (`lora_te_` SD 1.x/2.x,
+`lora_unet_` (a transformer's flattened diffusers paths are also read under `lora_transformer_`,
+as OneTrainer writes them), text encoders by the family's slot prefixes (`lora_te_` SD 1.x/2.x,
 `lora_te1_`/`lora_te2_` SDXL, `lora_te1_` Flux CLIP-L), each with `.lora_down.weight`
 (= PEFT lora_A), `.lora_up.weight` (= lora_B) and an optional scalar `.alpha`. Which original
 names a denoiser has is the family's key map (`services/families/<name>/interop.py`): SD 1.x
@@ -113,6 +114,9 @@ def tables(shapes: BaseModelShapes) -> Tables:
             t.originals.setdefault(n, prefix + _flat(n))
         for part in parts:
             t.to_name.setdefault((den, part), prefix + _flat(written[0]))
+    if not prefix.endswith(f"_{den}_"):  # `lora_transformer_<diffusers path>` (OneTrainer) is read too
+        for path in shapes.modules[den]:
+            t.to_group.setdefault(f"lora_{den}_{_flat(path)}", KohyaGroup(den, (path,)))
     for slot in family.text_encoders:
         for path in shapes.modules.get(slot.encoder, {}) if slot.kohya_prefixes else ():
             flat = _flat(_kohya_te_path(path))
