@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from services.common.config import Settings
 from services.common.errors import DataLoss, FailedPrecondition, InvalidInput, NotFound
+from services.families import detect as detect_family
 from services.registry.manifests import AdapterManifest, BaseModelManifest
 from services.registry.registry import Registry
 from services.registry.safety import first_non_finite
@@ -80,6 +81,12 @@ def check_finite_outputs(files: dict[str, Path]) -> None:
         if relative.endswith(".safetensors") and (name := first_non_finite(path)) is not None:
             raise FailedPrecondition(f"training diverged: non-finite weights in {name!r} ({relative}); "
                                      "nothing was published (lower the learning rate)")
+
+
+def family_name(base: BaseModelManifest, base_dir: Path) -> str:
+    """The family the adapter is trained for: the base manifest's record, else detected from
+    the materialized folder (a base imported before families were recorded)."""
+    return base.family or detect_family(base_dir).name
 
 
 class Worker:
@@ -183,7 +190,7 @@ class Worker:
             self._stopped(job, lease)
             return
         check_finite_outputs(result.files)
-        self._publish(job, lease, config, base, result, callbacks.wall_seconds, resumed)
+        self._publish(job, lease, config, base, base_dir, result, callbacks.wall_seconds, resumed)
 
     def _fetch_images(self, tenant: str, dataset_id: str, dest: Path) -> list[TrainImage]:
         manifest = self.registry.datasets.get(tenant, dataset_id)
@@ -217,7 +224,7 @@ class Worker:
                 return None
 
     def _publish(
-        self, job: JobRecord, lease: LeaseKeeper, config: TrainConfig, base: BaseModelManifest,
+        self, job: JobRecord, lease: LeaseKeeper, config: TrainConfig, base: BaseModelManifest, base_dir: Path,
         result: TrainResult, wall_seconds: float, resumed: int,
     ) -> None:
         status = self._fenced("prepare_publish", lambda: self.store.prepare_publish(job.id, self.worker_id))
@@ -230,7 +237,8 @@ class Worker:
         training_config: dict[str, Any] = {**config.model_dump(mode="json"), **result.config}
         manifest = self.registry.adapters.publish(
             job.tenant, config.output_name, kind=config.method, base_model=base.name,
-            base_model_digest=base.digest, files=result.files, trigger_tokens=result.trigger_tokens,
+            base_model_digest=base.digest, base_family=family_name(base, base_dir), files=result.files,
+            trigger_tokens=result.trigger_tokens,
             training_config=training_config, metrics=metrics, source_job_id=job.id,
             description=config.description,
         )

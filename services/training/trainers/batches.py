@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.training.trainers.cache import LatentCache, TextCache
+from services.training.trainers.cache import Conditioning, LatentCache, TextCache
 from services.training.trainers.captions import CAPTION_STREAM, CaptionBuilder
 from services.training.trainers.config import TrainConfig
 from services.training.trainers.data import ViewSet, choose_views, sample_indices, step_rng
@@ -21,7 +21,8 @@ CLASS_STREAM = 0x5EED
 
 
 class PromptEncoder:
-    """Prompt embeddings: cached when the text encoder is frozen, computed live when it trains.
+    """Prompt conditioning (the family's dict of tensors): cached when the text encoders are
+    frozen, computed live when one trains.
 
     With `open_ended` (shuffled tags: too many orders to keep) only warmed prompts are cached
     and any other prompt is encoded on the fly, so memory stays bounded by the dataset.
@@ -32,15 +33,15 @@ class PromptEncoder:
         self.cache = TextCache(self._encode) if cached else None
         self.open_ended = open_ended
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
+    def _encode(self, prompts: list[str]) -> Conditioning:
         with self.comps.autocast():
-            return self.comps.encode_text(self.comps.tokenize(prompts)).float()
+            return {k: v.float() for k, v in self.comps.encode_prompts(prompts).items()}
 
     def warm(self, prompts: list[str]) -> None:
         if self.cache is not None:
             self.cache.warm(prompts)
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str]) -> Conditioning:
         if self.cache is None or (self.open_ended and not all(p in self.cache for p in prompts)):
             return self._encode(prompts)
         return self.cache(prompts)
@@ -51,7 +52,7 @@ class Batch:
     noisy: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor
-    embeddings: torch.Tensor
+    embeddings: Conditioning  # the family's conditioning, batch first
     num_prior: int
 
 
@@ -112,5 +113,5 @@ class MicroBatchSampler:
         return [views[0] for views in self.instance.by_image]
 
     @torch.no_grad()
-    def eval_embeddings(self) -> torch.Tensor:
+    def eval_embeddings(self) -> Conditioning:
         return self.encoder(self.instance_prompts)

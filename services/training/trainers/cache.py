@@ -4,7 +4,7 @@ The reference loops run the VAE encoder and the text encoder on every step even 
 neither changes. We encode every image view once and keep the VAE posterior's mean and std,
 then draw `mean + std * eps` per step with the step's generator: the same distribution the
 recipe's `latent_dist.sample()` draws from, at the cost of one multiply-add. Prompt
-embeddings are cached per distinct prompt when the text encoder is frozen.
+conditionings are cached per distinct prompt when the text encoders are frozen.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from services.training.trainers.models import Components
 
 ENCODE_CHUNK = 8
+Conditioning = dict[str, torch.Tensor]  # a family's prompt conditioning, batch first
 
 
 class LatentCache:
@@ -52,22 +53,24 @@ class LatentCache:
 
 
 class TextCache:
-    """Prompt -> last hidden state, computed once per distinct prompt."""
+    """Prompt -> its conditioning (one row of every tensor), computed once per distinct prompt."""
 
-    def __init__(self, encode: Callable[[list[str]], torch.Tensor]) -> None:
+    def __init__(self, encode: Callable[[list[str]], Conditioning]) -> None:
         self._encode = encode
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, Conditioning] = {}
 
     @torch.no_grad()
     def warm(self, prompts: list[str]) -> None:
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            for prompt, emb in zip(missing, self._encode(missing), strict=True):
-                self._cache[prompt] = emb
+            encoded = self._encode(missing)
+            for i, prompt in enumerate(missing):
+                self._cache[prompt] = {k: v[i] for k, v in encoded.items()}
 
     def __contains__(self, prompt: object) -> bool:
         return prompt in self._cache
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str]) -> Conditioning:
         self.warm(prompts)
-        return torch.stack([self._cache[p] for p in prompts])
+        rows = [self._cache[p] for p in prompts]
+        return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}

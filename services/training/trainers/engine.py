@@ -1,6 +1,7 @@
 """The shared training loop behind every method.
 
-Order of work: load the frozen base components, seed, make prior-preservation images if
+Order of work: load the frozen base components (the base model's family decides which, and
+how prompts condition the denoiser and what it predicts: models.py), seed, make prior-preservation images if
 needed (with the untouched base model), set up the method, pre-encode every image view (and
 every prompt when the text encoder is frozen), build the optimizer + the lr schedule, restore a
 checkpoint if given, then step. Each step's randomness (samples, views, latent noise,
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.common.errors import FailedPrecondition
 from services.common.model_loading import MODEL_LOAD_LOCK
+from services.families import OBJECTIVE_DIFFUSION
 from services.training.trainers import checkpoint as ckpt
 from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult
 from services.training.trainers.batches import MicroBatchSampler, PromptEncoder
@@ -47,6 +50,7 @@ METHODS: dict[str, type[MethodTrainer]] = {
     "TEXTUAL_INVERSION": TextualInversionTrainer,
 }
 CLASS_IMAGES_DIR = "class_images"
+_H = "spec.hyperparameters."
 
 
 def seed_everything(seed: int) -> None:
@@ -101,6 +105,19 @@ def class_image_paths(
     return images + [TrainImage(p, config.class_prompt) for p in paths]
 
 
+def check_family_options(config: TrainConfig, comps: Components, resolution: int) -> None:
+    """Options the base model's family cannot honour fail the job clearly (FailedPrecondition)."""
+    family = comps.family
+    if config.snr_gamma > 0 and family.objective != OBJECTIVE_DIFFUSION:
+        raise FailedPrecondition(f"min-SNR weighting (snr_gamma) applies to DDPM noise objectives; {family.title} "
+                                 f"trains with {family.objective}: leave snr_gamma at 0", _H + "snr_gamma")
+    multiple = comps.vae_scale_factor * int(comps.recipe.LATENT_MULTIPLE)
+    if resolution % multiple:
+        raise FailedPrecondition(
+            f"{family.title} needs a resolution that is a multiple of {multiple}; got {resolution}", _H + "resolution"
+        )
+
+
 class TrainingRun:
     """One call of `run_training`: owns the components, caches, optimizer and loop."""
 
@@ -123,6 +140,7 @@ class TrainingRun:
         work_dir.mkdir(parents=True, exist_ok=True)
         self.comps = load_components(base_model_dir, device, config.mixed_precision)
         self.resolution = config.resolution or self.comps.native_resolution
+        check_family_options(config, self.comps, self.resolution)
         seed_everything(config.seed)
         self.class_images = class_image_paths(config, self.comps, class_images, resume_dir, work_dir, self.resolution)
         with MODEL_LOAD_LOCK:  # adapter injection / embedding resizing build modules too
@@ -175,16 +193,17 @@ class TrainingRun:
         )
 
     def _release_frozen_encoders(self) -> None:
-        """Drop the VAE (and a cached text encoder) once everything is encoded.
+        """Drop the VAE (and cached text encoders) once everything is encoded.
 
         Only sampling (validation previews) needs them again; without validation prompts their
         memory goes back to the host or GPU for activations and optimizer state.
         """
         if self.config.validation_prompts:
             return
-        self.comps.vae = None
+        self.comps.models.pop("vae", None)
         if not self.method.text_encoder_in_graph and not self.sampler.encoder.open_ended:
-            self.comps.text_encoder = None
+            for slot in self.comps.family.text_encoders:
+                self.comps.models.pop(slot.encoder, None)
         gc.collect()
 
     def _restore(self, resume_dir: Path) -> None:
@@ -210,7 +229,7 @@ class TrainingRun:
         for micro in range(c.gradient_accumulation_steps):
             b = self.sampler.batch(step, micro)
             with comps.autocast():
-                pred = comps.unet(b.noisy, b.timesteps, b.embeddings).sample
+                pred = comps.predict(b.noisy, b.timesteps, b.embeddings)
             loss, _ = diffusion_loss(
                 pred,
                 b.target,
@@ -304,7 +323,7 @@ class TrainingRun:
             metrics["mean_loss_last_10"] = float(np.mean(losses[-10:]))
         files: dict[str, Path] = {}
         if not stopped:
-            self.comps.unet.eval()
+            self.comps.denoiser.eval()
             metrics["eval_loss_final"] = self._eval_loss()
             files = self.method.save_artifact(self.work_dir / "artifact")
         resolved = c.model_dump(mode="json") | {"resolution": self.resolution, "mixed_precision": self.comps.precision}

@@ -1,10 +1,16 @@
-"""LoRA: low-rank adapters on the UNet's attention projections (and optionally the text encoder).
+"""LoRA: low-rank adapters on the denoiser's attention projections (and optionally text encoders).
 
-Follows `train_dreambooth_lora.py` / `train_text_to_image_lora.py`: peft `LoraConfig` with
-Gaussian init of A and zero B (so step 0 is the base model), alpha = rank unless given, adapters
-kept in float32, and the artifact written by `StableDiffusionPipeline.save_lora_weights` from
+Follows `train_dreambooth_lora.py` / `_sdxl.py` / `_flux.py`: peft `LoraConfig` with Gaussian
+init of A and zero B (so step 0 is the base model), alpha = rank unless given, adapters kept in
+float32, and the artifact written by the family pipeline's `save_lora_weights`
+(`StableDiffusionPipeline`: unet + text_encoder; `StableDiffusionXLPipeline`: unet +
+text_encoder + text_encoder_2; `FluxPipeline`: transformer + text_encoder) from
 `get_peft_model_state_dict` + `convert_state_dict_to_diffusers`, so `pipe.load_lora_weights(dir)`
-loads it. The adapter config travels as safetensors metadata, so a non-default alpha survives.
+loads it. The adapter configs travel as safetensors metadata, so a non-default alpha survives.
+
+Denoiser targets: the job's `target_modules`, except that the default list (SD's attention
+projections) means "the family's default" (`family.lora_targets`: for Flux also the context
+stream's projections). Text-encoder LoRA goes on the encoders the family trains.
 """
 
 from __future__ import annotations
@@ -12,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
@@ -21,10 +27,16 @@ from peft.utils import get_peft_model_state_dict
 
 from services.common.errors import InvalidInput
 from services.registry.manifests import LORA_WEIGHTS_FILE
-from services.training.trainers.config import TrainConfig
+from services.training.trainers.config import UNET_LORA_TARGETS, TrainConfig
 from services.training.trainers.lora_compute import use_merged_compute
 from services.training.trainers.method import MethodTrainer
 from services.training.trainers.models import Components
+
+
+def denoiser_targets(config: TrainConfig, comps: Components) -> list[str]:
+    if sorted(config.target_modules) == sorted(UNET_LORA_TARGETS):
+        return list(comps.family.lora_targets)
+    return list(config.target_modules)
 
 
 class LoraTrainer(MethodTrainer):
@@ -32,14 +44,15 @@ class LoraTrainer(MethodTrainer):
 
     def __init__(self, config: TrainConfig, comps: Components) -> None:
         super().__init__(config, comps)
-        self.unet_config = self._lora_config(config.target_modules)
-        self._attach(comps.unet, self.unet_config, "spec.lora.target_modules")
-        self.text_config: LoraConfig | None = None
-        if config.train_text_encoder:
-            self.text_config = self._lora_config(config.text_encoder_target_modules)
-            self._attach(comps.text_encoder, self.text_config, "spec.lora.text_encoder_target_modules")
-        cast_training_params([comps.unet, comps.text_encoder], dtype=torch.float32)
-        for model in (comps.unet, comps.text_encoder):
+        denoiser = comps.family.denoiser
+        self.configs: dict[str, LoraConfig] = {denoiser: self._lora_config(denoiser_targets(config, comps))}
+        self._attach(comps.denoiser, self.configs[denoiser], "spec.lora.target_modules")
+        for name in self.trained_text_encoders:
+            self.configs[name] = self._lora_config(config.text_encoder_target_modules)
+            self._attach(comps.models[name], self.configs[name], "spec.lora.text_encoder_target_modules")
+        models = [comps.models[name] for name in self.configs]
+        cast_training_params(models, dtype=torch.float32)
+        for model in models:
             use_merged_compute(model)  # the same function, in fewer passes, on small fp32 layers
 
     def _lora_config(self, targets: list[str]) -> LoraConfig:
@@ -69,45 +82,29 @@ class LoraTrainer(MethodTrainer):
             model._hf_peft_config_loaded = True
 
     def named_trainable(self) -> dict[str, torch.nn.Parameter]:
-        out = {f"unet.{n}": p for n, p in self.comps.unet.named_parameters() if p.requires_grad}
-        if self.text_config is not None:
-            out.update(
-                {f"text_encoder.{n}": p for n, p in self.comps.text_encoder.named_parameters() if p.requires_grad}
-            )
-        return out
+        return {
+            f"{name}.{n}": p
+            for name in self.configs
+            for n, p in self.comps.models[name].named_parameters()
+            if p.requires_grad
+        }
 
     def param_groups(self) -> list[dict[str, Any]]:
-        groups: list[dict[str, Any]] = [
-            {
-                "params": [p for n, p in self.named_trainable().items() if n.startswith("unet.")],
-                "lr": self.config.effective_learning_rate,
-            }
-        ]
-        if self.text_config is not None:
-            groups.append(
-                {
-                    "params": [p for n, p in self.named_trainable().items() if n.startswith("text_encoder.")],
-                    "lr": self.config.text_encoder_learning_rate,
-                }
-            )
+        groups: list[dict[str, Any]] = []
+        for name in self.configs:
+            params = [p for p in self.comps.models[name].parameters() if p.requires_grad]
+            is_denoiser = name == self.comps.family.denoiser
+            lr = self.config.effective_learning_rate if is_denoiser else self.config.text_encoder_learning_rate
+            groups.append({"params": params, "lr": lr})
         return groups
 
     def save_artifact(self, out_dir: Path) -> dict[str, Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
-        unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.comps.unet))
-        text_layers = None
-        text_meta = None
-        if self.text_config is not None:
-            text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.comps.text_encoder))
-            text_meta = self.text_config.to_dict()
-        StableDiffusionPipeline.save_lora_weights(
-            out_dir,
-            unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in unet_layers.items()},
-            text_encoder_lora_layers=(
-                {k: v.detach().float().cpu().contiguous() for k, v in text_layers.items()} if text_layers else None
-            ),
-            unet_lora_adapter_metadata=self.unet_config.to_dict(),
-            text_encoder_lora_adapter_metadata=text_meta,
-            safe_serialization=True,
-        )
+        kwargs: dict[str, Any] = {}
+        for name, lora in self.configs.items():
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.comps.models[name]))
+            kwargs[f"{name}_lora_layers"] = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+            kwargs[f"{name}_lora_adapter_metadata"] = lora.to_dict()
+        pipeline = getattr(diffusers, self.comps.family.pipeline_class)
+        pipeline.save_lora_weights(out_dir, safe_serialization=True, **kwargs)
         return {LORA_WEIGHTS_FILE: out_dir / LORA_WEIGHTS_FILE}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.training.trainers.noise import NoiseSchedule
+from services.training.trainers.noise import Schedule
 
 
-def min_snr_weights(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+def min_snr_weights(schedule: Schedule, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample weights of Min-SNR-gamma (Hang et al. 2023) for the model's prediction type.
 
     epsilon: min(snr, gamma) / snr; v: min(snr, gamma) / (snr + 1); sample: min(snr, gamma).
@@ -33,7 +33,7 @@ def diffusion_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     timesteps: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     *,
     snr_gamma: float = 0.0,
     num_prior: int = 0,

@@ -40,15 +40,25 @@ class MethodTrainer(ABC):
         """The prompt as the tokenizer should see it during training."""
         return text
 
+    @property
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        """Text encoders whose own weights train (the family's choice, with train_text_encoder)."""
+        return self.comps.trainable_text_encoders if self.config.train_text_encoder else ()
+
+    @property
+    def graph_text_encoders(self) -> tuple[str, ...]:
+        """Text encoders gradients flow through (checkpointed and put in train mode)."""
+        return self.trained_text_encoders
+
     def enable_gradient_checkpointing(self) -> None:
-        self.comps.unet.enable_gradient_checkpointing()
-        if self.text_encoder_in_graph:
-            self.comps.text_encoder.gradient_checkpointing_enable()
+        self.comps.denoiser.enable_gradient_checkpointing()
+        for name in self.graph_text_encoders:
+            self.comps.models[name].gradient_checkpointing_enable()
 
     def train_mode(self) -> None:
-        self.comps.unet.train()
-        if self.text_encoder_in_graph:
-            self.comps.text_encoder.train()
+        self.comps.denoiser.train()
+        for name in self.graph_text_encoders:
+            self.comps.models[name].train()
 
     @abstractmethod
     def named_trainable(self) -> dict[str, torch.nn.Parameter]:

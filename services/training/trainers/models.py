@@ -1,29 +1,35 @@
 """Loading the base model's components for training, with device and precision handling.
 
-Trainers support Stable Diffusion 1.x/2.x pipelines (one CLIP text encoder). Frozen
-components are cast to the half-precision weight dtype on accelerators (as the recipes do);
-trainable parameters always stay float32 and mixed precision runs under autocast. On the CPU
-everything is float32: half-precision matmuls there are slower than float32, not faster.
+The base model's family (services.families.detect) decides what is loaded and how it is used:
+its denoiser (UNet or Flux transformer), its text encoders and tokenizers, and its training
+module (`family.part("training")`: prompt conditioning, the denoiser call, the objective).
+Each component is loaded with the class its `model_index.json` names, so nothing here
+branches on a pipeline class. A pipeline of no known family fails with FailedPrecondition.
+
+Frozen components are cast to the half-precision weight dtype on accelerators (as the recipes
+do); trainable parameters always stay float32 and mixed precision runs under autocast. On the
+CPU everything is float32: half-precision matmuls there are slower than float32, not faster.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from services.common.errors import FailedPrecondition
 from services.common.model_loading import MODEL_LOAD_LOCK
-from services.training.trainers.noise import NoiseSchedule
+from services.families import ModelFamily, detect
+from services.training.trainers.noise import Schedule
 
-SUPPORTED_PIPELINES = frozenset({"StableDiffusionPipeline"})
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FIELD = "spec.base_model"
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -37,78 +43,121 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 @dataclass
 class Components:
-    """The pipeline pieces a trainer works with, already on the training device."""
+    """The pipeline pieces a trainer works with, already on the training device.
 
-    # diffusers/transformers models are typed Any: their lazy-module classes confuse mypy.
-    tokenizer: Any  # CLIPTokenizer
-    text_encoder: Any  # CLIPTextModel
-    vae: Any  # AutoencoderKL
-    unet: Any  # UNet2DConditionModel
-    schedule: NoiseSchedule
+    `models` maps component names ("vae", "unet" | "transformer", "text_encoder", ...) to the
+    loaded modules (typed Any: the lazy-module classes confuse mypy); a released one is gone.
+    """
+
+    family: ModelFamily
+    recipe: ModuleType  # family.part("training")
+    models: dict[str, Any]
+    tokenizers: dict[str, Any]
+    schedule: Schedule
     device: torch.device
     precision: str  # "no" | "fp16" | "bf16"
     base_model_dir: Path
+    vae_scale_factor: int = 8
+    denoiser_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def weight_dtype(self) -> torch.dtype:
         return _DTYPES[self.precision]
 
     @property
-    def vae_scale_factor(self) -> int:
-        return int(2 ** (len(self.vae.config["block_out_channels"]) - 1))
+    def denoiser(self) -> Any:
+        return self.models[self.family.denoiser]
+
+    @property
+    def unet(self) -> Any:
+        """The denoiser under its SD name (a Flux transformer too)."""
+        return self.denoiser
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.models.get("text_encoder")
+
+    @property
+    def vae(self) -> Any:
+        return self.models.get("vae")
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers["tokenizer"]
+
+    @property
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        """The encoders `train_text_encoder` trains (the family says which: SDXL both CLIPs,
+        Flux CLIP-L only)."""
+        return tuple(self.recipe.TRAINABLE_TEXT_ENCODERS)
 
     @property
     def native_resolution(self) -> int:
         """The resolution the base model was trained at (512 for SD 1.5)."""
-        return int(self.unet.config["sample_size"]) * self.vae_scale_factor
+        return int(self.recipe.native_resolution(self.denoiser_config, self.vae_scale_factor))
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.precision == "no":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.weight_dtype)
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Last hidden state of the text encoder (what SD's UNet cross-attends to)."""
-        return self.text_encoder(input_ids.to(self.device))[0]
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning for `prompts` (a dict of batch-first tensors)."""
+        return self.recipe.encode_prompts(self.models, self.tokenizers, prompts, self.device)  # type: ignore[no-any-return]
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            prompts,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        size = (noisy.shape[-2] * self.vae_scale_factor, noisy.shape[-1] * self.vae_scale_factor)
+        return self.recipe.predict(self.denoiser, noisy, timesteps, cond, size)  # type: ignore[no-any-return]
 
 
-def check_pipeline(base_model_dir: Path) -> None:
-    """Refuse pipelines these trainers cannot tune (e.g. SDXL's two text encoders)."""
-    index = json.loads((base_model_dir / "model_index.json").read_text())
-    name = index.get("_class_name", "")
-    if name not in SUPPORTED_PIPELINES:
-        raise FailedPrecondition(f"base model pipeline {name!r} is not supported for training", "spec.base_model")
+def family_of(base_model_dir: Path) -> ModelFamily:
+    """The base model's family; FailedPrecondition (naming spec.base_model) when none fits."""
+    try:
+        return detect(base_model_dir)
+    except FailedPrecondition as exc:
+        raise FailedPrecondition(f"base model cannot be trained: {exc}", FIELD) from None
+
+
+def check_pipeline(base_model_dir: Path) -> ModelFamily:
+    """Refuse pipelines of no family these trainers know."""
+    return family_of(base_model_dir)
+
+
+def _component_class(index: dict[str, Any], name: str) -> Any:
+    library, class_name = index[name]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def _load_model(base_model_dir: Path, index: dict[str, Any], name: str, dtype: torch.dtype) -> Any:
+    cls = _component_class(index, name)
+    key = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
+    return cls.from_pretrained(base_model_dir / name, **{key: dtype})
 
 
 def load_components(base_model_dir: Path, device: str, precision: str) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and the noise schedule; everything frozen."""
-    check_pipeline(base_model_dir)
+    """Load the family's tokenizers, text encoders, VAE, denoiser and objective; all frozen."""
+    family = check_pipeline(base_model_dir)
+    index = json.loads((base_model_dir / "model_index.json").read_text())
     dev = torch.device(device)
     resolved = resolve_precision(precision, dev)
     dtype = _DTYPES[resolved]
-
-    def frozen(module: Any) -> Any:
-        # Move each model as soon as it is loaded: host memory then peaks at the largest
-        # component, not at the sum of all three.
-        return module.requires_grad_(False).eval().to(dev)
+    recipe = family.part("training")
+    scheduler_config = json.loads((base_model_dir / "scheduler" / "scheduler_config.json").read_text())
 
     with MODEL_LOAD_LOCK:  # loads patch torch globals: services/common/model_loading.py
-        return Components(
-            tokenizer=CLIPTokenizer.from_pretrained(base_model_dir / "tokenizer"),
-            text_encoder=frozen(CLIPTextModel.from_pretrained(base_model_dir / "text_encoder", dtype=dtype)),
-            vae=frozen(AutoencoderKL.from_pretrained(base_model_dir / "vae", torch_dtype=dtype)),
-            unet=frozen(UNet2DConditionModel.from_pretrained(base_model_dir / "unet", torch_dtype=dtype)),
-            schedule=NoiseSchedule.from_model_dir(base_model_dir),
-            device=dev,
-            precision=resolved,
-            base_model_dir=base_model_dir,
-        )
+        models: dict[str, Any] = {}
+        # Move each model as soon as it is loaded: host memory then peaks at the largest
+        # component, not at the sum of all of them.
+        for name in ("vae", *family.components):
+            models[name] = _load_model(base_model_dir, index, name, dtype).requires_grad_(False).eval().to(dev)
+        tokenizers = {
+            slot.tokenizer: _component_class(index, slot.tokenizer).from_pretrained(base_model_dir / slot.tokenizer)
+            for slot in family.text_encoders
+        }
+    vae_config = models["vae"].config
+    return Components(
+        family=family, recipe=recipe, models=models, tokenizers=tokenizers,
+        schedule=recipe.make_schedule(scheduler_config), device=dev, precision=resolved,
+        base_model_dir=base_model_dir, vae_scale_factor=int(2 ** (len(vae_config["block_out_channels"]) - 1)),
+        denoiser_config=dict(models[family.denoiser].config),
+    )

@@ -1,8 +1,10 @@
 """Sampling with the model being trained: validation previews and prior-preservation images.
 
-Both build a `StableDiffusionPipeline` around the live components (no copies), so what the
-previews show is exactly the current adapter. Validation uses DPM-Solver++ with 25 steps like
-the reference recipes; class images use the base model's own scheduler (the recipe calls the
+Both build the family's pipeline (`family.pipeline_class`: StableDiffusionPipeline,
+StableDiffusionXLPipeline, FluxPipeline) around the live components (no copies), so what the
+previews show is exactly the current adapter. Validation uses the family's preview sampler
+(DPM-Solver++ with 25 steps for the DDPM families, like the reference recipes; Flux its own
+flow-matching Euler); class images use the base model's own scheduler (the recipe calls the
 plain pipeline), seeded so a resumed job regenerates identical images if it must.
 """
 
@@ -12,8 +14,9 @@ import io
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import DPMSolverMultistepScheduler, SchedulerMixin, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, SchedulerMixin
 from PIL import Image
 
 from services.training.trainers.models import Components
@@ -24,25 +27,18 @@ SAMPLE_BATCH = 4
 
 
 def _base_scheduler(base_model_dir: Path) -> SchedulerMixin:
-    import diffusers
-
-    config = StableDiffusionPipeline.load_config(base_model_dir)
+    config = DiffusionPipeline.load_config(base_model_dir)
     cls_name = config["scheduler"][1]
     scheduler_cls = getattr(diffusers, cls_name)
     return scheduler_cls.from_pretrained(base_model_dir, subfolder="scheduler")  # type: ignore[no-any-return]
 
 
 def build_pipeline(comps: Components, scheduler: SchedulerMixin) -> Any:
-    pipe: Any = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    family = comps.family
+    parts = {name: comps.models[name] for name in ("vae", *family.components)}
+    parts.update({slot.tokenizer: comps.tokenizers[slot.tokenizer] for slot in family.text_encoders})
+    cls = getattr(diffusers, family.pipeline_class)
+    pipe: Any = cls(**parts, scheduler=scheduler, **comps.recipe.PIPELINE_EXTRAS)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -60,8 +56,8 @@ def sample(
     """One image per prompt, in batches, with a generator seeded once for the whole call."""
     pipe = build_pipeline(comps, scheduler)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    was_training = comps.unet.training
-    comps.unet.eval()
+    was_training = comps.denoiser.training
+    comps.denoiser.eval()
     images: list[Image.Image] = []
     try:
         for start in range(0, len(prompts), SAMPLE_BATCH):
@@ -72,16 +68,17 @@ def sample(
                     width=resolution,
                     num_inference_steps=steps,
                     generator=generator,
+                    **comps.recipe.SAMPLE_KWARGS,
                 )
             images.extend(out.images)
     finally:
-        comps.unet.train(was_training)
+        comps.denoiser.train(was_training)
     return images
 
 
 def validation_images(comps: Components, prompts: list[str], resolution: int, seed: int) -> list[tuple[str, bytes]]:
-    """(prompt, PNG) previews with the reference's DPM-Solver++ 25-step sampler."""
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(comps.base_model_dir, subfolder="scheduler")
+    """(prompt, PNG) previews with the family's preview sampler, 25 steps."""
+    scheduler = comps.recipe.validation_scheduler(comps.base_model_dir)
     images = sample(comps, prompts, resolution=resolution, seed=seed, steps=VALIDATION_STEPS, scheduler=scheduler)
     return [(p, to_png(img)) for p, img in zip(prompts, images, strict=True)]
 
