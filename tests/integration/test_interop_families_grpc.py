@@ -113,3 +113,16 @@ def test_adapter_of_another_family_is_failed_precondition(server: tuple[ServerTh
     details = err.value.details() or ""  # the first key in sorted order: SDXL's second text encoder
     assert details.startswith("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight: ")
     assert "LoRA on text_encoder_2 is not supported for Flux" in details
+
+
+def test_export_of_an_adapter_recorded_for_another_family_names_both(
+        server: tuple[ServerThread, Registry], tiny_family_dirs: dict[str, Path], tmp_path: Path) -> None:
+    running, registry = server
+    lora = fam.write_diffusers_lora("sdxl", tiny_family_dirs["sdxl"], tmp_path)
+    registry.adapters.publish(loopback_settings().default_tenant, "misfiled", kind="LORA", base_model="tiny-flux",
+                              base_family="sdxl", files={"pytorch_lora_weights.safetensors": lora})
+    with pytest.raises(grpc.RpcError) as err:
+        _export(running, "misfiled", 1, tmp_path / "out.safetensors")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "Stable Diffusion XL (sdxl)" in (err.value.details() or "")
+    assert "Flux (flux)" in (err.value.details() or "")
