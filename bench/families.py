@@ -28,6 +28,7 @@ from diffusers import DiffusionPipeline
 from gpu_shapes import random_lora
 from safetensors.torch import save_file
 
+from services.families.flux.inference import MAX_SEQUENCE_LENGTH
 from services.inference.types import AdapterSpec, GenerationRequest
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from services.registry.refs import AdapterRef
@@ -36,7 +37,7 @@ from services.tinymodel.families import build_tiny_family
 
 PROMPT = "a red box on a blue floor"
 SIZE = 32
-FLUX_SEQUENCE = 77  # T5 tokens for the diffusers arms; see the engine's Flux encoding
+FLUX_SEQUENCE = MAX_SEQUENCE_LENGTH  # T5 tokens for the diffusers arms: what the engine encodes
 
 
 def plain(folder: Path) -> Any:
