@@ -43,6 +43,9 @@ def cluster(tmp_path: Path, s3_settings: Settings, postgres_url: str,
         yield stack
 
 
+BASES = {"sd1": "tiny", "sdxl": "tiny-sdxl"}
+
+
 def _wait_started(log: Path, timeout: float = 90) -> None:
     wait_for(lambda: log.read_text() if log.exists() else "", lambda text: "worker started" in text, timeout, 0.2)
 
@@ -51,11 +54,15 @@ def _claims(stack: TrainingStack, job_id: str) -> list[str]:
     return [e.message for e in stack.store.events_after(job_id, 0) if e.message.startswith("claimed by")]
 
 
+@pytest.mark.parametrize("family", list(BASES))
 def test_sigkilled_worker_is_taken_over_and_resumed_from_its_checkpoint(
-        cluster: TrainingStack, tmp_path: Path) -> None:
+        cluster: TrainingStack, tmp_path: Path, family: str, request: pytest.FixtureRequest) -> None:
     stack = cluster
+    if family != "sd1":
+        folder = request.getfixturevalue("tiny_family_dirs")[family]
+        stack.registry.base_models.import_folder(BASES[family], folder)
     ds = stack.upload(concept_images()).dataset.id
-    job = stack.create(lora_spec(ds, output="crash", steps=100, checkpointing_steps=2)).job
+    job = stack.create(lora_spec(ds, output="crash", base=BASES[family], steps=100, checkpointing_steps=2)).job
     with worker_process(stack.settings, "worker-a", tmp_path / "a.log") as worker_a:
         stack.wait(job.id, lambda j: j.state == RUNNING and j.step >= 6, timeout=150)
         checkpoint = wait_for(lambda: stack.registry.checkpoints.latest("default", job.id),
@@ -71,7 +78,7 @@ def test_sigkilled_worker_is_taken_over_and_resumed_from_its_checkpoint(
     assert done.resumed_from_step <= killed_at.step + 2
     assert done.metrics["resumed_from_step"] == done.resumed_from_step
     versions, _ = stack.registry.adapters.list_versions("default", "crash")
-    assert [(v.version, v.source_job_id) for v in versions] == [(1, job.id)]
+    assert [(v.version, v.source_job_id, v.base_family) for v in versions] == [(1, job.id, family)]
     messages = [e.message for e in stack.store.events_after(job.id, 0)]
     assert any("lease of worker worker-a expired" in m for m in messages)
     assert _claims(stack, job.id) == ["claimed by worker-a (attempt 1)", "claimed by worker-b (attempt 2)"]
