@@ -4,9 +4,10 @@ Two tiers live here, both touched only by the device thread:
 
 * device tier: attached adapters, key (target, adapter version), bounded by
   `device_cache_bytes` and `device_cache_max_adapters`. A LoRA is a peft adapter on the target
-  pipeline (UNet / text encoders); a TI is a set of reserved embedding slots. Eviction detaches
-  (`delete_adapters`, slot release) and, once a component has no adapter left, removes its peft
-  wrappers, so the UNet returns to its exact baseline modules, parameters and bytes.
+  pipeline (UNet or Flux transformer / text encoders); a TI is a set of reserved embedding
+  slots. Eviction detaches (`delete_adapters`, slot release) and, once a component has no
+  adapter left, removes its peft wrappers, so the denoiser returns to its exact baseline
+  modules, parameters and bytes.
 * DreamBooth tier: pipeline variants with swapped components (`dreambooth_cache_bytes`).
   Evicting a variant first evicts every adapter attached to it.
 

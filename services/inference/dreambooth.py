@@ -2,10 +2,10 @@
 
 A DreamBooth adapter ships full component folders (`unet/config.json` +
 `unet/diffusion_pytorch_model.safetensors`, or `transformer/...` for Flux, optionally
-`text_encoder/...`): any of the family's trainable components (`ModelFamily.components`). The variant is a new
-pipeline object of the base's class built from the base's components with the trained ones
-swapped in: the base pipeline is never modified, so "restoring the originals" is simply running
-the base again, and the untouched components (VAE, tokenizer, usually the text encoder) are
+`text_encoder/...`): any of the family's trainable components (`ModelFamily.components`).
+The variant is a new pipeline object of the base's class built from the base's components
+with the trained ones swapped in: the base pipeline is never modified, so "restoring the
+originals" is simply running the base again, and the untouched components (VAE, tokenizer, usually the text encoder) are
 shared, not copied. Variants live in their own bytes-bounded tier (`dreambooth_cache_bytes`);
 LoRA and TI adapters attach to a variant like to a base, so DreamBooth + LoRA + TI in one
 request works.
@@ -95,7 +95,7 @@ def build_variant(variant_id: str, base: BaseModel, files: dict[str, Path],
     pipe.set_progress_bar_config(disable=True)
     slots = base.slots
     retrained = [slot.encoder in owned for slot in base.family.ti_slots]
-    if all(retrained) and retrained:
+    if retrained and all(retrained):
         # Same tokenizers (their slot tokens already exist), fresh rows in the retrained encoders.
         slots = ti_slots(base.family, base.pipe, slot_count, owned)
     elif any(retrained):

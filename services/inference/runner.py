@@ -116,14 +116,18 @@ def per_request_denoiser(denoiser: torch.nn.Module, groups: Sequence[Sequence[in
         sample = args[0] if args else kwargs[sample_arg]
         total = sample.shape[0]
         out: torch.Tensor | None = None
+
+        def rows(value: Any, index: torch.Tensor) -> Any:
+            if value is sample:  # the solo run's memory layout (see _same_layout)
+                return _same_layout(sample.index_select(0, index), sample)
+            return _take(value, index, total)
+
         for group in groups:
             index = torch.tensor(group, device=sample.device)
-            part_args = [_same_layout(a.index_select(0, index), a) if i == 0 else _take(a, index, total)
-                         for i, a in enumerate(args)]
-            part_kwargs = {k: v if k in unbatched else
-                           _same_layout(v.index_select(0, index), v) if k == sample_arg and not args else
-                           _take(v, index, total) for k, v in kwargs.items() if k != "return_dict"}
-            part = original(*part_args, **part_kwargs, return_dict=False)[0]
+            part = original(*[rows(a, index) for a in args],
+                            **{k: v if k in unbatched else rows(v, index)
+                               for k, v in kwargs.items() if k != "return_dict"},
+                            return_dict=False)[0]
             if out is None:
                 out = torch.empty((total, *part.shape[1:]), dtype=part.dtype, device=part.device,
                                   memory_format=_layout(part))
