@@ -11,6 +11,7 @@ in-process worker) serves all cases; each job is a few seconds at 32 px.
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,3 +170,70 @@ def test_family_method_end_to_end(name: str, stack: TrainingStack, dataset: str,
     base_image = _generate(_base(folder), case.family, prompt)
     adapted = _load_artifact(case, folder, tmp_path / "artifact", manifest)
     assert np.abs(_generate(adapted, case.family, prompt) - base_image).max() > 1e-3
+
+
+class _Recorder:
+    """Trainer callbacks that keep every checkpoint (as the registry would) and record losses."""
+
+    def __init__(self, keep: Path) -> None:
+        self.keep, self.losses, self.checkpoints = keep, [], {}  # type: ignore[var-annotated]
+        self.previews: list[int] = []
+
+    def on_step(self, step: int, total: int, loss: float, lr: float) -> None:
+        self.losses.append(loss)
+
+    def should_stop(self) -> bool:
+        return False
+
+    def save_checkpoint(self, step: int, state_dir: Path) -> None:
+        self.checkpoints[step] = Path(shutil.copytree(state_dir, self.keep / f"ckpt-{step}"))
+
+    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None) -> None:
+        assert images and images[0][1][:4] == b"\x89PNG" and loss is not None
+        self.previews.append(step)
+
+
+RESUME_CASES = {
+    "sdxl-ti": ("sdxl", "TEXTUAL_INVERSION", {"placeholder_token": TOKEN, "initializer_token": "toy",
+                                              "num_vectors": 2, "random_flip": True}),
+    "flux-lora": ("flux", "LORA", {"train_text_encoder": True, "noise_offset": 0.05, "dropout": 0.1,
+                                   "validation_prompts": ["a photo of sks toy"], "validation_steps": 2}),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUME_CASES))
+def test_resuming_a_family_run_equals_the_uninterrupted_run(name: str, tiny_family_dirs: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    from services.training.trainers import TrainConfig, TrainImage
+    from services.training.trainers.engine import run_training
+
+    torch.set_num_threads(1)
+    family, method, extra = RESUME_CASES[name]
+    images = []
+    for i, img in enumerate(make_concept_images(2, seed=1, size=64)):
+        img.save(tmp_path / f"{i}.png")
+        images.append(TrainImage(tmp_path / f"{i}.png"))
+    prompt = f"a photo of a {TOKEN}" if method == "TEXTUAL_INVERSION" else "a photo of sks toy"
+    cfg = TrainConfig(method=method, base_model="b", dataset_id="d", output_name="o", instance_prompt=prompt,
+                      max_train_steps=4, checkpointing_steps=2, resolution=32, train_batch_size=2,
+                      learning_rate=1e-3, seed=3, **extra)
+
+    def train(work: str, rec: _Recorder, resume: Path | None = None) -> Any:
+        return run_training(cfg, base_model_dir=tiny_family_dirs[family], images=images, work_dir=tmp_path / work,
+                            callbacks=rec, resume_dir=resume)
+
+    (tmp_path / "a").mkdir()
+    full = _Recorder(tmp_path / "a")
+    straight = train("w1", full)
+    resumed_rec = _Recorder(tmp_path)
+    resumed = train("w2", resumed_rec, full.checkpoints[2])
+    assert resumed.resumed_from_step == 2
+    assert resumed_rec.losses == pytest.approx(full.losses[2:], rel=1e-5, abs=1e-7)
+    if "validation_prompts" in extra:
+        assert full.previews == [2, 4]
+    for rel, path in straight.files.items():
+        if path.suffix == ".safetensors":
+            a, b = load_file(str(path)), load_file(str(resumed.files[rel]))
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)

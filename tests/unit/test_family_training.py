@@ -100,3 +100,21 @@ def test_training_conditioning_is_what_the_family_pipeline_encodes(tiny_family_d
                                                    max_sequence_length=flux.MAX_SEQUENCE_LENGTH)
             theirs = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
     torch.testing.assert_close(ours, theirs)
+
+
+def test_flux_prediction_follows_the_pipeline_conventions(tiny_family_dirs: dict[str, Path]) -> None:
+    """One FluxPipeline step from sigma 1 to 0 is x - v: our predict (timestep = sigma, guidance,
+    packing, ids) must give the same v as the pipeline's own transformer call."""
+    torch.set_num_threads(1)
+    folder = tiny_family_dirs["flux"]
+    comps = load_components(folder, "cpu", "no")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    prompt = "a photo of a toy"
+    with torch.no_grad():
+        stepped = pipe(prompt, num_inference_steps=1, height=32, width=32, latents=flux.pack(x),
+                       output_type="latent", max_sequence_length=flux.MAX_SEQUENCE_LENGTH,
+                       guidance_scale=flux.GUIDANCE_SCALE).images
+        v = comps.predict(x, torch.ones(1), comps.encode_prompts([prompt]))
+    torch.testing.assert_close(stepped, flux.pack(x - v), rtol=1e-4, atol=1e-5)
