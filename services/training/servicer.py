@@ -31,7 +31,7 @@ from services.training.jobstore import JobStore
 from services.training.quotas import check_room_for_job, check_upload_bytes
 from services.training.schema import TERMINAL_STATES
 from services.training.tokenizers import BaseModelTokenizers
-from services.training.trainers import TrainConfig, validate_against_tokenizer
+from services.training.trainers import TrainConfig, validate_against_family, validate_against_tokenizer
 from services.training.upload import UploadAssembler
 
 SERVICE_NAME = "atelier.v1.TrainingService"
@@ -122,6 +122,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         """
         base = self._registry.base_models.get(config.base_model)
         self._registry.datasets.get(tenant, config.dataset_id)
+        validate_against_family(config, base.family)
         if config.method == "TEXTUAL_INVERSION":
             validate_against_tokenizer(config, self._tokenizers.get(base))
         if config.with_prior_preservation and config.class_dataset_id:

@@ -86,7 +86,12 @@ def check_finite_outputs(files: dict[str, Path]) -> None:
 def family_name(base: BaseModelManifest, base_dir: Path) -> str:
     """The family the adapter is trained for: the base manifest's record, else detected from
     the materialized folder (a base imported before families were recorded)."""
-    return base.family or detect_family(base_dir).name
+    if base.family:
+        return base.family
+    try:
+        return detect_family(base_dir).name
+    except FailedPrecondition:  # only a stand-in trainer gets this far on such a folder
+        return ""
 
 
 class Worker:

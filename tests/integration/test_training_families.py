@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,7 @@ from services.common.config import Settings
 from services.registry.manifests import AdapterManifest
 from services.registry.refs import AdapterRef
 from tests.fixtures.models import make_concept_images
-from tests.integration.test_training_support import DREAMBOOTH, LORA, TI, TrainingStack, stack_settings
+from tests.integration.test_training_support import DREAMBOOTH, LORA, TI, TrainingStack, rpc_error, stack_settings
 
 pytestmark = pytest.mark.slow
 
@@ -237,3 +238,10 @@ def test_resuming_a_family_run_equals_the_uninterrupted_run(name: str, tiny_fami
             assert a.keys() == b.keys()
             for key in a:
                 torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_an_option_the_family_cannot_honour_is_refused_at_create(stack: TrainingStack, dataset: str) -> None:
+    spec = _spec("flux-snr", Case("flux", LORA, {"snr_gamma": 5.0}), dataset)
+    err = rpc_error(lambda: stack.create(spec))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "min-SNR" in str(err.details()) and "Flux" in str(err.details())

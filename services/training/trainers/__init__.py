@@ -6,13 +6,19 @@ engine.py and is not re-exported here, so importing this package never imports t
 """
 
 from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult
-from services.training.trainers.config import TrainConfig, validate_against_tokenizer, validate_config
+from services.training.trainers.config import (
+    TrainConfig,
+    validate_against_family,
+    validate_against_tokenizer,
+    validate_config,
+)
 
 __all__ = [
     "TrainConfig",
     "TrainImage",
     "TrainResult",
     "TrainerCallbacks",
+    "validate_against_family",
     "validate_against_tokenizer",
     "validate_config",
 ]

@@ -18,7 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from services.common.config import Settings
-from services.common.errors import Violations
+from services.common.errors import FailedPrecondition, Violations
+from services.families import OBJECTIVE_DIFFUSION, by_name
 from services.training.trainers.choices import Optimizer, resolve_choices, validate_choices
 
 Method = Literal["LORA", "DREAMBOOTH", "TEXTUAL_INVERSION"]
@@ -287,6 +288,23 @@ def is_existing_token(tokenizer: Any, text: str) -> bool:
         return True
     ids = tokenizer.encode(text, add_special_tokens=False)
     return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
+def validate_against_family(config: TrainConfig, family_name: str) -> None:
+    """Options the base model's family cannot honour: FailedPrecondition naming the field.
+
+    `family_name` is the base manifest's `family` ("" for a base imported before families
+    were recorded: nothing to check here; the worker checks the loaded pipeline again).
+    """
+    if not family_name:
+        return
+    family = by_name(family_name)
+    if config.snr_gamma > 0 and family.objective != OBJECTIVE_DIFFUSION:
+        raise FailedPrecondition(
+            f"min-SNR weighting (snr_gamma) applies to DDPM noise objectives; {family.title} trains with "
+            f"{family.objective}: leave snr_gamma at 0", _H + "snr_gamma")
+    if config.method == "TEXTUAL_INVERSION" and not family.ti_slots:
+        raise FailedPrecondition(f"{family.title} has no text encoder textual inversion can train", "spec.method")
 
 
 def validate_against_tokenizer(config: TrainConfig, tokenizer: Any) -> None:

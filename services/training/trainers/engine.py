@@ -24,13 +24,12 @@ import torch
 
 from services.common.errors import FailedPrecondition
 from services.common.model_loading import MODEL_LOAD_LOCK
-from services.families import OBJECTIVE_DIFFUSION
 from services.training.trainers import checkpoint as ckpt
 from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult
 from services.training.trainers.batches import MicroBatchSampler, PromptEncoder
 from services.training.trainers.cache import LatentCache
 from services.training.trainers.captions import CaptionBuilder
-from services.training.trainers.config import TrainConfig
+from services.training.trainers.config import TrainConfig, validate_against_family
 from services.training.trainers.data import build_views
 from services.training.trainers.dreambooth import DreamBoothTrainer
 from services.training.trainers.evaluate import fixed_denoising_loss
@@ -50,7 +49,6 @@ METHODS: dict[str, type[MethodTrainer]] = {
     "TEXTUAL_INVERSION": TextualInversionTrainer,
 }
 CLASS_IMAGES_DIR = "class_images"
-_H = "spec.hyperparameters."
 
 
 def seed_everything(seed: int) -> None:
@@ -107,14 +105,12 @@ def class_image_paths(
 
 def check_family_options(config: TrainConfig, comps: Components, resolution: int) -> None:
     """Options the base model's family cannot honour fail the job clearly (FailedPrecondition)."""
-    family = comps.family
-    if config.snr_gamma > 0 and family.objective != OBJECTIVE_DIFFUSION:
-        raise FailedPrecondition(f"min-SNR weighting (snr_gamma) applies to DDPM noise objectives; {family.title} "
-                                 f"trains with {family.objective}: leave snr_gamma at 0", _H + "snr_gamma")
+    validate_against_family(config, comps.family.name)
     multiple = comps.vae_scale_factor * int(comps.recipe.LATENT_MULTIPLE)
     if resolution % multiple:
         raise FailedPrecondition(
-            f"{family.title} needs a resolution that is a multiple of {multiple}; got {resolution}", _H + "resolution"
+            f"{comps.family.title} needs a resolution that is a multiple of {multiple}; got {resolution}",
+            "spec.hyperparameters.resolution",
         )
 
 
