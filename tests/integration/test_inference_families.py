@@ -104,13 +104,21 @@ def write_lora(family: str, base: Path, out: Path, seed: int, text: bool) -> Pat
     return out / "pytorch_lora_weights.safetensors"
 
 
-def write_ti(family: str, out: Path, seed: int, vectors: int = 2) -> Path:
-    """The stored TI layout: one tensor per text encoder (SDXL: clip_l + clip_g; Flux: clip_l)."""
+def write_ti(family: str, out: Path, seed: int, vectors: int = 2) -> dict[str, Path]:
+    """The stored TI layout: one tensor per text encoder (SDXL: clip_l + clip_g; Flux: clip_l),
+    plus, for SDXL, diffusers' per-encoder files next to it as the trainer publishes them."""
     gen = torch.Generator().manual_seed(seed)
-    keys = ("clip_l", "clip_g") if family == "sdxl" else ("clip_l",)
+    keys = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"} if family == "sdxl" else {"clip_l": ""}
+    tensors = {key: torch.randn(vectors, 32, generator=gen) for key in keys}
     out.mkdir(parents=True, exist_ok=True)
-    save_file({key: torch.randn(vectors, 32, generator=gen) for key in keys}, str(out / TI_EMBEDS_FILE))
-    return out / TI_EMBEDS_FILE
+    save_file(tensors, str(out / TI_EMBEDS_FILE))
+    files = {TI_EMBEDS_FILE: out / TI_EMBEDS_FILE}
+    for key, encoder in keys.items():
+        if encoder:
+            (out / encoder).mkdir(exist_ok=True)
+            save_file({TOKEN: tensors[key]}, str(out / encoder / TI_EMBEDS_FILE))
+            files[f"{encoder}/{TI_EMBEDS_FILE}"] = out / encoder / TI_EMBEDS_FILE
+    return files
 
 
 def write_dreambooth(family: str, base: Path, out: Path, seed: int) -> dict[str, Path]:
@@ -141,7 +149,7 @@ def env(moto_server: MotoServer, tiny_family_dirs: dict[str, Path],
             path = write_lora(family, dirs[family], tmp / f"{family}-{suffix}", seed=seed, text=text)
             publish(env, family, f"{family}-{suffix}", "LORA", {LORA_WEIGHTS_FILE: path})
         ti = write_ti(family, tmp / f"{family}-ti", seed=20)
-        publish(env, family, f"{family}-ti", "TEXTUAL_INVERSION", {TI_EMBEDS_FILE: ti}, trigger_tokens=[TOKEN])
+        publish(env, family, f"{family}-ti", "TEXTUAL_INVERSION", ti, trigger_tokens=[TOKEN])
         publish(env, family, f"{family}-db", "DREAMBOOTH",
                 write_dreambooth(family, dirs[family], tmp / f"{family}-db", seed=3))
     yield env
