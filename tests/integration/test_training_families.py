@@ -197,6 +197,7 @@ class _Recorder:
 RESUME_CASES = {
     "sdxl-ti": ("sdxl", "TEXTUAL_INVERSION", {"placeholder_token": TOKEN, "initializer_token": "toy",
                                               "num_vectors": 2, "random_flip": True}),
+    "sdxl-dreambooth-text-encoders": ("sdxl", "DREAMBOOTH", {"train_text_encoder": True}),
     "flux-lora": ("flux", "LORA", {"train_text_encoder": True, "noise_offset": 0.05, "dropout": 0.1,
                                    "validation_prompts": ["a photo of sks toy"], "validation_steps": 2}),
 }
@@ -232,6 +233,8 @@ def test_resuming_a_family_run_equals_the_uninterrupted_run(name: str, tiny_fami
     assert resumed_rec.losses == pytest.approx(full.losses[2:], rel=1e-5, abs=1e-7)
     if "validation_prompts" in extra:
         assert full.previews == [2, 4]
+    if method == "DREAMBOOTH":  # every trained component, each a from_pretrained folder
+        assert {rel.split("/")[0] for rel in straight.files} == {"unet", "text_encoder", "text_encoder_2"}
     for rel, path in straight.files.items():
         if path.suffix == ".safetensors":
             a, b = load_file(str(path)), load_file(str(resumed.files[rel]))
