@@ -53,7 +53,7 @@ from services.inference.types import (
     ResolvedAdapterInfo,
     Timings,
 )
-from services.inference.validation import check_latent_area, check_size_multiple
+from services.inference.validation import check_latent_area, check_size_multiple, with_family_defaults
 from services.registry.manifests import AdapterManifest
 from services.registry.registry import Registry
 
@@ -159,6 +159,7 @@ class InferenceEngine:
             if progress:
                 progress(Progress("loading_adapters"))
             base = await self.base_model(request.base_model)
+            request = with_family_defaults(request, base.part, base.family.title)
             manifests = await self._resolve(tenant, request.adapters, base)
             width, height = request.width or base.default_size, request.height or base.default_size
             check_latent_area(request, width, height, int(base.pipe.vae_scale_factor),

@@ -23,7 +23,8 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A validated GenerationSpec. width/height 0 mean "the base model's native size"."""
+    """A validated GenerationSpec. width/height 0 mean "the base model's native size", guidance 0
+    the base model family's default guidance."""
 
     base_model: str
     prompt: str
@@ -31,7 +32,7 @@ class GenerationRequest:
     adapters: tuple[AdapterSpec, ...] = ()
     num_images: int = 1
     steps: int = 30
-    guidance_scale: float = 7.5
+    guidance_scale: float = 0.0  # 0: the base family's default (SD/SDXL 7.5, Flux 3.5)
     width: int = 0
     height: int = 0
     seed: int = 0

@@ -2,15 +2,18 @@
 
 All violations of one request are reported together (one INVALID_ARGUMENT with a BadRequest
 listing each field), so a client fixes its request in one round trip. Limits come from the
-settings; unset fields get defaults (1 image, 30 steps, guidance 7.5, the base model's native
-size, a random seed that the response returns).
+settings; unset fields get defaults (1 image, 30 steps, the base model's native size and its
+family's guidance (SD/SDXL 7.5, Flux 3.5, filled in by the engine), a random seed that the
+response returns).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 from atelier_api.v1 import common_pb2, inference_pb2
 from services.common.config import Settings
@@ -23,7 +26,6 @@ from services.registry.names import ALIAS_RULE, NAME_PATTERN, NAME_RULE, RESERVE
 from services.registry.refs import AdapterRef
 
 DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 7.5
 MAX_GUIDANCE = 50.0
 MAX_PROMPT_CHARS = 4096
 WEIGHT_LIMIT = 2.0
@@ -112,6 +114,17 @@ def _check_side(value: int, field: str, settings: Settings, errors: Violations) 
         errors.add(field, f"at most {settings.max_image_side} pixels, got {value}")
 
 
+def with_family_defaults(request: GenerationRequest, part: Any, family_title: str) -> GenerationRequest:
+    """The request with the base family's default guidance filled in; a negative prompt on a
+    family without classifier-free guidance (Flux) is refused rather than silently ignored."""
+    if request.negative_prompt and not part.NEGATIVE_PROMPT:
+        raise InvalidInput("spec.negative_prompt", f"{family_title} uses embedded guidance and has no negative "
+                           "prompt; leave it empty")
+    if request.guidance_scale:
+        return request
+    return dataclasses.replace(request, guidance_scale=float(part.DEFAULT_GUIDANCE))
+
+
 def check_size_multiple(request: GenerationRequest, width: int, height: int, multiple: int, base: str) -> None:
     """Sides the base model's latents can take exactly (Flux packs 2x2 latent patches: 16 px on
     a factor-8 VAE); diffusers would silently round a side down instead."""
@@ -168,8 +181,8 @@ def parse_spec(spec: inference_pb2.GenerationSpec, settings: Settings, tenant: s
         errors.add("spec.num_images", f"at most {settings.max_images_per_request}, got {spec.num_images}")
     if spec.steps > settings.max_inference_steps:
         errors.add("spec.steps", f"at most {settings.max_inference_steps}, got {spec.steps}")
-    guidance = spec.guidance_scale or DEFAULT_GUIDANCE
-    if not math.isfinite(guidance) or not 0.0 < guidance <= MAX_GUIDANCE:
+    guidance = spec.guidance_scale  # 0 (unset): the family's default, chosen once the base is known
+    if guidance != 0.0 and (not math.isfinite(guidance) or not 0.0 < guidance <= MAX_GUIDANCE):
         errors.add("spec.guidance_scale", f"must be within (0, {MAX_GUIDANCE:g}], got {spec.guidance_scale}")
     _check_side(spec.width, "spec.width", settings, errors)
     _check_side(spec.height, "spec.height", settings, errors)

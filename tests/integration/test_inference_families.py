@@ -40,9 +40,10 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from atelier_api.v1 import inference_pb2
 from services.common.errors import InvalidInput
+from services.families import by_name
 from services.inference.pipelines import folder_digest
 from services.inference.types import GenerationRequest
-from services.inference.validation import DEFAULT_GUIDANCE, check_size_multiple
+from services.inference.validation import check_size_multiple
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from tests.fixtures.s3 import MotoServer
 from tests.integration.test_inference_support import (
@@ -199,8 +200,9 @@ def reference(env: InferenceEnv, family: str, prompt: str = "a red box", seed: i
             pipe.load_textual_inversion(tensors["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2,
                                         tokenizer=pipe.tokenizer_2)
     extra = {"max_sequence_length": 512} if family == "flux" else {}  # FluxPipeline's default, stated
+    guidance = by_name(family).part("inference").DEFAULT_GUIDANCE  # what an unset guidance means
     with torch.no_grad():
-        image = pipe(prompt, num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=DEFAULT_GUIDANCE,
+        image = pipe(prompt, num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=guidance,
                      generator=torch.Generator().manual_seed(seed), **extra, **call).images[0]
     return np.asarray(image).astype(np.int16)
 
@@ -357,3 +359,9 @@ def test_flux_refuses_a_ddpm_scheduler_with_a_clear_error(env: InferenceEnv) -> 
     err = rpc_error(lambda: env.generate(base_model=BASES["flux"], scheduler=inference_pb2.SCHEDULER_KIND_DDIM))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Flux" in (err.details() or "")
+
+
+def test_flux_refuses_a_negative_prompt_instead_of_ignoring_it(env: InferenceEnv) -> None:
+    err = rpc_error(lambda: env.generate(base_model=BASES["flux"], negative_prompt="blurry"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "negative" in (err.details() or "") and "Flux" in (err.details() or "")

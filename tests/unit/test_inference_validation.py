@@ -8,13 +8,13 @@ from atelier_api.v1 import common_pb2, inference_pb2
 from services.common.config import Settings
 from services.common.errors import InvalidInput
 from services.inference.textual_inversion import TiBinding, rewrite_prompts
-from services.inference.validation import DEFAULT_GUIDANCE, DEFAULT_STEPS, parse_spec
+from services.inference.validation import DEFAULT_STEPS, parse_spec
 from services.registry.refs import AdapterRef
 
 
 def test_defaults_fill_unset_fields() -> None:
     request = parse_spec(inference_pb2.GenerationSpec(base_model="tiny", prompt="a box"), Settings(), "t")
-    assert (request.num_images, request.steps, request.guidance_scale) == (1, DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    assert (request.num_images, request.steps, request.guidance_scale) == (1, DEFAULT_STEPS, 0.0)  # family default
     assert (request.width, request.height, request.scheduler) == (0, 0, "default")
     assert 0 <= request.seed < 2**64
 

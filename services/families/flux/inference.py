@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 SCHEDULERS: tuple[str, ...] | None = ("default",)
+DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default embedded guidance (Flux-dev)
+NEGATIVE_PROMPT = False  # no unconditional half: a negative prompt would silently do nothing
 DENOISER_SAMPLE_ARG = "hidden_states"
 UNBATCHED_ARGS: frozenset[str] = frozenset({"txt_ids", "img_ids"})  # [seq, 3]: no batch axis
 SIZE_FROM_IMAGE = False  # FluxImg2ImgPipeline defaults to its own size: pass width/height

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 SCHEDULERS: tuple[str, ...] | None = None
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance scale when a request sets none
+NEGATIVE_PROMPT = True  # the negative prompt is the unconditional half of CFG
 """Scheduler kinds this family can run (None: every DDPM-family scheduler the server has)."""
 DENOISER_SAMPLE_ARG = "sample"
 """The denoiser's first (batched) input, positional or by this keyword."""

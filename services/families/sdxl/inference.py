@@ -14,6 +14,8 @@ import torch
 from services.families.sd1 import inference as sd1
 
 SCHEDULERS: tuple[str, ...] | None = None
+DEFAULT_GUIDANCE = 7.5  # StableDiffusionXLPipeline's default
+NEGATIVE_PROMPT = True
 DENOISER_SAMPLE_ARG = "sample"
 UNBATCHED_ARGS: frozenset[str] = frozenset()
 SIZE_FROM_IMAGE = True
