@@ -1,12 +1,13 @@
 """The shared training loop behind every method.
 
-Order of work: load the frozen base components (the base model's family decides which, and
-how prompts condition the denoiser and what it predicts: models.py), seed, make prior-preservation images if
-needed (with the untouched base model), set up the method, pre-encode every image view (and
-every prompt when the text encoder is frozen), build the optimizer + the lr schedule, restore a
-checkpoint if given, then step. Each step's randomness (samples, views, latent noise,
-diffusion noise, timesteps) comes from generators keyed by (seed, step, micro-batch), and the
-global RNGs (LoRA dropout) are checkpointed, so a resumed run reproduces an uninterrupted one.
+Order of work: load the frozen base components (the base model's family decides which, how
+prompts condition the denoiser and what it predicts: models.py), seed, make prior-preservation
+images if needed (with the untouched base model), set up the method, pre-encode every image
+view (and every prompt when the text encoders are frozen), build the optimizer + the lr
+schedule, restore a checkpoint if given, then step. Each step's randomness (samples, views,
+latent noise, diffusion noise, timesteps or flow sigmas) comes from generators keyed by (seed,
+step, micro-batch), and the global RNGs (LoRA dropout) are checkpointed, so a resumed run
+reproduces an uninterrupted one.
 """
 
 from __future__ import annotations
