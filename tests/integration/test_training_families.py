@@ -3,14 +3,14 @@
 Upload -> CreateTrainingJob -> watch to SUCCEEDED -> version 1 published with `base_family`
 recorded -> the denoising loss on the training images (fixed noise, before vs after: metrics
 eval_loss_initial / eval_loss_final) went down -> the artifact loads in plain diffusers
-(`load_lora_weights`, `load_textual_inversion`, a component folder through `from_pretrained`)
-and changes what the pipeline generates. One embedded stack (SQLite, local registry, one
+(`load_lora_weights`, `load_textual_inversion`, a component folder through `from_pretrained`),
+changes what the pipeline generates, and gives the trainer's own final fixed-noise loss (so what
+diffusers loaded is exactly the trained state). One embedded stack (SQLite, local registry, one
 in-process worker) serves all cases; each job is a few seconds at 32 px.
 """
 
 from __future__ import annotations
 
-import io
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from atelier_api.v1 import training_pb2
 from services.common.config import Settings
 from services.registry.manifests import AdapterManifest
 from services.registry.refs import AdapterRef
+from services.training.trainers.evaluate import TRAINING_EVAL_TIMESTEPS, pipeline_denoising_loss
 from tests.fixtures.models import make_concept_images
 from tests.integration.test_training_support import DREAMBOOTH, LORA, TI, TrainingStack, rpc_error, stack_settings
 
@@ -63,12 +64,6 @@ CASES = {
 }
 
 
-def _png(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_family_dirs: dict[str, Path]) -> Iterator[TrainingStack]:
     root = tmp_path_factory.mktemp("families-stack")
@@ -80,8 +75,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_family_dirs: dict[str, 
 
 
 @pytest.fixture(scope="module")
-def dataset(stack: TrainingStack) -> str:
-    images = [(f"toy{i}.png", _png(img), "") for i, img in enumerate(make_concept_images(4, seed=1, size=64))]
+def concept_paths(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("families-concept")
+    paths = [folder / f"toy{i}.png" for i in range(4)]
+    for path, img in zip(paths, make_concept_images(4, seed=1, size=64), strict=True):
+        img.save(path, format="PNG")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def dataset(stack: TrainingStack, concept_paths: list[Path]) -> str:
+    images = [(path.name, path.read_bytes(), "") for path in concept_paths]
     return str(stack.upload(images, name="toy").dataset.id)
 
 
@@ -150,7 +154,7 @@ def _load_artifact(case: Case, folder: Path, artifact: Path, manifest: AdapterMa
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_family_method_end_to_end(name: str, stack: TrainingStack, dataset: str, tiny_family_dirs: dict[str, Path],
-                                  tmp_path: Path) -> None:
+                                  concept_paths: list[Path], tmp_path: Path) -> None:
     case = CASES[name]
     job = stack.create(_spec(name, case, dataset), request_id=f"families-{name}").job
     final = stack.watch(job.id, timeout=120)[-1]
@@ -171,6 +175,10 @@ def test_family_method_end_to_end(name: str, stack: TrainingStack, dataset: str,
     base_image = _generate(_base(folder), case.family, prompt)
     adapted = _load_artifact(case, folder, tmp_path / "artifact", manifest)
     assert np.abs(_generate(adapted, case.family, prompt) - base_image).max() > 1e-3
+    # What plain diffusers loaded *is* the trained state: the trainer's own fixed-noise loss.
+    loaded = pipeline_denoising_loss(adapted, concept_paths, [prompt] * len(concept_paths), 32,
+                                     timesteps=TRAINING_EVAL_TIMESTEPS)
+    assert loaded == pytest.approx(metrics["eval_loss_final"], rel=1e-4)
 
 
 class _Recorder:
