@@ -14,7 +14,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from atelier.cli.adapters_io import import_messages
@@ -27,10 +26,7 @@ from services.registry.store import open_store
 from tests.fixtures.grpc_servers import ServerThread, loopback_settings
 from tests.unit import interop_families_support as fam
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

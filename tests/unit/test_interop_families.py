@@ -10,7 +10,6 @@ Import: kohya / ComfyUI files derived from the diffusers file by hand-written ru
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,7 @@ from services.registry.interop.shapes import BaseModelShapes
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from tests.unit import interop_families_support as fam
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

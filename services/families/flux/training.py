@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-from services.families.sd1.training import tokenize
+from services.families.sd1.training import draw_noise, tokenize
 
 TRAINABLE_TEXT_ENCODERS: tuple[str, ...] = ("text_encoder",)
 PIPELINE_EXTRAS: dict[str, Any] = {}
@@ -48,9 +48,7 @@ class FlowMatchingSchedule:
         self, shape: tuple[int, ...], generator: torch.Generator, noise_offset: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise (with the optional per-channel offset), then uniform sigmas, on the CPU."""
-        noise = torch.randn(shape, generator=generator)
-        if noise_offset:
-            noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+        noise = draw_noise(shape, generator, noise_offset)
         u = torch.rand((shape[0],), generator=generator)
         index = (u * len(self.sigmas)).long().clamp_(0, len(self.sigmas) - 1)
         return noise, self.sigmas[index]

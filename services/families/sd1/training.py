@@ -37,6 +37,15 @@ SAMPLE_KWARGS: dict[str, Any] = {}
 LATENT_MULTIPLE = 1
 
 
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise plus the optional per-(sample, channel) offset, drawn in this order from
+    `generator` on the CPU; every objective draws its noise this way, then its timesteps."""
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return noise
+
+
 class NoiseSchedule:
     """Adds noise at random timesteps and says what the UNet should predict."""
 
@@ -54,9 +63,7 @@ class NoiseSchedule:
         self, shape: tuple[int, ...], generator: torch.Generator, noise_offset: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise (with the optional per-channel offset) and uniform timesteps, on the CPU."""
-        noise = torch.randn(shape, generator=generator)
-        if noise_offset:
-            noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+        noise = draw_noise(shape, generator, noise_offset)
         timesteps = torch.randint(0, self.num_train_timesteps, (shape[0],), generator=generator)
         return noise, timesteps
 
