@@ -20,9 +20,11 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model
 
 SDXL_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-FLUX_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-FLUX_GUIDANCE = 1.0
-FLUX_MAX_SEQUENCE = 77
+# Like for like with run_training's Flux defaults: the family's eight attention projections
+# (image and context streams), T5 at FluxPipeline's 512 tokens, guidance 3.5.
+FLUX_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+FLUX_GUIDANCE = 3.5
+FLUX_MAX_SEQUENCE = 512
 
 StepFn = Callable[[torch.Tensor], float]
 """One training step on a batch of pixels in [-1, 1]; returns the loss."""
