@@ -125,14 +125,16 @@ def watch(channel: grpc.Channel, service: str, seen: list[int], until: threading
 
 
 def test_health_is_not_serving_while_the_device_is_stuck(make_env: callable) -> None:  # type: ignore[valid-type]
-    # Unsplit attention: one 4.4 s SDPA call cannot be interrupted, so the timed-out request
-    # holds the device for seconds after its deadline, past the 0.5 s stuck threshold.
+    # Unsplit attention: one SDPA call over 128x128 latent tokens cannot be interrupted. Four
+    # images (batch 8 with CFG) make it ~4 s on a 2-core CPU (1 s for one image: too short on
+    # faster CPUs), so the timed-out request holds the device for seconds after its deadline,
+    # past the 0.5 s stuck threshold.
     env = make_env(device_stuck_seconds=0.5, attention_chunk_elements=0)
     env.generate(steps=1)
     done = threading.Event()
     seen: dict[str, list[int]] = {SERVICE: [], "": []}
     threads = [watch(env.server.channel(), name, statuses, done) for name, statuses in seen.items()]
-    err = rpc_error(lambda: env.generate(size=LARGE, steps=1, timeout=1.0))
+    err = rpc_error(lambda: env.generate(size=LARGE, steps=1, num_images=4, timeout=1.0))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     give_up = time.monotonic() + 60
     while time.monotonic() < give_up and not all(s[-2:] == [NOT_SERVING, SERVING] for s in seen.values()):
