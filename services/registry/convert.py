@@ -99,6 +99,7 @@ def adapter_version_to_proto(m: AdapterManifest) -> common_pb2.AdapterVersion:
         description=m.description,
         size_bytes=m.size_bytes,
         manifest_digest=m.manifest_digest,
+        base_family=m.base_family,
     )
 
 
@@ -125,6 +126,7 @@ def base_model_to_proto(m: BaseModelManifest) -> common_pb2.BaseModel:
         description=m.description,
         created_at=timestamp(m.created_at),
         version=m.version,
+        family=m.family,
     )
 
 

@@ -80,7 +80,9 @@ def test_kohya_import_export_round_trip(family: str, server: tuple[ServerThread,
     save_file(fam.sdxl_to_kohya(sd) if family == "sdxl" else fam.flux_to_kohya(sd, 1, 2), str(kohya))
 
     got = _import(running, kohya, "style", base_name)
-    assert (got.version, got.source_format) == (1, "kohya")
+    assert (got.version, got.source_format, got.base_family) == (1, "kohya", family)
+    listed = _stub(running).GetBaseModel(registry_pb2.GetBaseModelRequest(name=base_name))
+    assert listed.base_model.family == family
     manifest = registry.adapters.resolve(AdapterRef(loopback_settings().default_tenant, "style", 1))
     assert manifest.base_family == family
 

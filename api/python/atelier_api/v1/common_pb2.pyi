@@ -141,6 +141,7 @@ class AdapterVersion(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
+    BASE_FAMILY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     name: _builtins.str
     version: _builtins.int
@@ -154,6 +155,10 @@ class AdapterVersion(_message.Message):
     size_bytes: _builtins.int
     manifest_digest: _builtins.str
     """sha256 of the manifest document itself; changes iff the version differs."""
+    base_family: _builtins.str
+    """Model family of the base it was made for: "sd1", "sdxl" or "flux"; empty for versions
+    recorded before families were (their base model's family then applies).
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileEntry]: ...
     @_builtins.property
@@ -183,10 +188,11 @@ class AdapterVersion(_message.Message):
         description: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         manifest_digest: _builtins.str = ...,
+        base_family: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "training_config", b"training_config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_digest", b"base_model_digest", "created_at", b"created_at", "description", b"description", "files", b"files", "kind", b"kind", "manifest_digest", b"manifest_digest", "metrics", b"metrics", "name", b"name", "size_bytes", b"size_bytes", "source_format", b"source_format", "source_job_id", b"source_job_id", "tenant", b"tenant", "training_config", b"training_config", "trigger_tokens", b"trigger_tokens", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_family", b"base_family", "base_model", b"base_model", "base_model_digest", b"base_model_digest", "created_at", b"created_at", "description", b"description", "files", b"files", "kind", b"kind", "manifest_digest", b"manifest_digest", "metrics", b"metrics", "name", b"name", "size_bytes", b"size_bytes", "source_format", b"source_format", "source_job_id", b"source_job_id", "tenant", b"tenant", "training_config", b"training_config", "trigger_tokens", b"trigger_tokens", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -271,6 +277,7 @@ class BaseModel(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     digest: _builtins.str
     """sha256 over the sorted (path, sha256) list of its files."""
@@ -282,6 +289,10 @@ class BaseModel(_message.Message):
     """Versions of one name are immutable and numbered from 1: new bytes under an existing name
     become the next version, never a replacement. Reference one as "name@version"; a plain
     name means the newest live version.
+    """
+    family: _builtins.str
+    """Model family detected at import: "sd1" (SD 1.x/2.x), "sdxl" or "flux"; empty for versions
+    imported before families were recorded, or for a pipeline of no known family.
     """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileEntry]: ...
@@ -298,10 +309,11 @@ class BaseModel(_message.Message):
         description: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         version: _builtins.int = ...,
+        family: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "created_at", b"created_at", "description", b"description", "digest", b"digest", "files", b"files", "name", b"name", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "created_at", b"created_at", "description", b"description", "digest", b"digest", "family", b"family", "files", b"files", "name", b"name", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
