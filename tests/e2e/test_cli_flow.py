@@ -65,6 +65,7 @@ def test_base_model_list_shows_tiny_sd(services: Services) -> None:
     assert BASE_MODEL in ok(services.cli("base-model", "list"))
     models = {m["name"]: m for m in json_of(services, "base-model", "list")}
     assert models[BASE_MODEL]["architecture"] == "stable-diffusion" and len(models[BASE_MODEL]["digest"]) == 64
+    assert models[BASE_MODEL]["family"] == "sd1"
 
 
 def test_base_model_import_over_grpc(services: Services, tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ def adapter_row(adapter: common_pb2.Adapter) -> list[object]:
 
 def version_row(version: common_pb2.AdapterVersion) -> list[object]:
     created = version.created_at.ToDatetime().isoformat(timespec="seconds") if version.HasField("created_at") else ""
-    return [f"{version.name}@{version.version}", method_name(version.kind), version.base_model,
+    base = f"{version.base_model} ({version.base_family})" if version.base_family else version.base_model
+    return [f"{version.name}@{version.version}", method_name(version.kind), base,
             ", ".join(version.trigger_tokens), version.size_bytes, version.source_format, created]
 
 

@@ -14,13 +14,14 @@ from atelier.cli.context import options
 from atelier.cli.output import console, emit, handle_errors, print_json, to_dict
 from atelier_api.v1 import common_pb2
 
-BASE_MODEL_COLUMNS = ["name", "version", "architecture", "size", "files", "digest", "created"]
+BASE_MODEL_COLUMNS = ["name", "version", "family", "architecture", "size", "files", "digest", "created"]
 
 
 def base_model_row(model: common_pb2.BaseModel) -> list[object]:
     created = model.created_at.ToDatetime().isoformat(timespec="seconds") if model.HasField("created_at") else ""
-    return [model.name, model.version, model.architecture, f"{model.size_bytes / 1024 / 1024:.1f} MiB",
-            len(model.files), model.digest[:12], created]
+    size = f"{model.size_bytes / 1024 / 1024:.1f} MiB"
+    return [model.name, model.version, model.family or "-", model.architecture, size, len(model.files),
+            model.digest[:12], created]
 
 
 @handle_errors
