@@ -106,7 +106,7 @@ def _spec_values(spec: training_pb2.TrainingJobSpec) -> dict[str, Any]:
         out["prior_loss_weight"] = pp.weight
     out.update(_given(pp, ["num_class_images"]))
     out.update(_given(ti, ["num_vectors"]))
-    out.update(_given(lora, ["rank", "alpha", "dropout"]))
+    out.update(_given(lora, ["rank", "alpha", "dropout", "use_dora", "conv_rank", "conv_alpha"]))
     for name in ("target_modules", "text_encoder_target_modules"):
         if modules := list(getattr(lora, name)):
             out[name] = modules

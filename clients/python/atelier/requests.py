@@ -81,7 +81,8 @@ def _caption_for(captions: Sequence[str] | Mapping[int, str] | None, index: int)
 
 
 _HYPERPARAMETER_FIELDS = {f.name for f in training_pb2.Hyperparameters.DESCRIPTOR.fields}
-_LORA_FIELDS = {"rank", "alpha", "dropout", "target_modules", "text_encoder_target_modules"}
+_LORA_FIELDS = {"rank", "alpha", "dropout", "target_modules", "text_encoder_target_modules", "use_dora",
+                "conv_rank", "conv_alpha"}
 
 
 @dataclass

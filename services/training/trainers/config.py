@@ -101,6 +101,9 @@ class TrainConfig(BaseModel):
     dropout: float = 0.0
     target_modules: list[str] = Field(default_factory=lambda: list(UNET_LORA_TARGETS))
     text_encoder_target_modules: list[str] = Field(default_factory=lambda: list(TEXT_ENCODER_LORA_TARGETS))
+    use_dora: bool = False  # peft DoRA: a magnitude vector per adapted layer
+    conv_rank: int = 0  # > 0: LoCon, the UNet's resnet/sampler Conv2d layers at this rank too
+    conv_alpha: float | None = Field(None, description="None: conv_rank.")
     # hyper-parameters
     learning_rate: float = 1e-4
     scale_lr: bool = False
@@ -166,6 +169,8 @@ class TrainConfig(BaseModel):
         if method == "TEXTUAL_INVERSION" and not values.get("instance_prompt") and values.get("placeholder_token"):
             values["instance_prompt"] = f"a photo of a {values['placeholder_token']}"
         values.setdefault("alpha", float(values.get("rank", 4)))  # the recipe's alpha is the rank
+        if values.get("conv_rank") and values.get("conv_alpha") is None:
+            values["conv_alpha"] = float(values["conv_rank"])  # likewise for the conv layers
         if "learning_rate" in hyper:
             values["scale_lr"] = False  # an explicit rate is used as given
         values.update(hyper)
@@ -258,6 +263,10 @@ def _validate_lora(c: TrainConfig, e: Violations) -> None:
         e.check(0 < c.alpha <= 1024, "spec.lora.alpha", "must be in (0, 1024]")
     e.check(0 <= c.dropout < 1, "spec.lora.dropout", "must be in [0, 1)")
     e.check(bool(c.target_modules), "spec.lora.target_modules", "must not be empty")
+    e.check(0 <= c.conv_rank <= 256, "spec.lora.conv_rank", "must be between 0 (no conv LoRA) and 256")
+    if c.conv_alpha is not None:
+        e.check(c.conv_rank > 0, "spec.lora.conv_alpha", "needs spec.lora.conv_rank > 0")
+        e.check(0 < c.conv_alpha <= 1024, "spec.lora.conv_alpha", "must be in (0, 1024]")
     for i, name in enumerate(c.target_modules):
         e.check(bool(name.strip()), f"spec.lora.target_modules[{i}]", "must not be empty")
     for i, name in enumerate(c.text_encoder_target_modules):
@@ -305,6 +314,9 @@ def validate_against_family(config: TrainConfig, family_name: str) -> None:
             f"{family.objective}: leave snr_gamma at 0", _H + "snr_gamma")
     if config.method == "TEXTUAL_INVERSION" and not family.ti_slots:
         raise FailedPrecondition(f"{family.title} has no text encoder textual inversion can train", "spec.method")
+    if config.method == "LORA" and config.conv_rank and family.denoiser != "unet":
+        raise FailedPrecondition(f"conv LoRA adapts a UNet's Conv2d layers; the {family.title} {family.denoiser} "
+                                 "has none: leave conv_rank unset", "spec.lora.conv_rank")
 
 
 def validate_against_tokenizer(config: TrainConfig, tokenizer: Any) -> None:

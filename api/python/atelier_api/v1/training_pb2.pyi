@@ -512,9 +512,20 @@ class LoraOptions(_message.Message):
     DROPOUT_FIELD_NUMBER: _builtins.int
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
     TEXT_ENCODER_TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    USE_DORA_FIELD_NUMBER: _builtins.int
+    CONV_RANK_FIELD_NUMBER: _builtins.int
+    CONV_ALPHA_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     alpha: _builtins.float
     dropout: _builtins.float
+    use_dora: _builtins.bool
+    """DoRA (weight-decomposed LoRA): a trained magnitude vector per adapted layer."""
+    conv_rank: _builtins.int
+    """Conv LoRA ("LoCon"): also adapt the UNet's resnet and up/down-sampler Conv2d layers at
+    this rank; unset or 0: attention only.
+    """
+    conv_alpha: _builtins.float
+    """The conv layers' alpha; unset: conv_rank."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -527,23 +538,38 @@ class LoraOptions(_message.Message):
         dropout: _builtins.float | None = ...,
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
         text_encoder_target_modules: _abc.Iterable[_builtins.str] | None = ...,
+        use_dora: _builtins.bool | None = ...,
+        conv_rank: _builtins.int | None = ...,
+        conv_alpha: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_dropout", b"_dropout", "_rank", b"_rank", "alpha", b"alpha", "dropout", b"dropout", "rank", b"rank"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_conv_alpha", b"_conv_alpha", "_conv_rank", b"_conv_rank", "_dropout", b"_dropout", "_rank", b"_rank", "_use_dora", b"_use_dora", "alpha", b"alpha", "conv_alpha", b"conv_alpha", "conv_rank", b"conv_rank", "dropout", b"dropout", "rank", b"rank", "use_dora", b"use_dora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_dropout", b"_dropout", "_rank", b"_rank", "alpha", b"alpha", "dropout", b"dropout", "rank", b"rank", "target_modules", b"target_modules", "text_encoder_target_modules", b"text_encoder_target_modules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_conv_alpha", b"_conv_alpha", "_conv_rank", b"_conv_rank", "_dropout", b"_dropout", "_rank", b"_rank", "_use_dora", b"_use_dora", "alpha", b"alpha", "conv_alpha", b"conv_alpha", "conv_rank", b"conv_rank", "dropout", b"dropout", "rank", b"rank", "target_modules", b"target_modules", "text_encoder_target_modules", b"text_encoder_target_modules", "use_dora", b"use_dora"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__conv_alpha: _TypeAlias = _typing.Literal["conv_alpha"]  # noqa: Y015
+    _WhichOneofArgType__conv_alpha: _TypeAlias = _typing.Literal["_conv_alpha", b"_conv_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__conv_rank: _TypeAlias = _typing.Literal["conv_rank"]  # noqa: Y015
+    _WhichOneofArgType__conv_rank: _TypeAlias = _typing.Literal["_conv_rank", b"_conv_rank"]  # noqa: Y015
     _WhichOneofReturnType__dropout: _TypeAlias = _typing.Literal["dropout"]  # noqa: Y015
     _WhichOneofArgType__dropout: _TypeAlias = _typing.Literal["_dropout", b"_dropout"]  # noqa: Y015
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    _WhichOneofReturnType__use_dora: _TypeAlias = _typing.Literal["use_dora"]  # noqa: Y015
+    _WhichOneofArgType__use_dora: _TypeAlias = _typing.Literal["_use_dora", b"_use_dora"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha) -> _WhichOneofReturnType__alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__conv_alpha) -> _WhichOneofReturnType__conv_alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__conv_rank) -> _WhichOneofReturnType__conv_rank | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dropout) -> _WhichOneofReturnType__dropout | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_dora) -> _WhichOneofReturnType__use_dora | None: ...
 
 Global___LoraOptions: _TypeAlias = LoraOptions  # noqa: Y015
 

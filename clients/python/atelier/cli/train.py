@@ -60,12 +60,16 @@ def lora(ctx: typer.Context, base: str = BASE, dataset: str = DATASET, name: str
          prompt: str = typer.Option(..., "--prompt", help="Instance prompt, e.g. 'a photo of sks dog'."),
          rank: int | None = typer.Option(None, "--rank"), alpha: float | None = typer.Option(None, "--alpha"),
          train_text_encoder: bool | None = typer.Option(None, "--train-text-encoder/--no-train-text-encoder"),
+         dora: bool | None = typer.Option(None, "--dora/--no-dora", help="DoRA: weight-decomposed LoRA."),
+         conv_rank: int | None = typer.Option(None, "--conv-rank", help="Also adapt the UNet's conv layers (LoCon)."),
+         conv_alpha: float | None = typer.Option(None, "--conv-alpha", help="Conv layers' alpha (default: conv rank)."),
          steps: int | None = STEPS, lr: float | None = LR, batch: int | None = BATCH,
          resolution: int | None = RESOLUTION, seed: int | None = SEED, alias: str = ALIAS,
          optimizer: str | None = OPTIMIZER, lr_scheduler: str | None = LR_SCHEDULER,
          detach: bool = DETACH) -> None:
-    """Train a LoRA on attention layers (base frozen)."""
+    """Train a LoRA on attention layers (base frozen); --dora and --conv-rank pick the variants."""
     _start(ctx, "lora", detach, rank=rank, lora_alpha=alpha, train_text_encoder=train_text_encoder,
+           use_dora=dora, conv_rank=conv_rank, conv_alpha=conv_alpha,
            **_common_options(base, dataset, name, prompt, steps, lr, batch, resolution, seed, alias, optimizer,
                              lr_scheduler))
 
