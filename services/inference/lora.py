@@ -33,6 +33,7 @@ from diffusers.utils import recurse_remove_peft_layers
 from peft.tuners.lora import LoraLayer
 from transformers.utils import logging as hf_logging
 
+from services.common.errors import FailedPrecondition
 from services.common.model_loading import MODEL_LOAD_LOCK
 from services.families import of_pipeline
 from services.inference.lora_fast import try_fast_attach
@@ -158,6 +159,8 @@ class LoraMerger:
         """
         mix = tuple((name, w) for name, w in mix if w != 0.0)
         merge = merge.normalised()
+        if merge.method != LINEAR:
+            self._refuse_variants(mix, merge)
         if mix != self._current or merge != self._merge:
             self.restore()
             for layer in self._tracked:
@@ -171,6 +174,18 @@ class LoraMerger:
             self._current = mix
             self._merge = merge
         self.strip()
+
+    def _refuse_variants(self, mix: Mix, merge: MergeSpec) -> None:
+        """TIES/DARE combine plain `B @ A` deltas; a DoRA layer's weight is a rescaled
+        direction (peft's magnitude vector), which has no such delta to trim or drop. Refused
+        before any weight is touched, so the previous merge state stays valid."""
+        names = {name for name, _w in mix}
+        for layer, tracked in self._tracked.items():
+            dora = sorted(names & set(getattr(layer, "lora_variant", {})))
+            if dora:
+                raise FailedPrecondition(
+                    f"adapter {dora[0]!r} is a DoRA LoRA ({self.prefix}.{tracked.path}); merge method "
+                    f"{merge.method} combines plain LoRA deltas only: use the LINEAR merge", "spec.merge_method")
 
     def _merge_full(self, layer: Any, mix: Mix, merge: MergeSpec) -> None:
         """Add one layer's TIES/DARE delta to its base weight (restore() copies it back).

@@ -160,11 +160,19 @@ def export_lora(stored: Path, shapes: BaseModelShapes, fmt: str, dest: Path, tit
     return dest
 
 
+DORA_MAGNITUDE = ".lora_magnitude_vector"  # peft DoRA's per-layer magnitude, as diffusers saves it
+
+
 def _stored_modules(stored: Path, shapes: BaseModelShapes, fmt: str) -> list[ModuleLora]:
     """The stored LoRA's modules. A version kept in diffusers' older key spelling (`lora.down`,
     attention processors: published as uploaded, e.g. imported while the base model's configs
     were unreadable) is renamed as an import would; one that still holds no LoRA module cannot
     be converted, which is the stored version's state, not the caller's input."""
+    with safe_open(str(stored), framework="pt") as f:
+        keys: list[str] = f.keys()  # a safe_open handle is not iterable
+        if any(key.endswith(DORA_MAGNITUDE) for key in keys):
+            raise FailedPrecondition(f"a DoRA LoRA cannot be exported as {fmt!r}: kohya's layout has no "
+                                     "magnitude vectors; export it as 'diffusers'", "format")
     mods = load_stored(stored)
     if mods:
         return mods
