@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (family, LoraOpti
     "dora-locon": ("sd1", {"use_dora": True, "conv_rank": 2}),
     "sdxl-dora-locon": ("sdxl", {"use_dora": True, "conv_rank": 2}),
     "flux-dora": ("flux", {"use_dora": True}),
+    "dora-text-encoder": ("sd1", {"use_dora": True, "train_text_encoder": True}),
 }
 
 
@@ -72,7 +73,7 @@ def _png(image: Any) -> bytes:
 
 def _spec(name: str, dataset: str, family: str = "sd1", **lora: Any) -> training_pb2.TrainingJobSpec:
     hyper = training_pb2.Hyperparameters(max_train_steps=4, resolution=SIZE, checkpointing_steps=1000, seed=5,
-                                         learning_rate=1e-2)
+                                         learning_rate=1e-2, train_text_encoder=lora.pop("train_text_encoder", False))
     return training_pb2.TrainingJobSpec(method=LORA, base_model=f"tiny-{family}", dataset_id=dataset, output_name=name,
                                         instance_prompt=PROMPT, hyperparameters=hyper,
                                         lora=training_pb2.LoraOptions(rank=4, **lora))
@@ -129,6 +130,7 @@ def test_variant_trains_loads_in_diffusers_and_generates_like_it(
         assert config["conv_alpha"] == options.get("conv_alpha", options["conv_rank"])
     keys = _keys(artifact)
     assert any("lora_magnitude_vector" in k for k in keys) is bool(options.get("use_dora"))
+    assert any(k.startswith("text_encoder.") for k in keys) is bool(options.get("train_text_encoder"))
     assert any(k.endswith("resnets.0.conv1.lora_A.weight") for k in keys) is ("conv_rank" in options)
     ours = _ours(env, [(name, 1.0)], family)
     theirs = _diffusers(tiny_family_dirs[family], [(name, artifact, 1.0)], family)
