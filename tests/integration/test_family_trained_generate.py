@@ -11,7 +11,6 @@ loop over the trainers' real file layouts.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,14 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from atelier_api.v1 import training_pb2
-from services.common.config import Settings
 from services.families import by_name
 from services.registry.manifests import LORA_WEIGHTS_FILE, TI_EMBEDS_FILE
 from services.registry.refs import AdapterRef
-from tests.fixtures.grpc_servers import loopback_settings
-from tests.fixtures.models import make_concept_images
-from tests.integration.test_inference_support import InferenceEnv, pixels, start_env
+from tests.integration.test_inference_support import InferenceEnv, pixels
 from tests.integration.test_training_families import Case as TrainCase
 from tests.integration.test_training_families import _spec
-from tests.integration.test_training_support import DREAMBOOTH, LORA, TI, TrainingStack, stack_settings
+from tests.integration.test_training_support import DREAMBOOTH, LORA, TI, TrainingStack
+from tests.integration.train_and_serve_support import train_and_serve, upload_concept
 
 pytestmark = pytest.mark.slow
 
@@ -55,29 +52,12 @@ CASES = {
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory,
            tiny_family_dirs: dict[str, Path]) -> Iterator[tuple[TrainingStack, InferenceEnv]]:
-    root = tmp_path_factory.mktemp("trained-generate")
-    registry = Settings(registry_url=f"file://{root / 'registry'}", data_dir=root / "var")
-    with TrainingStack(stack_settings(root, registry, f"sqlite:///{root / 'jobs.db'}"), workers=1) as stack:
-        for family in ("sdxl", "flux"):
-            stack.registry.base_models.import_folder(f"tiny-{family}", tiny_family_dirs[family])
-        inference = loopback_settings(registry_url=registry.registry_url, cache_dir=root / "cache",
-                                      data_dir=root / "inference", batch_wait_ms=0.0, max_batch_size=1)
-        env = start_env(inference, tiny_family_dirs["sdxl"])
-        try:
-            yield stack, env
-        finally:
-            env.close()
-
-
-def _png(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+    with train_and_serve(tmp_path_factory.mktemp("trained-generate"), tiny_family_dirs, ("sdxl", "flux")) as both:
+        yield both
 
 
 def _train(stack: TrainingStack, name: str, case: TrainCase) -> Path:
-    images = [(f"toy{i}.png", _png(img), "") for i, img in enumerate(make_concept_images(3, seed=2, size=64))]
-    dataset = str(stack.upload(images, name=name).dataset.id)
+    dataset = upload_concept(stack, name)
     spec = _spec(name, TrainCase(case.family, case.method, {"max_train_steps": 8, **case.hyper}), dataset)
     spec.instance_prompt = PROMPT[case.method]
     final = stack.watch(stack.create(spec, request_id=f"trained-{name}").job.id, timeout=120)[-1]

@@ -7,7 +7,6 @@ the tiny random SD 1.x base imported into it; each variant trains a few steps at
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,12 @@ from typer.testing import CliRunner
 
 from atelier.cli.main import app
 from atelier_api.v1 import common_pb2, inference_pb2, registry_pb2, training_pb2
-from services.common.config import Settings
 from services.families import by_name
 from services.registry.manifests import LORA_WEIGHTS_FILE
 from services.registry.refs import AdapterRef
-from tests.fixtures.grpc_servers import loopback_settings
-from tests.fixtures.models import make_concept_images
-from tests.integration.test_inference_support import InferenceEnv, pixels, start_env
-from tests.integration.test_training_support import LORA, TrainingStack, stack_settings
+from tests.integration.test_inference_support import InferenceEnv, pixels
+from tests.integration.test_training_support import LORA, TrainingStack
+from tests.integration.train_and_serve_support import train_and_serve, upload_concept
 
 pytestmark = pytest.mark.slow
 
@@ -50,25 +47,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (family, LoraOpti
 def served(tmp_path_factory: pytest.TempPathFactory,
            tiny_family_dirs: dict[str, Path]) -> Iterator[tuple[TrainingStack, InferenceEnv, str]]:
     root = tmp_path_factory.mktemp("lora-variants")
-    registry = Settings(registry_url=f"file://{root / 'registry'}", data_dir=root / "var")
-    with TrainingStack(stack_settings(root, registry, f"sqlite:///{root / 'jobs.db'}"), workers=1) as stack:
-        for family in ("sd1", "sdxl", "flux"):
-            stack.registry.base_models.import_folder(f"tiny-{family}", tiny_family_dirs[family])
-        images = [(f"toy{i}.png", _png(img), "") for i, img in enumerate(make_concept_images(3, seed=2, size=64))]
-        dataset = str(stack.upload(images, name="toys").dataset.id)
-        inference = loopback_settings(registry_url=registry.registry_url, cache_dir=root / "cache",
-                                      data_dir=root / "inference", batch_wait_ms=0.0, max_batch_size=1)
-        env = start_env(inference, tiny_family_dirs["sd1"])
-        try:
-            yield stack, env, dataset
-        finally:
-            env.close()
-
-
-def _png(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+    with train_and_serve(root, tiny_family_dirs, ("sd1", "sdxl", "flux")) as (stack, env):
+        yield stack, env, upload_concept(stack, "toys")
 
 
 def _spec(name: str, dataset: str, family: str = "sd1", **lora: Any) -> training_pb2.TrainingJobSpec:
