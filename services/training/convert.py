@@ -61,7 +61,8 @@ _OPTIONAL_HYPER = (
     "lr_scheduler", "lr_warmup_steps", "seed", "gradient_checkpointing", "snr_gamma", "noise_offset",
     "center_crop", "random_flip", "checkpointing_steps", "validation_steps", "train_text_encoder",
     "text_encoder_learning_rate", "max_grad_norm", "adam_weight_decay", "lr_num_cycles", "lr_power",
-    "caption_dropout", "shuffle_tags", "keep_tokens",
+    "caption_dropout", "shuffle_tags", "keep_tokens", "heldout_validation", "overfit_patience", "stop_on_overfit",
+    "publish",
 )  # fmt: skip
 
 
@@ -292,6 +293,11 @@ def event_response(event: JobEvent, job: JobRecord) -> training_pb2.WatchTrainin
             training_pb2.ValidationImage(step=p.step, prompt=p.prompt, png=p.png) for p in event.previews
         ],
     )
+    if (held := event.payload.get("validation")) is not None:  # a held-out validation event
+        response.validation_loss = float(held["loss"])
+        response.best_validation_loss = float(held["best_loss"])
+        response.best_step = int(held["best_step"])
+        response.overfit_warning = str(held.get("warning", ""))
     if (published := event.published) is not None:
         response.published.CopyFrom(common_pb2.AdapterRef(name=published[0], version=published[1]))
     return response

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from services.registry.registry import Registry
 from services.training.jobstore import JobStore
@@ -175,10 +176,12 @@ class JobCallbacks:
         self.checkpoint_steps.append(step)
         log.info("checkpoint saved", extra={"job_id": self._job.id, "step": step})
 
-    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None) -> None:
+    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None,
+                      held_out: dict[str, Any] | None = None) -> None:
         previews = [ValidationPreview(step, prompt, png) for prompt, png in images]
         try:
-            self._lease.observe(self._store.record_validation(self._job.id, self._worker_id, previews, loss))
+            status = self._store.record_validation(self._job.id, self._worker_id, previews, loss, held_out)
+            self._lease.observe(status)
         except Exception:
             log.warning("validation event failed", exc_info=True, extra={"job_id": self._job.id})
 

@@ -139,14 +139,28 @@ class LeaseOps:
         return self._owned_update(job_id, worker_id, values, event=event)
 
     def record_validation(self, job_id: str, worker_id: str, previews: list[ValidationPreview],
-                          loss: float | None = None) -> LeaseStatus:
+                          loss: float | None = None, held_out: dict[str, Any] | None = None) -> LeaseStatus:
         """A validation event; its loss goes into the running job's metrics (`validation_loss`,
-        `validation_step`) so each Watch event carries the newest one (complete() replaces them)."""
-        step = max((p.step for p in previews), default=0)
-        values = {"metrics": {"validation_loss": loss, "validation_step": float(step)}} if loss is not None else {}
+        `validation_step`) so each Watch event carries the newest one (complete() replaces them).
+
+        `held_out` (heldout_validation runs): {"step", "loss", "best_loss", "best_step", and
+        "warning" when the overfit alarm fires}, kept in the event for Watch and, as
+        best_validation_loss / best_validation_step / overfit_step, in the job's metrics.
+        """
+        step = int(held_out["step"]) if held_out else max((p.step for p in previews), default=0)
+        metrics: dict[str, Any] = {"validation_loss": loss, "validation_step": float(step)} if loss is not None else {}
+        payload = previews_payload(previews)
+        message = "validation images"
+        if held_out:
+            payload["validation"] = held_out
+            metrics.update(best_validation_loss=held_out["best_loss"],
+                           best_validation_step=float(held_out["best_step"]))
+            if held_out.get("overfit_step"):
+                metrics["overfit_step"] = float(held_out["overfit_step"])
+            message = held_out.get("warning") or "validation loss"
         return self._owned_update(
-            job_id, worker_id, values,
-            event=("validation", "validation images", {"step": step, "payload": previews_payload(previews)}),
+            job_id, worker_id, {"metrics": metrics} if metrics else {},
+            event=("validation", message, {"step": step, "payload": payload}),
         )
 
     def _owned_update(

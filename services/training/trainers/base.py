@@ -33,9 +33,13 @@ class TrainerCallbacks(Protocol):
     def save_checkpoint(self, step: int, state_dir: Path) -> None:
         """Persist `state_dir` (a complete resumable state) every `checkpointing_steps` steps."""
 
-    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None) -> None:
+    def on_validation(self, step: int, images: list[tuple[str, bytes]], loss: float | None = None,
+                      held_out: dict[str, Any] | None = None) -> None:
         """Validation previews at `validation_steps`: (prompt, PNG bytes) pairs, and the validation
-        loss then (the fixed-noise denoising loss of `eval_loss_initial`/`eval_loss_final`)."""
+        loss then (the fixed-noise denoising loss of `eval_loss_initial`/`eval_loss_final`; with
+        heldout_validation, that loss on the held-out views). `held_out` is passed only by
+        heldout_validation runs: {"step", "loss", "best_loss", "best_step", "overfit_step",
+        "warning" (non-empty at the evaluation where the overfit alarm fired)}."""
 
 
 @dataclass

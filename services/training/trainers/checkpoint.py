@@ -1,8 +1,9 @@
 """Resumable training state as safetensors + JSON (never pickle).
 
 A checkpoint directory holds `state.safetensors` (trainable weights, optimizer moments, torch
-and CUDA RNG states) and `state.json` (step, optimizer hyper-parameters, lr-scheduler and
-grad-scaler counters, numpy and Python RNG states, config). `torch.save` of an optimizer is a
+and CUDA RNG states; with publish=best also the best-so-far trainable weights under `best/`)
+and `state.json` (step, optimizer hyper-parameters, lr-scheduler and grad-scaler counters,
+numpy and Python RNG states, config, the validation tracker). `torch.save` of an optimizer is a
 pickle, which the registry refuses, so the optimizer state is flattened: tensors go to
 safetensors under `optim/<param index>/<key>`, scalars to JSON.
 """
@@ -98,6 +99,7 @@ class TrainingState:
     extra: dict[str, Any]
     rng_tensors: dict[str, torch.Tensor]
     rng_meta: dict[str, Any]
+    best: dict[str, torch.Tensor] | None = None  # publish=best: the trainable values at the lowest validation loss
 
 
 def save_state(
@@ -109,9 +111,11 @@ def save_state(
     lr_scheduler: Any,
     scaler: torch.amp.GradScaler | None,
     extra: dict[str, Any],
+    best: dict[str, torch.Tensor] | None = None,
 ) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"trainable/{k}": v.detach().float().cpu().contiguous() for k, v in trainable.items()}
+    tensors.update({f"best/{k}": v.detach().float().cpu().contiguous() for k, v in (best or {}).items()})
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_snapshot()
     tensors.update(opt_tensors)
@@ -147,4 +151,5 @@ def load_state(state_dir: Path) -> TrainingState:
         extra=meta["extra"],
         rng_tensors={k: v for k, v in tensors.items() if k.startswith("rng/")},
         rng_meta=meta["rng"],
+        best={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("best/")} or None,
     )

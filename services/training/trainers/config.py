@@ -29,6 +29,8 @@ LR_SCHEDULERS = frozenset(
     {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
 )
 
+PUBLISH_CHOICES = ("last", "best")
+
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -130,6 +132,11 @@ class TrainConfig(BaseModel):
     checkpointing_steps: int = 500
     validation_steps: int = 100
     validation_prompts: list[str] = Field(default_factory=list)
+    # held-out validation loss every validation_steps (heldout.py), the overfit alarm, publish=best
+    heldout_validation: bool = False
+    overfit_patience: int = 3  # 0: no alarm
+    stop_on_overfit: bool = False
+    publish: str = "last"  # "last" or "best" (the lowest held-out validation loss)
     train_text_encoder: bool = False
     text_encoder_learning_rate: float = 5e-6
     max_grad_norm: float = 1.0
@@ -174,6 +181,8 @@ class TrainConfig(BaseModel):
         if "learning_rate" in hyper:
             values["scale_lr"] = False  # an explicit rate is used as given
         values.update(hyper)
+        if values.get("publish") == "best" or hyper.get("overfit_patience") or hyper.get("stop_on_overfit"):
+            values.setdefault("heldout_validation", True)  # judged by the held-out loss: asking for them turns it on
         resolve_choices(values, hyper)
         if "seed" not in values:
             values["seed"] = seed if seed is not None else secrets.randbelow(2**31)
@@ -242,6 +251,7 @@ def _validate_hyper(c: TrainConfig, s: Settings, e: Violations) -> None:
     e.check(len(c.validation_prompts) <= 8, _H + "validation_prompts", "at most 8 prompts")
     for i, prompt in enumerate(c.validation_prompts):
         e.check(0 < len(prompt) <= 1000, f"{_H}validation_prompts[{i}]", "must be 1..1000 characters")
+    _validate_heldout(c, e)
     e.check(0 <= c.max_grad_norm <= 1e4, _H + "max_grad_norm", "must be 0 (off) .. 1e4")
     e.check(0 <= c.adam_weight_decay <= 1, _H + "adam_weight_decay", "must be in [0, 1]")
     e.check(
@@ -249,6 +259,16 @@ def _validate_hyper(c: TrainConfig, s: Settings, e: Violations) -> None:
         _H + "train_text_encoder",
         "textual inversion trains only the new embeddings",
     )
+
+
+def _validate_heldout(c: TrainConfig, e: Violations) -> None:
+    e.check(c.publish in PUBLISH_CHOICES, _H + "publish", f"must be one of {list(PUBLISH_CHOICES)}")
+    if c.publish == "best":
+        e.check(c.heldout_validation, _H + "publish", "best needs heldout_validation (leave it unset or true)")
+    e.check(0 <= c.overfit_patience <= 1000, _H + "overfit_patience", "must be 0 (off) .. 1000")
+    if c.stop_on_overfit:
+        e.check(c.heldout_validation and c.overfit_patience > 0, _H + "stop_on_overfit",
+                "needs heldout_validation and overfit_patience > 0")
 
 
 def _validate_prompts(c: TrainConfig, e: Violations) -> None:

@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,11 +35,19 @@ from services.training.trainers.config import TrainConfig, validate_against_fami
 from services.training.trainers.data import build_views
 from services.training.trainers.dreambooth import DreamBoothTrainer
 from services.training.trainers.evaluate import fixed_denoising_loss
+from services.training.trainers.heldout import (
+    HeldOutSet,
+    HeldOutValidation,
+    augmented_pixels,
+    heldout_pixels,
+    holdout_indices,
+)
 from services.training.trainers.lora import LoraTrainer
 from services.training.trainers.loss import diffusion_loss
 from services.training.trainers.method import MethodTrainer
 from services.training.trainers.models import Components, load_components
 from services.training.trainers.optim import build_optimizer, build_scheduler
+from services.training.trainers.overfit import ValidationTracker
 from services.training.trainers.textual_inversion import TextualInversionTrainer
 from services.training.trainers.validation import generate_class_images, validation_images
 
@@ -144,7 +153,9 @@ class TrainingRun:
             self.method = METHODS[config.method](config, self.comps)
         if config.gradient_checkpointing:
             self.method.enable_gradient_checkpointing()
-        self.sampler = self._build_sampler(images)
+        held = holdout_indices(len(images), config.seed) if config.heldout_validation else []
+        self.sampler = self._build_sampler([im for i, im in enumerate(images) if i not in held])
+        self.heldout = self._build_heldout(images, held) if config.heldout_validation else None
         self._release_frozen_encoders()
         self.opt = build_optimisation(config, self.method, self.comps)
         self.start_step = 0
@@ -154,10 +165,9 @@ class TrainingRun:
         else:
             self.extra["eval_loss_initial"] = self._eval_loss()
 
-    def _build_sampler(self, images: list[TrainImage]) -> MicroBatchSampler:
+    def _captions(self, images: list[TrainImage]) -> CaptionBuilder:
         c = self.config
-        instance = build_views([i.path for i in images], self.resolution, c.center_crop, c.random_flip)
-        captions = CaptionBuilder(
+        return CaptionBuilder(
             instance_prompt=c.instance_prompt,
             captions=[i.caption for i in images],
             dropout=c.caption_dropout,
@@ -165,6 +175,26 @@ class TrainingRun:
             keep_tokens=c.keep_tokens,
             rewrite=self.method.prompt,
         )
+
+    def _build_heldout(self, images: list[TrainImage], held: list[int]) -> HeldOutValidation:
+        """The validation views (heldout.py): the held-out images, or augmentations of the
+        training images when there are too few to split; encoded before the VAE goes."""
+        if held:
+            chosen = [images[i] for i in held]
+            pixels = heldout_pixels([i.path for i in chosen], self.resolution)
+            prompts = self._captions(chosen).bases()
+        else:
+            pixels, owners = augmented_pixels([i.path for i in images], self.resolution)
+            prompts = [self.sampler.instance_prompts[o] for o in owners]
+        self.sampler.encoder.warm(prompts)
+        views = HeldOutSet.build(self.comps, pixels, prompts, augmented=not held)
+        tracker = ValidationTracker(self.config.overfit_patience)
+        return HeldOutValidation(views, tracker, keep_best=self.config.publish == "best")
+
+    def _build_sampler(self, images: list[TrainImage]) -> MicroBatchSampler:
+        c = self.config
+        instance = build_views([i.path for i in images], self.resolution, c.center_crop, c.random_flip)
+        captions = self._captions(images)
         prompts = captions.bases()
         klass = None
         class_prompts: list[str] = []
@@ -213,6 +243,8 @@ class TrainingRun:
         ckpt.rng_restore(state.rng_tensors, state.rng_meta)
         self.start_step = state.step
         self.extra.update({k: float(v) for k, v in state.extra.get("metrics", {}).items()})
+        if self.heldout is not None:
+            self.heldout.restore(state.extra.get("validation"), state.best)
         log.info("resumed %s at step %d", self.config.method, state.step)
 
     def _eval_loss(self) -> float:
@@ -266,19 +298,33 @@ class TrainingRun:
             step += 1
             losses.append(loss)
             self.callbacks.on_step(step, c.max_train_steps, loss, float(self.opt.lr_scheduler.get_last_lr()[0]))
-            self._maybe_validate(step)
+            if self._maybe_validate(step):
+                log.warning("stop_on_overfit: ending %s at step %d", c.method, step)
+                break
             if step % c.checkpointing_steps == 0 and step < c.max_train_steps:
                 self._checkpoint(step)
         stopped = stopped or self.callbacks.should_stop()
         return self._result(step, losses, stopped)
 
-    def _maybe_validate(self, step: int) -> None:
+    def _maybe_validate(self, step: int) -> bool:
+        """Previews and the validation loss at validation intervals; True: stop (stop_on_overfit)."""
         c = self.config
-        if c.validation_prompts and (step % c.validation_steps == 0 or step == c.max_train_steps):
+        if not (c.validation_prompts or self.heldout) or (step % c.validation_steps and step != c.max_train_steps):
+            return False
+        images: list[tuple[str, bytes]] = []
+        if c.validation_prompts:
             images = validation_images(self.comps, c.validation_prompts, self.resolution, c.seed)
+        if self.heldout is None:
             loss = self._eval_loss()  # draws no global randomness: resume stays exact
             self.method.train_mode()
             self.callbacks.on_validation(step, images, loss)
+            return False
+        loss, report, alarm = self.heldout.evaluate(step, self.comps, self.sampler.encoder, self.method)
+        self.method.train_mode()
+        if alarm:
+            log.warning("%s", report["warning"])
+        self.callbacks.on_validation(step, images, loss, report)
+        return alarm and c.stop_on_overfit
 
     def _checkpoint(self, step: int) -> None:
         root = self.work_dir / "checkpoints"
@@ -290,7 +336,9 @@ class TrainingRun:
             optimizer=self.opt.optimizer,
             lr_scheduler=self.opt.lr_scheduler,
             scaler=self.opt.scaler,
-            extra={"config": self.config.model_dump(mode="json"), "resolution": self.resolution, "metrics": self.extra},
+            extra={"config": self.config.model_dump(mode="json"), "resolution": self.resolution, "metrics": self.extra,
+                   "validation": self.heldout.tracker.state() if self.heldout else None},
+            best=self.heldout.best if self.heldout else None,
         )
         generated = [i.path for i in self.class_images if i.path.parent == self.work_dir / CLASS_IMAGES_DIR]
         if generated:
@@ -301,6 +349,17 @@ class TrainingRun:
         for old in root.iterdir():  # the callback persisted it; keep only the newest locally
             if old != state_dir:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _choose_published(self, step: int) -> dict[str, Any]:
+        """publish=best: load the weights of the lowest validation loss; returns what the
+        manifest's training_config records about the choice."""
+        assert self.heldout is not None
+        tracker = self.heldout.tracker
+        if self.config.publish == "best" and self.heldout.best is not None:
+            self.method.load_trainable(self.heldout.best)
+            step = tracker.best_step
+        return {"published_step": step, "best_validation_loss": tracker.best_loss,
+                "best_validation_step": tracker.best_step}
 
     def _result(self, step: int, losses: list[float], stopped: bool) -> TrainResult:
         c = self.config
@@ -319,11 +378,16 @@ class TrainingRun:
             metrics["final_loss"] = losses[-1]
             metrics["mean_loss_last_10"] = float(np.mean(losses[-10:]))
         files: dict[str, Path] = {}
+        published: dict[str, Any] = {}
         if not stopped:
+            if self.heldout is not None:
+                published = self._choose_published(step)
+                metrics.update(self.heldout.metrics(), published_step=float(published["published_step"]))
             self.comps.denoiser.eval()
             metrics["eval_loss_final"] = self._eval_loss()
             files = self.method.save_artifact(self.work_dir / "artifact")
         resolved = c.model_dump(mode="json") | {"resolution": self.resolution, "mixed_precision": self.comps.precision}
+        resolved |= published
         return TrainResult(
             kind=c.method,
             files=files,

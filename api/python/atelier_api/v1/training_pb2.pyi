@@ -330,6 +330,10 @@ class Hyperparameters(_message.Message):
     CAPTION_DROPOUT_FIELD_NUMBER: _builtins.int
     SHUFFLE_TAGS_FIELD_NUMBER: _builtins.int
     KEEP_TOKENS_FIELD_NUMBER: _builtins.int
+    HELDOUT_VALIDATION_FIELD_NUMBER: _builtins.int
+    OVERFIT_PATIENCE_FIELD_NUMBER: _builtins.int
+    STOP_ON_OVERFIT_FIELD_NUMBER: _builtins.int
+    PUBLISH_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     max_train_steps: _builtins.int
     train_batch_size: _builtins.int
@@ -366,6 +370,16 @@ class Hyperparameters(_message.Message):
     """Shuffle the comma-separated tags of each caption every step (seeded)."""
     keep_tokens: _builtins.int
     """With shuffle_tags: how many leading tags stay in place (kohya keep_tokens)."""
+    heldout_validation: _builtins.bool
+    """Hold out views (1 image in 5 from 4 images up, else fixed augmentations) and report their
+    denoising loss every validation_steps; unset: on when publish is "best".
+    """
+    overfit_patience: _builtins.int
+    """Warn when the held-out loss rose at this many evaluations in a row (default 3; 0: off)."""
+    stop_on_overfit: _builtins.bool
+    """End training (and publish) when the overfit alarm fires."""
+    publish: _builtins.str
+    """"last" (default): the final weights; "best": those with the lowest held-out loss."""
     @_builtins.property
     def validation_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -399,10 +413,14 @@ class Hyperparameters(_message.Message):
         caption_dropout: _builtins.float | None = ...,
         shuffle_tags: _builtins.bool | None = ...,
         keep_tokens: _builtins.int | None = ...,
+        heldout_validation: _builtins.bool | None = ...,
+        overfit_patience: _builtins.int | None = ...,
+        stop_on_overfit: _builtins.bool | None = ...,
+        publish: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay", "_caption_dropout", b"_caption_dropout", "_center_crop", b"_center_crop", "_checkpointing_steps", b"_checkpointing_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_keep_tokens", b"_keep_tokens", "_learning_rate", b"_learning_rate", "_lr_num_cycles", b"_lr_num_cycles", "_lr_power", b"_lr_power", "_lr_scheduler", b"_lr_scheduler", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps", b"_max_train_steps", "_noise_offset", b"_noise_offset", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_seed", b"_seed", "_shuffle_tags", b"_shuffle_tags", "_snr_gamma", b"_snr_gamma", "_text_encoder_learning_rate", b"_text_encoder_learning_rate", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "adam_weight_decay", b"adam_weight_decay", "caption_dropout", b"caption_dropout", "center_crop", b"center_crop", "checkpointing_steps", b"checkpointing_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "keep_tokens", b"keep_tokens", "learning_rate", b"learning_rate", "lr_num_cycles", b"lr_num_cycles", "lr_power", b"lr_power", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps", b"max_train_steps", "noise_offset", b"noise_offset", "random_flip", b"random_flip", "resolution", b"resolution", "seed", b"seed", "shuffle_tags", b"shuffle_tags", "snr_gamma", b"snr_gamma", "text_encoder_learning_rate", b"text_encoder_learning_rate", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_steps", b"validation_steps"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay", "_caption_dropout", b"_caption_dropout", "_center_crop", b"_center_crop", "_checkpointing_steps", b"_checkpointing_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_heldout_validation", b"_heldout_validation", "_keep_tokens", b"_keep_tokens", "_learning_rate", b"_learning_rate", "_lr_num_cycles", b"_lr_num_cycles", "_lr_power", b"_lr_power", "_lr_scheduler", b"_lr_scheduler", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps", b"_max_train_steps", "_noise_offset", b"_noise_offset", "_overfit_patience", b"_overfit_patience", "_publish", b"_publish", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_seed", b"_seed", "_shuffle_tags", b"_shuffle_tags", "_snr_gamma", b"_snr_gamma", "_stop_on_overfit", b"_stop_on_overfit", "_text_encoder_learning_rate", b"_text_encoder_learning_rate", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "adam_weight_decay", b"adam_weight_decay", "caption_dropout", b"caption_dropout", "center_crop", b"center_crop", "checkpointing_steps", b"checkpointing_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "heldout_validation", b"heldout_validation", "keep_tokens", b"keep_tokens", "learning_rate", b"learning_rate", "lr_num_cycles", b"lr_num_cycles", "lr_power", b"lr_power", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps", b"max_train_steps", "noise_offset", b"noise_offset", "overfit_patience", b"overfit_patience", "publish", b"publish", "random_flip", b"random_flip", "resolution", b"resolution", "seed", b"seed", "shuffle_tags", b"shuffle_tags", "snr_gamma", b"snr_gamma", "stop_on_overfit", b"stop_on_overfit", "text_encoder_learning_rate", b"text_encoder_learning_rate", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_steps", b"validation_steps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay", "_caption_dropout", b"_caption_dropout", "_center_crop", b"_center_crop", "_checkpointing_steps", b"_checkpointing_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_keep_tokens", b"_keep_tokens", "_learning_rate", b"_learning_rate", "_lr_num_cycles", b"_lr_num_cycles", "_lr_power", b"_lr_power", "_lr_scheduler", b"_lr_scheduler", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps", b"_max_train_steps", "_noise_offset", b"_noise_offset", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_seed", b"_seed", "_shuffle_tags", b"_shuffle_tags", "_snr_gamma", b"_snr_gamma", "_text_encoder_learning_rate", b"_text_encoder_learning_rate", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "adam_weight_decay", b"adam_weight_decay", "caption_dropout", b"caption_dropout", "center_crop", b"center_crop", "checkpointing_steps", b"checkpointing_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "keep_tokens", b"keep_tokens", "learning_rate", b"learning_rate", "lr_num_cycles", b"lr_num_cycles", "lr_power", b"lr_power", "lr_scheduler", b"lr_scheduler", "lr_scheduler_kind", b"lr_scheduler_kind", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps", b"max_train_steps", "mixed_precision", b"mixed_precision", "noise_offset", b"noise_offset", "optimizer", b"optimizer", "random_flip", b"random_flip", "resolution", b"resolution", "seed", b"seed", "shuffle_tags", b"shuffle_tags", "snr_gamma", b"snr_gamma", "text_encoder_learning_rate", b"text_encoder_learning_rate", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_prompts", b"validation_prompts", "validation_steps", b"validation_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay", "_caption_dropout", b"_caption_dropout", "_center_crop", b"_center_crop", "_checkpointing_steps", b"_checkpointing_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_heldout_validation", b"_heldout_validation", "_keep_tokens", b"_keep_tokens", "_learning_rate", b"_learning_rate", "_lr_num_cycles", b"_lr_num_cycles", "_lr_power", b"_lr_power", "_lr_scheduler", b"_lr_scheduler", "_lr_warmup_steps", b"_lr_warmup_steps", "_max_grad_norm", b"_max_grad_norm", "_max_train_steps", b"_max_train_steps", "_noise_offset", b"_noise_offset", "_overfit_patience", b"_overfit_patience", "_publish", b"_publish", "_random_flip", b"_random_flip", "_resolution", b"_resolution", "_seed", b"_seed", "_shuffle_tags", b"_shuffle_tags", "_snr_gamma", b"_snr_gamma", "_stop_on_overfit", b"_stop_on_overfit", "_text_encoder_learning_rate", b"_text_encoder_learning_rate", "_train_batch_size", b"_train_batch_size", "_train_text_encoder", b"_train_text_encoder", "_validation_steps", b"_validation_steps", "adam_weight_decay", b"adam_weight_decay", "caption_dropout", b"caption_dropout", "center_crop", b"center_crop", "checkpointing_steps", b"checkpointing_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "heldout_validation", b"heldout_validation", "keep_tokens", b"keep_tokens", "learning_rate", b"learning_rate", "lr_num_cycles", b"lr_num_cycles", "lr_power", b"lr_power", "lr_scheduler", b"lr_scheduler", "lr_scheduler_kind", b"lr_scheduler_kind", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_train_steps", b"max_train_steps", "mixed_precision", b"mixed_precision", "noise_offset", b"noise_offset", "optimizer", b"optimizer", "overfit_patience", b"overfit_patience", "publish", b"publish", "random_flip", b"random_flip", "resolution", b"resolution", "seed", b"seed", "shuffle_tags", b"shuffle_tags", "snr_gamma", b"snr_gamma", "stop_on_overfit", b"stop_on_overfit", "text_encoder_learning_rate", b"text_encoder_learning_rate", "train_batch_size", b"train_batch_size", "train_text_encoder", b"train_text_encoder", "validation_prompts", b"validation_prompts", "validation_steps", b"validation_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__adam_weight_decay: _TypeAlias = _typing.Literal["adam_weight_decay"]  # noqa: Y015
     _WhichOneofArgType__adam_weight_decay: _TypeAlias = _typing.Literal["_adam_weight_decay", b"_adam_weight_decay"]  # noqa: Y015
@@ -416,6 +434,8 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__gradient_accumulation_steps: _TypeAlias = _typing.Literal["_gradient_accumulation_steps", b"_gradient_accumulation_steps"]  # noqa: Y015
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
+    _WhichOneofReturnType__heldout_validation: _TypeAlias = _typing.Literal["heldout_validation"]  # noqa: Y015
+    _WhichOneofArgType__heldout_validation: _TypeAlias = _typing.Literal["_heldout_validation", b"_heldout_validation"]  # noqa: Y015
     _WhichOneofReturnType__keep_tokens: _TypeAlias = _typing.Literal["keep_tokens"]  # noqa: Y015
     _WhichOneofArgType__keep_tokens: _TypeAlias = _typing.Literal["_keep_tokens", b"_keep_tokens"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
@@ -434,6 +454,10 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__max_train_steps: _TypeAlias = _typing.Literal["_max_train_steps", b"_max_train_steps"]  # noqa: Y015
     _WhichOneofReturnType__noise_offset: _TypeAlias = _typing.Literal["noise_offset"]  # noqa: Y015
     _WhichOneofArgType__noise_offset: _TypeAlias = _typing.Literal["_noise_offset", b"_noise_offset"]  # noqa: Y015
+    _WhichOneofReturnType__overfit_patience: _TypeAlias = _typing.Literal["overfit_patience"]  # noqa: Y015
+    _WhichOneofArgType__overfit_patience: _TypeAlias = _typing.Literal["_overfit_patience", b"_overfit_patience"]  # noqa: Y015
+    _WhichOneofReturnType__publish: _TypeAlias = _typing.Literal["publish"]  # noqa: Y015
+    _WhichOneofArgType__publish: _TypeAlias = _typing.Literal["_publish", b"_publish"]  # noqa: Y015
     _WhichOneofReturnType__random_flip: _TypeAlias = _typing.Literal["random_flip"]  # noqa: Y015
     _WhichOneofArgType__random_flip: _TypeAlias = _typing.Literal["_random_flip", b"_random_flip"]  # noqa: Y015
     _WhichOneofReturnType__resolution: _TypeAlias = _typing.Literal["resolution"]  # noqa: Y015
@@ -444,6 +468,8 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__shuffle_tags: _TypeAlias = _typing.Literal["_shuffle_tags", b"_shuffle_tags"]  # noqa: Y015
     _WhichOneofReturnType__snr_gamma: _TypeAlias = _typing.Literal["snr_gamma"]  # noqa: Y015
     _WhichOneofArgType__snr_gamma: _TypeAlias = _typing.Literal["_snr_gamma", b"_snr_gamma"]  # noqa: Y015
+    _WhichOneofReturnType__stop_on_overfit: _TypeAlias = _typing.Literal["stop_on_overfit"]  # noqa: Y015
+    _WhichOneofArgType__stop_on_overfit: _TypeAlias = _typing.Literal["_stop_on_overfit", b"_stop_on_overfit"]  # noqa: Y015
     _WhichOneofReturnType__text_encoder_learning_rate: _TypeAlias = _typing.Literal["text_encoder_learning_rate"]  # noqa: Y015
     _WhichOneofArgType__text_encoder_learning_rate: _TypeAlias = _typing.Literal["_text_encoder_learning_rate", b"_text_encoder_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__train_batch_size: _TypeAlias = _typing.Literal["train_batch_size"]  # noqa: Y015
@@ -465,6 +491,8 @@ class Hyperparameters(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_checkpointing) -> _WhichOneofReturnType__gradient_checkpointing | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__heldout_validation) -> _WhichOneofReturnType__heldout_validation | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_tokens) -> _WhichOneofReturnType__keep_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
@@ -483,6 +511,10 @@ class Hyperparameters(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__noise_offset) -> _WhichOneofReturnType__noise_offset | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__overfit_patience) -> _WhichOneofReturnType__overfit_patience | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__publish) -> _WhichOneofReturnType__publish | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__random_flip) -> _WhichOneofReturnType__random_flip | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__resolution) -> _WhichOneofReturnType__resolution | None: ...
@@ -492,6 +524,8 @@ class Hyperparameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__shuffle_tags) -> _WhichOneofReturnType__shuffle_tags | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__snr_gamma) -> _WhichOneofReturnType__snr_gamma | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stop_on_overfit) -> _WhichOneofReturnType__stop_on_overfit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__text_encoder_learning_rate) -> _WhichOneofReturnType__text_encoder_learning_rate | None: ...
     @_typing.overload
@@ -1043,11 +1077,23 @@ class WatchTrainingJobResponse(_message.Message):
     VALIDATION_IMAGES_FIELD_NUMBER: _builtins.int
     PUBLISHED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    VALIDATION_LOSS_FIELD_NUMBER: _builtins.int
+    BEST_VALIDATION_LOSS_FIELD_NUMBER: _builtins.int
+    BEST_STEP_FIELD_NUMBER: _builtins.int
+    OVERFIT_WARNING_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     loss: _builtins.float
     learning_rate: _builtins.float
     eta_seconds: _builtins.float
     message: _builtins.str
+    validation_loss: _builtins.float
+    """Validation events with heldout_validation: the held-out loss at `step`, the lowest so far
+    and the step it was reached at.
+    """
+    best_validation_loss: _builtins.float
+    best_step: _builtins.int
+    overfit_warning: _builtins.str
+    """Set on the validation event at which the overfit alarm fired."""
     @_builtins.property
     def job(self) -> Global___TrainingJob:
         """The job as it stands after this event."""
@@ -1069,11 +1115,17 @@ class WatchTrainingJobResponse(_message.Message):
         validation_images: _abc.Iterable[Global___ValidationImage] | None = ...,
         published: _common_pb2.AdapterRef | None = ...,
         message: _builtins.str = ...,
+        validation_loss: _builtins.float | None = ...,
+        best_validation_loss: _builtins.float = ...,
+        best_step: _builtins.int = ...,
+        overfit_warning: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "published", b"published"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss", "job", b"job", "published", b"published", "validation_loss", b"validation_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eta_seconds", b"eta_seconds", "job", b"job", "learning_rate", b"learning_rate", "loss", b"loss", "message", b"message", "published", b"published", "step", b"step", "validation_images", b"validation_images"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss", "best_step", b"best_step", "best_validation_loss", b"best_validation_loss", "eta_seconds", b"eta_seconds", "job", b"job", "learning_rate", b"learning_rate", "loss", b"loss", "message", b"message", "overfit_warning", b"overfit_warning", "published", b"published", "step", b"step", "validation_images", b"validation_images", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__validation_loss: _TypeAlias = _typing.Literal["validation_loss"]  # noqa: Y015
+    _WhichOneofArgType__validation_loss: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_loss) -> _WhichOneofReturnType__validation_loss | None: ...
 
 Global___WatchTrainingJobResponse: _TypeAlias = WatchTrainingJobResponse  # noqa: Y015

@@ -50,6 +50,9 @@ SEED = typer.Option(None, "--seed", help="Seed for reproducible training.")
 ALIAS = typer.Option("", "--alias", help="Point this alias at the published version.")
 DETACH = typer.Option(False, "--detach", help="Print the job and return without watching.")
 OPTIMIZER = typer.Option(None, "--optimizer", help=f"One of {', '.join(sorted(OPTIMIZERS))} (default adamw).")
+PUBLISH = typer.Option(None, "--publish", help="last (default) or best: the lowest held-out validation loss.")
+OVERFIT_PATIENCE = typer.Option(None, "--overfit-patience",
+                                help="Warn when the held-out loss rose at K evaluations in a row (0: off).")
 LR_SCHEDULER = typer.Option(None, "--lr-scheduler",
                             help=f"One of {', '.join(sorted([*LR_SCHEDULERS, *LEGACY_LR_SCHEDULERS]))}.")
 
@@ -66,9 +69,11 @@ def lora(ctx: typer.Context, base: str = BASE, dataset: str = DATASET, name: str
          steps: int | None = STEPS, lr: float | None = LR, batch: int | None = BATCH,
          resolution: int | None = RESOLUTION, seed: int | None = SEED, alias: str = ALIAS,
          optimizer: str | None = OPTIMIZER, lr_scheduler: str | None = LR_SCHEDULER,
+         publish: str | None = PUBLISH, overfit_patience: int | None = OVERFIT_PATIENCE,
          detach: bool = DETACH) -> None:
     """Train a LoRA on attention layers (base frozen); --dora and --conv-rank pick the variants."""
-    _start(ctx, "lora", detach, rank=rank, lora_alpha=alpha, train_text_encoder=train_text_encoder,
+    _start(ctx, "lora", detach, publish=publish, overfit_patience=overfit_patience, rank=rank, lora_alpha=alpha,
+           train_text_encoder=train_text_encoder,
            use_dora=dora, conv_rank=conv_rank, conv_alpha=conv_alpha,
            **_common_options(base, dataset, name, prompt, steps, lr, batch, resolution, seed, alias, optimizer,
                              lr_scheduler))
@@ -83,9 +88,11 @@ def dreambooth(ctx: typer.Context, base: str = BASE, dataset: str = DATASET, nam
                steps: int | None = STEPS, lr: float | None = LR, batch: int | None = BATCH,
                resolution: int | None = RESOLUTION, seed: int | None = SEED, alias: str = ALIAS,
                optimizer: str | None = OPTIMIZER, lr_scheduler: str | None = LR_SCHEDULER,
+               publish: str | None = PUBLISH, overfit_patience: int | None = OVERFIT_PATIENCE,
                detach: bool = DETACH) -> None:
     """Fine-tune the UNet on the concept, optionally with prior preservation."""
-    _start(ctx, "dreambooth", detach, class_prompt=class_prompt, num_class_images=num_class_images,
+    _start(ctx, "dreambooth", detach, publish=publish, overfit_patience=overfit_patience, class_prompt=class_prompt,
+           num_class_images=num_class_images,
            **_common_options(base, dataset, name, prompt, steps, lr, batch, resolution, seed, alias, optimizer,
                              lr_scheduler))
 
@@ -100,9 +107,11 @@ def textual_inversion(ctx: typer.Context, base: str = BASE, dataset: str = DATAS
                       steps: int | None = STEPS, lr: float | None = LR, batch: int | None = BATCH,
                       resolution: int | None = RESOLUTION, seed: int | None = SEED, alias: str = ALIAS,
                       optimizer: str | None = OPTIMIZER, lr_scheduler: str | None = LR_SCHEDULER,
+                      publish: str | None = PUBLISH, overfit_patience: int | None = OVERFIT_PATIENCE,
                       detach: bool = DETACH) -> None:
     """Learn a new token embedding; the model itself is untouched."""
-    _start(ctx, "textual-inversion", detach, placeholder_token=token, initializer_token=init,
+    _start(ctx, "textual-inversion", detach, publish=publish, overfit_patience=overfit_patience,
+           placeholder_token=token, initializer_token=init,
            num_vectors=num_vectors,
            **_common_options(base, dataset, name, prompt or f"a photo of {token}", steps, lr, batch, resolution,
                              seed, alias, optimizer, lr_scheduler))
