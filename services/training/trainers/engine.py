@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.common.errors import FailedPrecondition
 from services.common.model_loading import MODEL_LOAD_LOCK
 from services.training.trainers import checkpoint as ckpt
 from services.training.trainers.base import TrainerCallbacks, TrainImage, TrainResult
 from services.training.trainers.batches import MicroBatchSampler, PromptEncoder
 from services.training.trainers.cache import LatentCache
 from services.training.trainers.captions import CaptionBuilder
-from services.training.trainers.config import TrainConfig, validate_against_family
+from services.training.trainers.config import TrainConfig
 from services.training.trainers.data import build_views
 from services.training.trainers.dreambooth import DreamBoothTrainer
 from services.training.trainers.evaluate import fixed_denoising_loss
@@ -45,11 +44,11 @@ from services.training.trainers.heldout import (
 from services.training.trainers.lora import LoraTrainer
 from services.training.trainers.loss import diffusion_loss
 from services.training.trainers.method import MethodTrainer
-from services.training.trainers.models import Components, load_components
+from services.training.trainers.models import Components, check_family_options, load_components
 from services.training.trainers.optim import build_optimizer, build_scheduler
 from services.training.trainers.overfit import ValidationTracker
 from services.training.trainers.textual_inversion import TextualInversionTrainer
-from services.training.trainers.validation import generate_class_images, validation_images
+from services.training.trainers.validation import CLASS_IMAGES_DIR, class_image_paths, validation_images
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,6 @@ METHODS: dict[str, type[MethodTrainer]] = {
     "DREAMBOOTH": DreamBoothTrainer,
     "TEXTUAL_INVERSION": TextualInversionTrainer,
 }
-CLASS_IMAGES_DIR = "class_images"
 
 
 def seed_everything(seed: int) -> None:
@@ -80,48 +78,6 @@ def build_optimisation(config: TrainConfig, method: MethodTrainer, comps: Compon
     scheduler = build_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler(comps.device.type) if comps.precision == "fp16" else None
     return Optimisation(optimizer, scheduler, scaler, method.trainable_parameters())
-
-
-def class_image_paths(
-    config: TrainConfig,
-    comps: Components,
-    given: list[TrainImage],
-    resume_dir: Path | None,
-    work_dir: Path,
-    resolution: int,
-) -> list[TrainImage]:
-    """Supplied class images, topped up to `num_class_images` with base-model samples.
-
-    Generated images are kept in every checkpoint, so a resumed run reuses them rather than
-    paying for generation again.
-    """
-    if not config.with_prior_preservation:
-        return []
-    images = list(given[: config.num_class_images])
-    missing = config.num_class_images - len(images)
-    if missing <= 0:
-        return images
-    saved = resume_dir / CLASS_IMAGES_DIR if resume_dir else None
-    if saved is not None and saved.is_dir() and len(list(saved.glob("*.png"))) >= missing:
-        local = work_dir / CLASS_IMAGES_DIR  # copied so the next checkpoint carries them again
-        local.mkdir(parents=True, exist_ok=True)
-        paths = [Path(shutil.copy2(p, local / p.name)) for p in sorted(saved.glob("*.png"))[:missing]]
-    else:
-        paths = generate_class_images(
-            comps, config.class_prompt, missing, resolution, config.seed, work_dir / CLASS_IMAGES_DIR
-        )
-    return images + [TrainImage(p, config.class_prompt) for p in paths]
-
-
-def check_family_options(config: TrainConfig, comps: Components, resolution: int) -> None:
-    """Options the base model's family cannot honour fail the job clearly (FailedPrecondition)."""
-    validate_against_family(config, comps.family.name)
-    multiple = comps.vae_scale_factor * int(comps.recipe.LATENT_MULTIPLE)
-    if resolution % multiple:
-        raise FailedPrecondition(
-            f"{comps.family.title} needs a resolution that is a multiple of {multiple}; got {resolution}",
-            "spec.hyperparameters.resolution",
-        )
 
 
 class TrainingRun:

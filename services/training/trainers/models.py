@@ -26,6 +26,7 @@ import torch
 from services.common.errors import FailedPrecondition
 from services.common.model_loading import MODEL_LOAD_LOCK
 from services.families import ModelFamily, detect
+from services.training.trainers.config import TrainConfig, validate_against_family
 from services.training.trainers.noise import Schedule
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -161,3 +162,14 @@ def load_components(base_model_dir: Path, device: str, precision: str) -> Compon
         base_model_dir=base_model_dir, vae_scale_factor=int(2 ** (len(vae_config["block_out_channels"]) - 1)),
         denoiser_config=dict(models[family.denoiser].config),
     )
+
+
+def check_family_options(config: TrainConfig, comps: Components, resolution: int) -> None:
+    """Options the base model's family cannot honour fail the job clearly (FailedPrecondition)."""
+    validate_against_family(config, comps.family.name)
+    multiple = comps.vae_scale_factor * int(comps.recipe.LATENT_MULTIPLE)
+    if resolution % multiple:
+        raise FailedPrecondition(
+            f"{comps.family.title} needs a resolution that is a multiple of {multiple}; got {resolution}",
+            "spec.hyperparameters.resolution",
+        )

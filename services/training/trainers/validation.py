@@ -11,6 +11,7 @@ plain pipeline), seeded so a resumed job regenerates identical images if it must
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 from diffusers import DiffusionPipeline, SchedulerMixin
 from PIL import Image
 
+from services.training.trainers.base import TrainImage
+from services.training.trainers.config import TrainConfig
 from services.training.trainers.models import Components
 
 VALIDATION_STEPS = 25
@@ -104,3 +107,37 @@ def to_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+CLASS_IMAGES_DIR = "class_images"
+
+
+def class_image_paths(
+    config: TrainConfig,
+    comps: Components,
+    given: list[TrainImage],
+    resume_dir: Path | None,
+    work_dir: Path,
+    resolution: int,
+) -> list[TrainImage]:
+    """Supplied class images, topped up to `num_class_images` with base-model samples.
+
+    Generated images are kept in every checkpoint, so a resumed run reuses them rather than
+    paying for generation again.
+    """
+    if not config.with_prior_preservation:
+        return []
+    images = list(given[: config.num_class_images])
+    missing = config.num_class_images - len(images)
+    if missing <= 0:
+        return images
+    saved = resume_dir / CLASS_IMAGES_DIR if resume_dir else None
+    if saved is not None and saved.is_dir() and len(list(saved.glob("*.png"))) >= missing:
+        local = work_dir / CLASS_IMAGES_DIR  # copied so the next checkpoint carries them again
+        local.mkdir(parents=True, exist_ok=True)
+        paths = [Path(shutil.copy2(p, local / p.name)) for p in sorted(saved.glob("*.png"))[:missing]]
+    else:
+        paths = generate_class_images(
+            comps, config.class_prompt, missing, resolution, config.seed, work_dir / CLASS_IMAGES_DIR
+        )
+    return images + [TrainImage(p, config.class_prompt) for p in paths]
