@@ -125,12 +125,8 @@ def _flux(vocab: dict[str, int], tokenizer: CLIPTokenizer, smoke: bool) -> Any:
     vae = AutoencoderKL(**(dict(TINY_VAE, latent_channels=4) if smoke else FLUX_VAE),
                         shift_factor=0.1159, scaling_factor=0.3611)
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULE), vae=vae, text_encoder=clip,
-                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer(_tokenizer_dir(tokenizer)),
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer(Path(tokenizer.name_or_path)),
                         transformer=transformer)
-
-
-def _tokenizer_dir(tokenizer: CLIPTokenizer) -> Path:
-    return Path(tokenizer.name_or_path)
 
 
 def denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:

@@ -8,7 +8,6 @@ diffusers code path (LoRA targets, textual inversion, DreamBooth) runs unchanged
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from services.families.tiny_parts import save_with_clip_tokenizers
 from services.tinymodel.tokenizer import BOS, EOS, MODEL_MAX_LENGTH, write_tokenizer
 
 RESOLUTION = 32
@@ -119,10 +119,7 @@ def save_pipeline(pipe: Any, out_dir: Path, tokenizer_dir: Path) -> None:
     transformers 5 saves a tokenizer as tokenizer.json; SD pipelines ship (and older loaders
     expect) vocab.json + merges.txt, so the folder written by write_tokenizer replaces it.
     """
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    target = out_dir / "tokenizer"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(tokenizer_dir, target)
+    save_with_clip_tokenizers(pipe, out_dir, tokenizer_dir, ("tokenizer",))
 
 
 def build_random_pipeline(out_dir: Path, seed: int = 0) -> Path:
